@@ -1,0 +1,20 @@
+"""kalm-rag: FBNL reranking (KaLM-Reranker-V1) with a cached-passage store, for RAG pipelines."""
+
+from kalm_rag.engine import RankedPassage, Reranker
+from kalm_rag.errors import InvalidInputError, KalmError, ModelLoadError, NumericalError, StoreError
+from kalm_rag.store import PassageStore, PooledPassage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InvalidInputError",
+    "KalmError",
+    "ModelLoadError",
+    "NumericalError",
+    "PassageStore",
+    "PooledPassage",
+    "RankedPassage",
+    "Reranker",
+    "StoreError",
+    "__version__",
+]

@@ -1,0 +1,448 @@
+"""The FBNL reranking engine: pre-encode passages into a store, score queries against them.
+
+Passages are encoded once (encoder -> MEP pooling at the store's base ratio) and kept in a
+``PassageStore``. A query then costs only the decoder: its prompt attends to the cached passage
+vectors, re-pooled exactly to the ratio asked for, and the yes/no margin is read at the last position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from kalm_rag.errors import InvalidInputError, NumericalError
+from kalm_rag.models.base import FBNLBackend
+from kalm_rag.pooling import MAX_RATIO, MIN_RATIO, mep_pool, repool
+from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_PREFIX
+from kalm_rag.store import PassageStore, PooledPassage, open_store, passage_key
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RankedPassage:
+    """One reranked passage.
+
+    Attributes:
+        index: position of the passage in the caller's input list.
+        score: P(yes) (or the raw margin where asked for).
+        text: the passage text.
+    """
+
+    index: int
+    score: float
+    text: str
+
+
+class Reranker:
+    """An FBNL reranker: a model backend, a passage store and the options that shape scoring.
+
+    Build one with :meth:`Reranker.from_pretrained`. Every option is keyword-only.
+
+    Example:
+        >>> rr = Reranker.from_pretrained("path/to/KaLM-Reranker-V1-Nano")  # doctest: +SKIP
+        >>> rr.encode(["Paris is the capital of France.", "Bananas are yellow."])  # doctest: +SKIP
+        >>> rr.rerank("capital of France?", ["Bananas are yellow.", "Paris is the capital of France."])  # doctest: +SKIP
+        [RankedPassage(index=1, score=0.98, text='Paris is ...'), RankedPassage(index=0, score=0.01, ...)]
+    """
+
+    def __init__(
+        self,
+        backend: FBNLBackend,
+        *,
+        store: PassageStore | str | None = None,
+        ratio: int = 4,
+        batch_size: int = 32,
+        max_query_tokens: int = 512,
+        max_passage_tokens: int = 1024,
+        instruction: str | None = None,
+        system_instruction: str | None = None,
+        base_ratio: int = 1,
+        storage_dtype: str = "float32",
+        show_progress_bar: bool | None = None,
+    ) -> None:
+        self.backend = backend
+        self.store = store if isinstance(store, PassageStore) else open_store(store)
+        self.ratio = _check_ratio(ratio)
+        self.base_ratio = _check_ratio(base_ratio, name="base_ratio")
+        if self.ratio % self.base_ratio:
+            raise InvalidInputError(f"ratio {ratio} is not a multiple of base_ratio {base_ratio}")
+        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.max_query_tokens = _check_positive_int(max_query_tokens, "max_query_tokens")
+        self.max_passage_tokens = _check_positive_int(max_passage_tokens, "max_passage_tokens")
+        self.instruction = DEFAULT_INSTRUCTION if instruction is None else _check_text(instruction, "instruction")
+        self.system_instruction = (
+            DEFAULT_SYSTEM_INSTRUCTION if system_instruction is None
+            else _check_text(system_instruction, "system_instruction")
+        )
+        if storage_dtype not in STORAGE_DTYPES:
+            raise InvalidInputError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
+        self.storage_dtype = storage_dtype
+        self.show_progress_bar = show_progress_bar
+        #: Work counters: passages run through the encoder, encoder batches, pairs scored.
+        self.counters = {"encoded_passages": 0, "encoder_batches": 0, "scored_pairs": 0}
+        self._executor: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        store: PassageStore | str | None = None,
+        ratio: int = 4,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        batch_size: int = 32,
+        max_query_tokens: int = 512,
+        max_passage_tokens: int = 1024,
+        instruction: str | None = None,
+        system_instruction: str | None = None,
+        base_ratio: int = 1,
+        storage_dtype: str = "float32",
+        show_progress_bar: bool | None = None,
+    ) -> "Reranker":
+        """Load a KaLM-Reranker-V1 checkpoint (local folder or hub id) as a reranker.
+
+        Args:
+            name_or_path: a local checkpoint folder or a hub id such as ``KaLM-Embedding/KaLM-Reranker-V1-Nano``.
+            store: a ``PassageStore`` or a store URL; ``None`` gives a bounded in-memory store.
+            ratio: default MEP ratio (1..32) for scoring calls that give none.
+            device: ``cpu``, ``cuda``, ...; default CUDA when available.
+            dtype: ``float32`` or ``bfloat16``; default fp32 on CPU, bf16 on CUDA. fp16 is refused.
+            batch_size: passages per encoder or decoder batch (shrunk automatically on CUDA out-of-memory).
+            max_query_tokens: the query is cut to this many tokens before it is put in the prompt.
+            max_passage_tokens: ``"<Document>: " + passage`` is cut to this many tokens.
+            instruction: task instruction (default: the official one).
+            system_instruction: system instruction, the prompt's first line (default: the official one).
+            base_ratio: ratio at which passages are stored; any call ratio must be a multiple of it.
+            storage_dtype: dtype of stored vectors, ``float32`` or ``bfloat16``.
+            show_progress_bar: show progress on long encodes; ``None`` follows the logger level.
+        """
+        torch_device = _resolve_device(device)
+        torch_dtype = _resolve_dtype(dtype, torch_device)
+        backend = _load_backend(name_or_path, device=torch_device, dtype=torch_dtype)
+        return cls(
+            backend, store=store, ratio=ratio, batch_size=batch_size, max_query_tokens=max_query_tokens,
+            max_passage_tokens=max_passage_tokens, instruction=instruction, system_instruction=system_instruction,
+            base_ratio=base_ratio, storage_dtype=storage_dtype, show_progress_bar=show_progress_bar,
+        )
+
+    # ----- identity --------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def namespace(self) -> str:
+        """The store namespace: model weights identity + every setting that changes passage encodings."""
+        import hashlib
+        import json
+
+        settings = {
+            "family": self.backend.family,
+            "weights": self.backend.weights_id,
+            "prefix": PASSAGE_PREFIX,
+            "max_passage_tokens": self.max_passage_tokens,
+            "base_ratio": self.base_ratio,
+            "storage_dtype": self.storage_dtype,
+            "compute_dtype": str(self.backend.dtype).removeprefix("torch."),
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+        return f"{self.backend.family}:{digest}"
+
+    # ----- passage side ----------------------------------------------------------------------------
+
+    def encode(self, passages: Sequence[str], *, show_progress_bar: bool | None = None) -> int:
+        """Pre-encode passages into the store, skipping those already there.
+
+        Returns:
+            How many distinct passages were run through the encoder.
+        """
+        texts = _check_passages(passages)
+        keys = [passage_key(t) for t in texts]
+        present = self.store.contains_many(self.namespace, keys)
+        missing = dict((k, t) for k, t, p in zip(keys, texts, present) if not p)
+        if missing:
+            self._encode_into_store(missing, show_progress_bar=show_progress_bar)
+        return len(missing)
+
+    def _encode_into_store(self, texts_by_key: dict[str, str], *, show_progress_bar: bool | None) -> dict[str, PooledPassage]:
+        """Run the encoder over ``texts_by_key`` (longest first), pool, store and return the entries."""
+        keys = list(texts_by_key)
+        token_ids = self.backend.tokenize_passages([texts_by_key[k] for k in keys], self.max_passage_tokens)
+        order = sorted(range(len(keys)), key=lambda i: -len(token_ids[i]))
+        entries: dict[str, PooledPassage] = {}
+        bar = tqdm(total=len(keys), desc="Encoding passages", unit="passage",
+                   disable=not self._progress_enabled(show_progress_bar, len(keys)))
+        def encode_batch(batch: list[int]) -> None:
+            ids, mask = _right_pad([token_ids[i] for i in batch], self.backend.pad_token_id)
+            hidden = self.backend.encode(ids, mask)  # (B, n, d)
+            pooled, counts = mep_pool(hidden, mask.to(hidden.device), self.base_ratio)  # (B, W, d), (B, W)
+            pooled = pooled.to(STORAGE_DTYPES[self.storage_dtype]).cpu()
+            counts = counts.cpu()
+            new = {}
+            for row, i in enumerate(batch):
+                W = math.ceil(len(token_ids[i]) / self.base_ratio)
+                new[keys[i]] = PooledPassage(pooled[row, :W].clone(), counts[row, :W].clone(), self.base_ratio)
+            self.store.put_many(self.namespace, new)  # per batch: a crash loses at most one batch
+            entries.update(new)
+            self.counters["encoded_passages"] += len(batch)
+            self.counters["encoder_batches"] += 1
+            bar.update(len(batch))
+
+        self._for_each_batch(order, encode_batch)
+        bar.close()
+        return entries
+
+    def _pooled(self, texts: list[str]) -> list[PooledPassage]:
+        """Stored encodings of ``texts`` (encoding and storing those that are missing or unusable)."""
+        keys = [passage_key(t) for t in texts]
+        found = self.store.get_many(self.namespace, keys)
+        by_key = {k: e for k, e in zip(keys, found) if e is not None and e.ratio == self.base_ratio}
+        missing = {k: t for k, t in zip(keys, texts) if k not in by_key}
+        if missing:
+            by_key.update(self._encode_into_store(missing, show_progress_bar=False))
+        return [by_key[k] for k in keys]
+
+    # ----- query side ------------------------------------------------------------------------------
+
+    def score(
+        self,
+        query: str,
+        passages: Sequence[str],
+        *,
+        instruction: str | None = None,
+        ratio: int | None = None,
+        return_margin: bool = False,
+    ) -> list[float]:
+        """Relevance of each passage to ``query``, in input order.
+
+        Args:
+            query: the query text.
+            passages: passage texts; those not in the store are encoded (and stored) first.
+            instruction: task instruction for this call (default: the reranker's).
+            ratio: MEP ratio for this call (1..32, a multiple of ``base_ratio``; default: the reranker's).
+            return_margin: return ``z_yes - z_no`` instead of ``P(yes)``.
+
+        Returns:
+            One float per passage: P(yes) in [0, 1], or the margin.
+        """
+        query = _check_text(query, "query")
+        texts = _check_passages(passages)
+        r = self._call_ratio(ratio)
+        instr = self.instruction if instruction is None else _check_text(instruction, "instruction")
+        if not texts:
+            return []
+        margins = self._margins(query, texts, instruction=instr, ratio=r)
+        return margins.tolist() if return_margin else torch.sigmoid(margins).tolist()
+
+    def rerank(
+        self,
+        query: str,
+        passages: Sequence[str],
+        *,
+        top_k: int | None = None,
+        instruction: str | None = None,
+        ratio: int | None = None,
+    ) -> list[RankedPassage]:
+        """Passages sorted best first (ties keep input order), cut to ``top_k``."""
+        if top_k is not None:
+            top_k = _check_positive_int(top_k, "top_k")
+        scores = self.score(query, passages, instruction=instruction, ratio=ratio)
+        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return [RankedPassage(index=i, score=scores[i], text=passages[i]) for i in ranked[:top_k]]
+
+    def score_pairs(
+        self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None, ratio: int | None = None
+    ) -> list[float]:
+        """P(yes) of each ``(query, passage)`` pair, in input order (like ``CrossEncoder.predict``)."""
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+            raise InvalidInputError(f"pairs must be a sequence of (query, passage) tuples, got {type(pairs).__name__}")
+        by_query: dict[str, list[int]] = {}
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise InvalidInputError(f"pairs[{i}] must be a (query, passage) pair, got {pair!r:.80}")
+            by_query.setdefault(_check_text(pair[0], f"pairs[{i}][0] (query)"), []).append(i)
+        out = [0.0] * len(pairs)
+        for query, idx in by_query.items():
+            scores = self.score(query, [pairs[i][1] for i in idx], instruction=instruction, ratio=ratio)
+            for i, s in zip(idx, scores):
+                out[i] = s
+        return out
+
+    async def ascore(self, query: str, passages: Sequence[str], **kwargs: Any) -> list[float]:
+        """:meth:`score` on the reranker's worker thread; the event loop keeps running meanwhile."""
+        return await self._run_in_worker(functools.partial(self.score, query, passages, **kwargs))
+
+    async def arerank(self, query: str, passages: Sequence[str], **kwargs: Any) -> list[RankedPassage]:
+        """:meth:`rerank` on the reranker's worker thread; the event loop keeps running meanwhile."""
+        return await self._run_in_worker(functools.partial(self.rerank, query, passages, **kwargs))
+
+    async def aencode(self, passages: Sequence[str], **kwargs: Any) -> int:
+        """:meth:`encode` on the reranker's worker thread."""
+        return await self._run_in_worker(functools.partial(self.encode, passages, **kwargs))
+
+    # ----- internals -------------------------------------------------------------------------------
+
+    def _margins(self, query: str, texts: list[str], *, instruction: str, ratio: int) -> torch.Tensor:
+        """Margins ``(N,)`` of one query against ``texts``: store lookups, exact re-pooling, decoder."""
+        prompt = self.backend.prompt_ids(
+            query, instruction=instruction, system_instruction=self.system_instruction,
+            max_query_tokens=self.max_query_tokens,
+        )
+        pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in self._pooled(texts)]
+        order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
+        margins = torch.empty(len(pooled), dtype=torch.float32)
+        prompt_ids = torch.tensor(prompt, dtype=torch.long)
+        def score_batch(batch: list[int]) -> None:
+            vectors, mask = _pad_windows([pooled[i] for i in batch], self.backend.dtype)  # (B, W, d), (B, W)
+            B = len(batch)
+            lengths = torch.full((B,), len(prompt), dtype=torch.long)
+            margins[batch] = self.backend.margins(prompt_ids.expand(B, -1), lengths, vectors, mask)
+
+        self._for_each_batch(order, score_batch)
+        if not torch.isfinite(margins).all():
+            raise NumericalError(
+                f"non-finite scores in {self.backend.dtype}; the model overflows in this dtype, use float32 or bfloat16"
+            )
+        self.counters["scored_pairs"] += len(texts)
+        return margins
+
+    def _for_each_batch(self, order: list[int], fn: Callable[[list[int]], None]) -> None:
+        """Call ``fn`` on consecutive batches of ``order``.
+
+        On CUDA out-of-memory the batch size is halved and the failed batch retried; batches already
+        done keep their results.
+        """
+        start = 0
+        while start < len(order):
+            batch = order[start:start + self.batch_size]
+            try:
+                fn(batch)
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                logger.warning("out of memory; batch size reduced to %d", self.batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += len(batch)
+
+    def _call_ratio(self, ratio: int | None) -> int:
+        r = self.ratio if ratio is None else _check_ratio(ratio)
+        if r % self.base_ratio:
+            raise InvalidInputError(
+                f"ratio {r} is not a multiple of the store's base_ratio {self.base_ratio}; "
+                f"load the reranker with base_ratio=1 (or a divisor of {r}) to score at this ratio"
+            )
+        return r
+
+    def _progress_enabled(self, show: bool | None, total: int) -> bool:
+        if show is None:
+            show = self.show_progress_bar
+        if show is None:
+            return total > 1 and logger.getEffectiveLevel() <= logging.INFO
+        return bool(show)
+
+    async def _run_in_worker(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kalm-rag")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def close(self) -> None:
+        """Stop the async worker thread and close the store."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.store.close()
+
+
+# ----- validation and tensor helpers ---------------------------------------------------------------
+
+
+def _check_text(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidInputError(f"{name} is empty")
+    return value
+
+
+def _check_passages(passages: object) -> list[str]:
+    if isinstance(passages, (str, bytes)) or not isinstance(passages, Sequence):
+        raise InvalidInputError(f"passages must be a list of str, got {type(passages).__name__}")
+    return [_check_text(p, f"passages[{i}]") for i, p in enumerate(passages)]
+
+
+def _check_ratio(ratio: object, *, name: str = "ratio") -> int:
+    if isinstance(ratio, bool) or not isinstance(ratio, int):
+        raise InvalidInputError(f"{name} must be an int in {MIN_RATIO}..{MAX_RATIO}, got {ratio!r}")
+    if not MIN_RATIO <= ratio <= MAX_RATIO:
+        raise InvalidInputError(f"{name} must be in {MIN_RATIO}..{MAX_RATIO}, got {ratio}")
+    return ratio
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if resolved == torch.float16:
+        raise InvalidInputError(
+            "float16 is not supported: KaLM-Reranker-V1 activations overflow in fp16; use bfloat16 or float32"
+        )
+    if resolved not in (torch.float32, torch.bfloat16):
+        raise InvalidInputError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    return resolved
+
+
+def _load_backend(name_or_path: str | os.PathLike[str], *, device: torch.device, dtype: torch.dtype) -> FBNLBackend:
+    from kalm_rag.models.t5gemma2 import T5Gemma2Backend
+
+    return T5Gemma2Backend.from_pretrained(name_or_path, device=device, dtype=dtype)
+
+
+def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``(B, n)`` ids and a ``(B, n)`` 0/1 mask."""
+    n = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), n), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _pad_windows(vectors: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(W_i, d)`` passage vectors into ``(B, W, d)`` (zeros after each end) and a ``(B, W)`` mask."""
+    W = max(v.shape[0] for v in vectors)
+    d = vectors[0].shape[1]
+    out = torch.zeros((len(vectors), W, d), dtype=dtype)
+    mask = torch.zeros((len(vectors), W), dtype=torch.long)
+    for row, v in enumerate(vectors):
+        out[row, : v.shape[0]] = v.to(dtype)
+        mask[row, : v.shape[0]] = 1
+    return out, mask
