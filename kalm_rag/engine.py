@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kalm_rag.errors import InvalidInputError, NumericalError
+from kalm_rag.models import DEFAULT_MODEL, load_backend
 from kalm_rag.models.base import FBNLBackend
 from kalm_rag.pooling import MAX_RATIO, MIN_RATIO, mep_pool, repool
 from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_PREFIX
@@ -100,7 +101,7 @@ class Reranker:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike[str],
+        name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
         *,
         store: PassageStore | str | None = None,
         ratio: int = 4,
@@ -118,7 +119,8 @@ class Reranker:
         """Load a KaLM-Reranker-V1 checkpoint (local folder or hub id) as a reranker.
 
         Args:
-            name_or_path: a local checkpoint folder or a hub id such as ``KaLM-Embedding/KaLM-Reranker-V1-Nano``.
+            name_or_path: ``"kalm-mini"`` (the embedded default), a local checkpoint folder, or a hub id
+                such as ``KaLM-Embedding/KaLM-Reranker-V1-Nano``.
             store: a ``PassageStore`` or a store URL; ``None`` gives a bounded in-memory store.
             ratio: default MEP ratio (1..32) for scoring calls that give none.
             device: ``cpu``, ``cuda``, ...; default CUDA when available.
@@ -134,7 +136,7 @@ class Reranker:
         """
         torch_device = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype, torch_device)
-        backend = _load_backend(name_or_path, device=torch_device, dtype=torch_dtype)
+        backend = load_backend(name_or_path, device=torch_device, dtype=torch_dtype)
         return cls(
             backend, store=store, ratio=ratio, batch_size=batch_size, max_query_tokens=max_query_tokens,
             max_passage_tokens=max_passage_tokens, instruction=instruction, system_instruction=system_instruction,
@@ -417,12 +419,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if resolved not in (torch.float32, torch.bfloat16):
         raise InvalidInputError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     return resolved
-
-
-def _load_backend(name_or_path: str | os.PathLike[str], *, device: torch.device, dtype: torch.dtype) -> FBNLBackend:
-    from kalm_rag.models.t5gemma2 import T5Gemma2Backend
-
-    return T5Gemma2Backend.from_pretrained(name_or_path, device=device, dtype=dtype)
 
 
 def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

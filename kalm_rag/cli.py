@@ -1,0 +1,173 @@
+"""The ``kalm-rag`` command line: thin wrappers over the engine.
+
+Examples:
+    kalm-rag demo                                   # rerank a few built-in examples with the default model
+    kalm-rag rerank --model ./KaLM-Reranker-V1-Nano --input requests.jsonl > results.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+app = typer.Typer(
+    help="FBNL reranking (KaLM-Reranker-V1) with a cached-passage store.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", envvar="KALM_RAG_MODEL", help="kalm-mini, a checkpoint folder or a hub id.")
+]
+StoreOption = Annotated[
+    Optional[str],
+    typer.Option("--store", envvar="KALM_RAG_STORE", help="Store URL: memory://, sqlite:///path.db, redis://host:port/0."),
+]
+RatioOption = Annotated[int, typer.Option("--ratio", "-r", min=1, max=32, help="MEP pooling ratio (1..32).")]
+
+
+def _error(message: str) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    typer.echo("Set KALM_RAG_DEBUG=1 for the full traceback.", err=True)
+    raise typer.Exit(code=1)
+
+
+def _read_requests(path: Path) -> list[dict[str, Any]]:
+    """Read ``{"query": str, "passages": [str | {"id", "text"}], "top_k"?: int}`` lines."""
+    requests = []
+    with (sys.stdin if str(path) == "-" else path.open(encoding="utf-8")) as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from exc
+            if not isinstance(row, dict) or "query" not in row or "passages" not in row:
+                raise ValueError(f"{path}:{n}: each line needs 'query' and 'passages'")
+            requests.append(row)
+    return requests
+
+
+def _passage_texts_and_ids(passages: list[Any], where: str) -> tuple[list[str], list[Any]]:
+    texts, ids = [], []
+    for i, p in enumerate(passages):
+        if isinstance(p, dict):
+            if "text" not in p:
+                raise ValueError(f"{where}: passages[{i}] has no 'text'")
+            texts.append(p["text"])
+            ids.append(p.get("id", i))
+        else:
+            texts.append(p)
+            ids.append(i)
+    return texts, ids
+
+
+@app.command()
+def rerank(
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL requests ('-' for stdin).", allow_dash=True)],
+    model: ModelOption = "kalm-mini",
+    store: StoreOption = None,
+    ratio: RatioOption = 4,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Keep the best K per query.")] = None,
+    instruction: Annotated[Optional[str], typer.Option(help="Task instruction (default: the official one).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: CUDA when available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32 or bfloat16.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSONL here (default: stdout).")] = None,
+) -> None:
+    """Rerank passages from a JSONL file: one {"query", "passages"} request per line.
+
+    Each output line is {"query", "results": [{"index", "id", "score", "text"}]} sorted best first.
+    """
+    from kalm_rag import Reranker
+
+    try:
+        requests = _read_requests(input)
+        rr = Reranker.from_pretrained(model, store=store, ratio=ratio, device=device, dtype=dtype, batch_size=batch_size)
+        out = output.open("w", encoding="utf-8") if output else sys.stdout
+        try:
+            for n, req in enumerate(requests, start=1):
+                texts, ids = _passage_texts_and_ids(req["passages"], f"{input}:{n}")
+                ranked = rr.rerank(req["query"], texts, top_k=req.get("top_k", top_k), instruction=instruction)
+                results = [{"index": r.index, "id": ids[r.index], "score": r.score, "text": r.text} for r in ranked]
+                out.write(json.dumps({"query": req["query"], "results": results}, ensure_ascii=False) + "\n")
+        finally:
+            if output:
+                out.close()
+    except Exception as exc:  # one-line errors for users; tracebacks on request
+        if os.environ.get("KALM_RAG_DEBUG"):
+            raise
+        _error(str(exc))
+
+
+DEMO_QUERIES = [
+    (
+        "What is the capital of France?",
+        [
+            "France is famous for its cheese, and its capital hosts many museums.",
+            "Paris is the capital and largest city of France, on the Seine river.",
+            "The capital of Australia is Canberra, not Sydney.",
+            "Lyon is a French city known for its cuisine.",
+        ],
+    ),
+    (
+        "How do plants make their food?",
+        [
+            "Plants in a garden need water and food to grow well.",
+            "Photosynthesis lets plants turn light, water and carbon dioxide into glucose and oxygen.",
+            "Many animals eat plants as their main food.",
+        ],
+    ),
+]
+
+
+@app.command()
+def demo(
+    model: ModelOption = "kalm-mini",
+    store: StoreOption = None,
+    ratio: RatioOption = 4,
+) -> None:
+    """Rerank a few built-in examples with the default model (the README's first command)."""
+    from kalm_rag import Reranker
+    from kalm_rag.errors import ModelLoadError
+
+    try:
+        rr = Reranker.from_pretrained(model, store=store, ratio=ratio)
+    except (ModelLoadError, ImportError) as exc:
+        if model != "kalm-mini":
+            _error(str(exc))
+        from kalm_rag.testing import make_random_t5gemma2
+
+        typer.echo(f"kalm-mini is not available ({exc}); running on a random tiny T5Gemma 2 checkpoint "
+                   "built now: scores are meaningless, only the pipeline is shown.", err=True)
+        path = make_random_t5gemma2(Path(tempfile.mkdtemp(prefix="kalm-rag-demo-")) / "tiny", shape="tiny")
+        rr = Reranker.from_pretrained(path, store=store, ratio=ratio)
+    for query, passages in DEMO_QUERIES:
+        rr.encode(passages)
+        typer.echo(f"\nQuery: {query}")
+        for rank, r in enumerate(rr.rerank(query, passages), start=1):
+            typer.echo(f"  {rank}. [{r.score:.3f}] {r.text}")
+    stats = rr.store.stats()
+    typer.echo(f"\nstore: {stats['entries']} passages cached, {stats['hits']} hits, {stats['misses']} misses")
+
+
+# Further command groups (train, eval, bench) register below.
+
+
+def main() -> None:
+    """Console entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()
