@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: The paper's cascade: rerank the top-100 at ratio 32, then the top-20 of those at ratio 2.
+DEFAULT_CASCADE: tuple[tuple[int, int], ...] = ((32, 100), (2, 20))
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,13 @@ class RankedPassage:
         index: position of the passage in the caller's input list.
         score: P(yes) (or the raw margin where asked for).
         text: the passage text.
+        ratio: the MEP ratio the score was computed at.
     """
 
     index: int
     score: float
     text: str
+    ratio: int | None = None
 
 
 class Reranker:
@@ -261,9 +265,53 @@ class Reranker:
         """Passages sorted best first (ties keep input order), cut to ``top_k``."""
         if top_k is not None:
             top_k = _check_positive_int(top_k, "top_k")
-        scores = self.score(query, passages, instruction=instruction, ratio=ratio)
+        r = self._call_ratio(ratio)
+        scores = self.score(query, passages, instruction=instruction, ratio=r)
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
-        return [RankedPassage(index=i, score=scores[i], text=passages[i]) for i in ranked[:top_k]]
+        return [RankedPassage(index=i, score=scores[i], text=passages[i], ratio=r) for i in ranked[:top_k]]
+
+    def rerank_cascade(
+        self,
+        query: str,
+        passages: Sequence[str],
+        *,
+        stages: Sequence[tuple[int, int]] = DEFAULT_CASCADE,
+        top_k: int | None = None,
+        instruction: str | None = None,
+    ) -> list[RankedPassage]:
+        """Rerank coarse-to-fine: each stage rescores the best ``depth`` passages so far at its ratio.
+
+        The first stage scores the first ``depth`` passages of the input (the retriever's order) at its
+        ratio; each later stage rescores the top ``depth`` of the running ranking at a finer ratio. Every
+        stage re-pools the same stored encoding exactly, so no passage is encoded twice. The result lists
+        the last stage's passages first (by its scores), then the rest of each earlier stage (by that
+        stage's scores); each ``RankedPassage.ratio`` says which stage scored it.
+
+        Args:
+            query: the query text.
+            passages: candidate passages, best first according to the first-stage retriever.
+            stages: ``(ratio, depth)`` pairs, coarse to fine; default ``((32, 100), (2, 20))``, the
+                paper's cascade (top-100 at r=32, then top-20 at r=2).
+            top_k: keep the best ``top_k`` of the final ranking.
+            instruction: task instruction for this call.
+        """
+        if top_k is not None:
+            top_k = _check_positive_int(top_k, "top_k")
+        texts = _check_passages(passages)
+        stages = _check_stages(stages)
+        for r, _ in stages:
+            self._call_ratio(r)
+        ordered: list[int] = list(range(len(texts)))  # the first stage reads the retriever's order
+        scored: dict[int, RankedPassage] = {}
+        for stage, (r, depth) in enumerate(stages):
+            head, rest = ordered[:depth], ordered[depth:]
+            scores = self.score(query, [texts[i] for i in head], instruction=instruction, ratio=r)
+            for i, score in zip(head, scores):
+                scored[i] = RankedPassage(index=i, score=score, text=texts[i], ratio=r)
+            head = sorted(head, key=lambda i: -scored[i].score)
+            # unscored passages (beyond the first stage's depth) are dropped; earlier stages' leftovers stay
+            ordered = head + (rest if stage else [])
+        return [scored[i] for i in ordered][:top_k]
 
     def score_pairs(
         self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None, ratio: int | None = None
@@ -400,6 +448,17 @@ def _check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def _check_stages(stages: object) -> list[tuple[int, int]]:
+    if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or not stages:
+        raise InvalidInputError(f"stages must be a non-empty list of (ratio, depth) pairs, got {stages!r}")
+    out = []
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, (tuple, list)) or len(stage) != 2:
+            raise InvalidInputError(f"stages[{i}] must be a (ratio, depth) pair, got {stage!r}")
+        out.append((_check_ratio(stage[0], name=f"stages[{i}] ratio"), _check_positive_int(stage[1], f"stages[{i}] depth")))
+    return out
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -189,3 +189,28 @@ async def test_async_scoring_does_not_block_the_event_loop(tiny_checkpoint):
     ranked = await rr.arerank(QUERY, PASSAGES, top_k=1)
     assert ranked[0].index == rr.rerank(QUERY, PASSAGES, top_k=1)[0].index
     rr.close()
+
+
+def test_cascade_rescores_the_best_at_a_finer_ratio_from_one_encoding(tiny_checkpoint):
+    rr = Reranker.from_pretrained(tiny_checkpoint)
+    passages = [f"passage {i} about Paris and the river Seine in France. " * (1 + i % 4) for i in range(12)]
+    ranked = rr.rerank_cascade(QUERY, passages, stages=[(8, 10), (2, 4)])
+    assert rr.counters["encoded_passages"] == 10  # only the first stage's depth, each once
+    assert len(ranked) == 10
+    coarse = rr.score(QUERY, passages[:10], ratio=8)
+    fine_top = sorted(range(10), key=lambda i: -coarse[i])[:4]
+    fine = dict(zip(fine_top, rr.score(QUERY, [passages[i] for i in fine_top], ratio=2)))
+    want_head = sorted(fine_top, key=lambda i: -fine[i])
+    want_tail = [i for i in sorted(range(10), key=lambda i: -coarse[i]) if i not in fine_top]
+    assert [r.index for r in ranked] == want_head + want_tail
+    assert [r.ratio for r in ranked] == [2] * 4 + [8] * 6
+    assert [r.score for r in ranked[:4]] == pytest.approx([fine[i] for i in want_head], abs=1e-6)
+    assert rr.counters["encoded_passages"] == 10
+    assert len(rr.rerank_cascade(QUERY, passages, stages=[(8, 10), (2, 4)], top_k=3)) == 3
+
+
+def test_cascade_rejects_bad_stages(rr):
+    with pytest.raises(InvalidInputError, match="stages"):
+        rr.rerank_cascade(QUERY, PASSAGES, stages=[])
+    with pytest.raises(InvalidInputError, match=r"stages\[0\] ratio"):
+        rr.rerank_cascade(QUERY, PASSAGES, stages=[(64, 10)])

@@ -31,9 +31,12 @@ def _reference(reference_model, query, passages, **kw):
     return [official_margin(model, tok, query, p, **kw) for p in passages]
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-decoder", "transformers-decoder"])
 @pytest.mark.parametrize("ratio", [1, 2, 4, 8, 32])
-def test_margins_match_official_recipe_at_each_ratio(tiny_checkpoint, reference_model, ratio):
+def test_margins_match_official_recipe_at_each_ratio(tiny_checkpoint, reference_model, ratio, lean):
     rr = Reranker.from_pretrained(tiny_checkpoint, dtype="float32")
+    assert rr.backend.lean  # the tiny config is one the lean path supports
+    rr.backend.lean = lean
     got = rr.score(QUERY, PASSAGES, ratio=ratio, return_margin=True)
     want = _reference(reference_model, QUERY, PASSAGES, ratio=ratio)
     assert got == pytest.approx(want, abs=TOL)

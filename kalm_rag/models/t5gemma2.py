@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from kalm_rag.errors import ModelLoadError
 from kalm_rag.models.base import FBNLBackend
@@ -60,6 +62,9 @@ class T5Gemma2Backend(FBNLBackend):
         self._yes_no_bias = None if bias is None else bias[[self.yes_id, self.no_id]].detach().float()
         self._encoder = model.get_encoder()
         self._decoder = model.get_decoder()
+        #: Use the lean decoder forward when every row scores the same prompt (the usual case).
+        self.lean = LeanT5Gemma2Decoder.supports(decoder_config)
+        self._lean = LeanT5Gemma2Decoder(self._decoder) if self.lean else None
 
     # ----- loading ---------------------------------------------------------------------------------
 
@@ -118,17 +123,33 @@ class T5Gemma2Backend(FBNLBackend):
     ) -> torch.Tensor:
         B, T = prompt_ids.shape
         prompt_ids = prompt_ids.to(self.device)
-        positions = torch.arange(T, device=self.device)
         lengths = prompt_lengths.to(self.device)
+        passage_vectors = passage_vectors.to(self.device, self.dtype)
+        passage_mask = passage_mask.to(self.device)
+        if self.lean and self._lean is not None and _one_prompt(prompt_ids, lengths):
+            last = self._lean.last_hidden(prompt_ids[0], passage_vectors, passage_mask).float()  # (B, d)
+        else:
+            last = self._reference_last_hidden(prompt_ids, lengths, passage_vectors, passage_mask)
+        return self._margin_from_hidden(last)
+
+    def _reference_last_hidden(
+        self, prompt_ids: torch.Tensor, lengths: torch.Tensor, passage_vectors: torch.Tensor, passage_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Last-position states ``(B, d)`` through transformers' own decoder (any mix of prompts)."""
+        B, T = prompt_ids.shape
+        positions = torch.arange(T, device=self.device)
         prompt_mask = (positions.unsqueeze(0) < lengths.unsqueeze(1)).long()  # (B, T)
         hidden = self._decoder(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
-            encoder_hidden_states=passage_vectors.to(self.device, self.dtype),
-            encoder_attention_mask=passage_mask.to(self.device),
+            encoder_hidden_states=passage_vectors,
+            encoder_attention_mask=passage_mask,
             use_cache=False,
         ).last_hidden_state  # (B, T, d), after the decoder's final norm
-        last = hidden[torch.arange(B, device=self.device), lengths - 1].float()  # (B, d)
+        return hidden[torch.arange(B, device=self.device), lengths - 1].float()  # (B, d)
+
+    def _margin_from_hidden(self, last: torch.Tensor) -> torch.Tensor:
+        """z_yes - z_no from final-normed states ``(B, d)`` (fp32), with the checkpoint's softcapping."""
         logits = last @ self._yes_no_rows.to(self.device).T  # (B, 2): z_yes, z_no
         if self._yes_no_bias is not None:
             logits = logits + self._yes_no_bias.to(self.device)
@@ -139,6 +160,12 @@ class T5Gemma2Backend(FBNLBackend):
 
 
 # ----- helpers -------------------------------------------------------------------------------------
+
+
+def _one_prompt(prompt_ids: torch.Tensor, lengths: torch.Tensor) -> bool:
+    """Whether every row holds the same unpadded prompt."""
+    T = prompt_ids.shape[1]
+    return bool((lengths == T).all()) and bool((prompt_ids == prompt_ids[:1]).all())
 
 
 def single_token_id(tokenizer: Any, word: str) -> int:
@@ -201,3 +228,138 @@ def weights_identity(name_or_path: str) -> str:
                 fh.seek(max(size - _HASH_EDGE_BYTES, _HASH_EDGE_BYTES))
                 digest.update(fh.read())
     return digest.hexdigest()[:32]
+
+
+# ----- lean decoder: one prompt against B cached passages -----------------------------------------
+
+
+class LeanT5Gemma2Decoder:
+    """Inference-only T5Gemma 2 decoder forward for one prompt scored against ``B`` passages.
+
+    Same arithmetic as ``T5Gemma2Decoder`` (embeddings, norms and RoPE reuse its modules), written for
+    the reranking case:
+    - q/k/v and gate/up projections are fused into single matmuls (the model's weights become views
+      of the fused tensors, so nothing is duplicated);
+    - the first layer's projections of the prompt are computed once: they do not depend on the passage;
+    - masks are built once per call (one per layer type), as booleans for scaled-dot-product attention;
+    - in the last layer only the last position's query, output projection and MLP are computed;
+    - the final norm runs on the last position only, and the caller reads two LM-head rows.
+    """
+
+    def __init__(self, decoder: Any) -> None:
+        config = decoder.config
+        self.decoder = decoder
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = config.query_pre_attn_scalar**-0.5
+        self.layer_types = list(config.layer_types)
+        self.sliding_window = config.sliding_window
+        self.layers = [self._fuse(layer) for layer in decoder.layers]
+
+    @staticmethod
+    def supports(config: Any) -> bool:
+        """Whether the lean path reproduces this config exactly (no attention softcapping, GeGLU-tanh MLP)."""
+        return config.attn_logit_softcapping is None and config.hidden_activation == "gelu_pytorch_tanh"
+
+    @staticmethod
+    @torch.no_grad()
+    def _fuse(layer: Any) -> dict[str, Any]:
+        """Fuse q/k/v and gate/up weights; re-point the original modules at views of the fused tensors."""
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
+        q_rows, k_rows = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+        inter = mlp.gate_proj.weight.shape[0]
+        attn.q_proj.weight = nn.Parameter(qkv[:q_rows], requires_grad=False)
+        attn.k_proj.weight = nn.Parameter(qkv[q_rows:q_rows + k_rows], requires_grad=False)
+        attn.v_proj.weight = nn.Parameter(qkv[q_rows + k_rows:], requires_grad=False)
+        mlp.gate_proj.weight = nn.Parameter(gate_up[:inter], requires_grad=False)
+        mlp.up_proj.weight = nn.Parameter(gate_up[inter:], requires_grad=False)
+        return {
+            "qkv": qkv, "kv": qkv[q_rows:], "q_rows": q_rows, "k_rows": k_rows, "o": attn.o_proj.weight,
+            "gate_up": gate_up, "inter": inter, "down": mlp.down_proj.weight,
+            "q_norm": attn.q_norm, "k_norm": attn.k_norm,
+            "pre_attn": layer.pre_self_attn_layernorm, "post_attn": layer.post_self_attn_layernorm,
+            "pre_ff": layer.pre_feedforward_layernorm, "post_ff": layer.post_feedforward_layernorm,
+        }
+
+    def _masks(self, T: int, passage_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Boolean merged masks ``(B, 1, T, T + W)`` per layer type: causal (sliding) self part, passage part."""
+        device = passage_mask.device
+        q_idx = torch.arange(T, device=device).unsqueeze(1)  # (T, 1)
+        kv_idx = torch.arange(T, device=device).unsqueeze(0)  # (1, T)
+        causal = kv_idx <= q_idx  # (T, T)
+        B, W = passage_mask.shape
+        cross = passage_mask.bool()[:, None, None, :].expand(B, 1, T, W)  # (B, 1, T, W)
+        masks = {}
+        for layer_type in set(self.layer_types):
+            self_part = causal
+            if layer_type == "sliding_attention":
+                self_part = causal & (kv_idx > q_idx - self.sliding_window)
+            masks[layer_type] = torch.cat([self_part.expand(B, 1, T, T), cross], dim=-1)
+        return masks
+
+    @torch.inference_mode()
+    def last_hidden(self, prompt_ids: torch.Tensor, passages: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
+        """Final-normed decoder state at the prompt's last position for each passage.
+
+        Args:
+            prompt_ids: the prompt, shape ``(T,)``.
+            passages: pooled passage vectors ``(B, W, d)`` in the model dtype.
+            passage_mask: 1 for real windows ``(B, W)``.
+
+        Returns:
+            ``(B, d)`` hidden states (model dtype).
+        """
+        T = prompt_ids.shape[0]
+        B, W, d = passages.shape
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        positions = torch.arange(T, device=prompt_ids.device).unsqueeze(0)  # (1, T)
+        x = self.decoder.embed_tokens(prompt_ids.unsqueeze(0))  # (1, T, d): shared until the first attention
+        rope = {t: self.decoder.rotary_emb(x, positions, t) for t in set(self.layer_types)}  # (1, T, hd) each
+        masks = self._masks(T, passage_mask)
+        last = len(self.layers) - 1
+        for i, (w, layer_type) in enumerate(zip(self.layers, self.layer_types)):
+            Bx = x.shape[0]  # 1 in the first layer, B afterwards
+            h = w["pre_attn"](x)
+            qkv = h @ w["qkv"].T  # (Bx, T, (H + 2 Hkv) hd)
+            q = qkv[..., : w["q_rows"]].view(Bx, T, H, hd).transpose(1, 2)  # (Bx, H, T, hd)
+            k = qkv[..., w["q_rows"]: w["q_rows"] + w["k_rows"]].view(Bx, T, Hkv, hd).transpose(1, 2)
+            v = qkv[..., w["q_rows"] + w["k_rows"]:].view(Bx, T, Hkv, hd).transpose(1, 2)  # (Bx, Hkv, T, hd)
+            q, k = w["q_norm"](q), w["k_norm"](k)
+            cos, sin = rope[layer_type]
+            q, k = _apply_rope(q, k, cos, sin)
+
+            pkv = passages @ w["kv"].T  # (B, W, 2 Hkv hd): passages get k/v projections and k-norm, no RoPE
+            pk = w["k_norm"](pkv[..., : w["k_rows"]].view(B, W, Hkv, hd)).transpose(1, 2)  # (B, Hkv, W, hd)
+            pv = pkv[..., w["k_rows"]:].view(B, W, Hkv, hd).transpose(1, 2)  # (B, Hkv, W, hd)
+            keys = torch.cat([k.expand(B, -1, -1, -1), pk], dim=2)  # (B, Hkv, T + W, hd)
+            values = torch.cat([v.expand(B, -1, -1, -1), pv], dim=2)
+            mask = masks[layer_type]  # (B, 1, T, T + W)
+            if i == last:  # only the last position is read: skip the other queries' work
+                q, mask, x = q[:, :, -1:], mask[:, :, -1:], x[:, -1:]
+            q = q.expand(B, -1, -1, -1)
+            Tq = q.shape[2]
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=True)  # (B, H, Tq, hd)
+            attn = attn.transpose(1, 2).reshape(B, Tq, H * hd) @ w["o"].T  # (B, Tq, d)
+            x = x + w["post_attn"](attn)  # broadcasts (1, T, d) -> (B, T, d) in the first layer
+
+            h = w["pre_ff"](x)
+            gate_up = h @ w["gate_up"].T  # (B, Tq, 2 I)
+            mlp = F.gelu(gate_up[..., : w["inter"]], approximate="tanh") * gate_up[..., w["inter"]:]
+            x = x + w["post_ff"](mlp @ w["down"].T)
+        return self.decoder.norm(x[:, -1])  # (B, d)
+
+
+def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding on ``(B, H, T, hd)`` queries/keys with ``(1, T, hd)`` cos/sin."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, T, hd)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
