@@ -142,7 +142,10 @@ def make_random_t5gemma2(
     torch.manual_seed(seed)
     model = T5Gemma2ForConditionalGeneration(config).eval()
     _randomize_norms(model, seed)
-    model.to(getattr(torch, dtype)).save_pretrained(out)
+    from kalm_rag.models.t5gemma2 import _quiet_transformers
+
+    with _quiet_transformers():
+        model.to(getattr(torch, dtype)).save_pretrained(out)
     return out
 
 

@@ -236,27 +236,31 @@ def weights_identity(name_or_path: str) -> str:
 class LeanT5Gemma2Decoder:
     """Inference-only T5Gemma 2 decoder forward for one prompt scored against ``B`` passages.
 
-    Same arithmetic as ``T5Gemma2Decoder`` (embeddings, norms and RoPE reuse its modules), written for
-    the reranking case:
+    Same arithmetic as ``T5Gemma2Decoder`` (embeddings and RoPE tables come from its modules), written
+    for the reranking case:
     - q/k/v and gate/up projections are fused into single matmuls (the model's weights become views
-      of the fused tensors, so nothing is duplicated);
+      of the fused tensors, so nothing is duplicated); RMSNorm runs as one fused kernel in fp32;
     - the first layer's projections of the prompt are computed once: they do not depend on the passage;
     - masks are built once per call (one per layer type), as booleans for scaled-dot-product attention;
     - in the last layer only the last position's query, output projection and MLP are computed;
     - the final norm runs on the last position only, and the caller reads two LM-head rows.
+
+    Args:
+        decoder: a loaded ``T5Gemma2Decoder`` (eval mode).
     """
 
     def __init__(self, decoder: Any) -> None:
         config = decoder.config
         self.decoder = decoder
-        self.config = config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scaling = config.query_pre_attn_scalar**-0.5
+        self.eps = config.rms_norm_eps
         self.layer_types = list(config.layer_types)
         self.sliding_window = config.sliding_window
         self.layers = [self._fuse(layer) for layer in decoder.layers]
+        self.final_norm = _norm_scale(decoder.norm)
 
     @staticmethod
     def supports(config: Any) -> bool:
@@ -265,7 +269,7 @@ class LeanT5Gemma2Decoder:
 
     @staticmethod
     @torch.no_grad()
-    def _fuse(layer: Any) -> dict[str, Any]:
+    def _fuse(layer: Any) -> dict[str, torch.Tensor]:
         """Fuse q/k/v and gate/up weights; re-point the original modules at views of the fused tensors."""
         attn, mlp = layer.self_attn, layer.mlp
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
@@ -278,11 +282,10 @@ class LeanT5Gemma2Decoder:
         mlp.gate_proj.weight = nn.Parameter(gate_up[:inter], requires_grad=False)
         mlp.up_proj.weight = nn.Parameter(gate_up[inter:], requires_grad=False)
         return {
-            "qkv": qkv, "kv": qkv[q_rows:], "q_rows": q_rows, "k_rows": k_rows, "o": attn.o_proj.weight,
-            "gate_up": gate_up, "inter": inter, "down": mlp.down_proj.weight,
-            "q_norm": attn.q_norm, "k_norm": attn.k_norm,
-            "pre_attn": layer.pre_self_attn_layernorm, "post_attn": layer.post_self_attn_layernorm,
-            "pre_ff": layer.pre_feedforward_layernorm, "post_ff": layer.post_feedforward_layernorm,
+            "qkv": qkv, "kv": qkv[q_rows:], "o": attn.o_proj.weight, "gate_up": gate_up, "down": mlp.down_proj.weight,
+            "q_norm": _norm_scale(attn.q_norm), "k_norm": _norm_scale(attn.k_norm),
+            "pre_attn": _norm_scale(layer.pre_self_attn_layernorm), "post_attn": _norm_scale(layer.post_self_attn_layernorm),
+            "pre_ff": _norm_scale(layer.pre_feedforward_layernorm), "post_ff": _norm_scale(layer.post_feedforward_layernorm),
         }
 
     def _masks(self, T: int, passage_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -314,44 +317,85 @@ class LeanT5Gemma2Decoder:
             ``(B, d)`` hidden states (model dtype).
         """
         T = prompt_ids.shape[0]
-        B, W, d = passages.shape
-        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         positions = torch.arange(T, device=prompt_ids.device).unsqueeze(0)  # (1, T)
         x = self.decoder.embed_tokens(prompt_ids.unsqueeze(0))  # (1, T, d): shared until the first attention
         rope = {t: self.decoder.rotary_emb(x, positions, t) for t in set(self.layer_types)}  # (1, T, hd) each
         masks = self._masks(T, passage_mask)
+        shape = (self.num_heads, self.num_kv_heads, self.head_dim)
         last = len(self.layers) - 1
-        for i, (w, layer_type) in enumerate(zip(self.layers, self.layer_types)):
-            Bx = x.shape[0]  # 1 in the first layer, B afterwards
-            h = w["pre_attn"](x)
-            qkv = h @ w["qkv"].T  # (Bx, T, (H + 2 Hkv) hd)
-            q = qkv[..., : w["q_rows"]].view(Bx, T, H, hd).transpose(1, 2)  # (Bx, H, T, hd)
-            k = qkv[..., w["q_rows"]: w["q_rows"] + w["k_rows"]].view(Bx, T, Hkv, hd).transpose(1, 2)
-            v = qkv[..., w["q_rows"] + w["k_rows"]:].view(Bx, T, Hkv, hd).transpose(1, 2)  # (Bx, Hkv, T, hd)
-            q, k = w["q_norm"](q), w["k_norm"](k)
+        for i, (weights, layer_type) in enumerate(zip(self.layers, self.layer_types)):
             cos, sin = rope[layer_type]
-            q, k = _apply_rope(q, k, cos, sin)
+            x = _lean_layer(x, passages, masks[layer_type], cos, sin, weights, shape, self.scaling, self.eps, i == last)
+        return _rms_norm(x[:, -1], self.final_norm, self.eps)  # (B, d)
 
-            pkv = passages @ w["kv"].T  # (B, W, 2 Hkv hd): passages get k/v projections and k-norm, no RoPE
-            pk = w["k_norm"](pkv[..., : w["k_rows"]].view(B, W, Hkv, hd)).transpose(1, 2)  # (B, Hkv, W, hd)
-            pv = pkv[..., w["k_rows"]:].view(B, W, Hkv, hd).transpose(1, 2)  # (B, Hkv, W, hd)
-            keys = torch.cat([k.expand(B, -1, -1, -1), pk], dim=2)  # (B, Hkv, T + W, hd)
-            values = torch.cat([v.expand(B, -1, -1, -1), pv], dim=2)
-            mask = masks[layer_type]  # (B, 1, T, T + W)
-            if i == last:  # only the last position is read: skip the other queries' work
-                q, mask, x = q[:, :, -1:], mask[:, :, -1:], x[:, -1:]
-            q = q.expand(B, -1, -1, -1)
-            Tq = q.shape[2]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                                  enable_gqa=True)  # (B, H, Tq, hd)
-            attn = attn.transpose(1, 2).reshape(B, Tq, H * hd) @ w["o"].T  # (B, Tq, d)
-            x = x + w["post_attn"](attn)  # broadcasts (1, T, d) -> (B, T, d) in the first layer
 
-            h = w["pre_ff"](x)
-            gate_up = h @ w["gate_up"].T  # (B, Tq, 2 I)
-            mlp = F.gelu(gate_up[..., : w["inter"]], approximate="tanh") * gate_up[..., w["inter"]:]
-            x = x + w["post_ff"](mlp @ w["down"].T)
-        return self.decoder.norm(x[:, -1])  # (B, d)
+def _norm_scale(norm: Any) -> torch.Tensor:
+    """T5Gemma 2 RMSNorm scales by ``1 + weight``, in fp32."""
+    return (1.0 + norm.weight.detach().float()).contiguous()
+
+
+def _rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 (as the model does: low-precision squares would lose range), cast back."""
+    return F.rms_norm(x.float(), (x.shape[-1],), scale, eps).to(x.dtype)
+
+
+def _lean_layer(
+    x: torch.Tensor,
+    passages: torch.Tensor,
+    mask: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    w: dict[str, torch.Tensor],
+    shape: tuple[int, int, int],
+    scaling: float,
+    eps: float,
+    last: bool,
+) -> torch.Tensor:
+    """One decoder layer: merged attention over [prompt; passages], then the GeGLU MLP.
+
+    Args:
+        x: prompt states ``(Bx, T, d)``; ``Bx`` is 1 before the first attention (shared), else ``B``.
+        passages: pooled passage vectors ``(B, W, d)``.
+        mask: boolean merged mask ``(B, 1, T, T + W)``.
+        cos, sin: RoPE tables ``(1, T, hd)``.
+        w: the layer's fused weights and norm scales.
+        shape: ``(H, Hkv, hd)``.
+        scaling: attention scale.
+        eps: RMSNorm epsilon.
+        last: only the last position's output is needed.
+
+    Returns:
+        ``(B, T, d)``, or ``(B, 1, d)`` when ``last``.
+    """
+    H, Hkv, hd = shape
+    Bx, T, _ = x.shape
+    B, W, _ = passages.shape
+    h = _rms_norm(x, w["pre_attn"], eps)
+    qkv = h @ w["qkv"].T  # (Bx, T, (H + 2 Hkv) hd)
+    q = qkv[..., : H * hd].view(Bx, T, H, hd)
+    k = qkv[..., H * hd: (H + Hkv) * hd].view(Bx, T, Hkv, hd)
+    v = qkv[..., (H + Hkv) * hd:].view(Bx, T, Hkv, hd).transpose(1, 2)  # (Bx, Hkv, T, hd)
+    q = _rms_norm(q, w["q_norm"], eps).transpose(1, 2)  # (Bx, H, T, hd)
+    k = _rms_norm(k, w["k_norm"], eps).transpose(1, 2)  # (Bx, Hkv, T, hd)
+    q, k = _apply_rope(q, k, cos, sin)
+
+    pkv = passages @ w["kv"].T  # (B, W, 2 Hkv hd): passages get the k/v projections and k-norm, no RoPE
+    pk = _rms_norm(pkv[..., : Hkv * hd].view(B, W, Hkv, hd), w["k_norm"], eps).transpose(1, 2)  # (B, Hkv, W, hd)
+    pv = pkv[..., Hkv * hd:].view(B, W, Hkv, hd).transpose(1, 2)  # (B, Hkv, W, hd)
+    keys = torch.cat([k.expand(B, -1, -1, -1), pk], dim=2)  # (B, Hkv, T + W, hd)
+    values = torch.cat([v.expand(B, -1, -1, -1), pv], dim=2)
+    if last:  # only the last position is read: skip the other queries' work
+        q, mask, x = q[:, :, -1:], mask[:, :, -1:], x[:, -1:]
+    q = q.expand(B, -1, -1, -1)
+    Tq = q.shape[2]
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+    attn = attn.transpose(1, 2).reshape(B, Tq, H * hd) @ w["o"].T  # (B, Tq, d)
+    x = x + _rms_norm(attn, w["post_attn"], eps)  # broadcasts (1, T, d) -> (B, T, d) in the first layer
+
+    h = _rms_norm(x, w["pre_ff"], eps)
+    gate, up = (h @ w["gate_up"].T).chunk(2, dim=-1)  # (B, Tq, I) each
+    mlp = F.gelu(gate, approximate="tanh") * up
+    return x + _rms_norm(mlp @ w["down"].T, w["post_ff"], eps)
 
 
 def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
