@@ -163,6 +163,32 @@ def demo(
 # Further command groups (train, eval, bench) register below.
 
 
+@app.command()
+def bench(
+    tokenizer: Annotated[Path, typer.Option(help="Gemma 3 tokenizer folder (e.g. ../shared/models/gemma3-tokenizer).")],
+    workdir: Annotated[Path, typer.Option(help="Where the random checkpoint is built and reused.")] = Path(
+        "~/.cache/kalm-rag/bench").expanduser(),
+    out_dir: Annotated[Path, typer.Option(help="Where the table, JSON and plots go.")] = Path("docs/benchmarks"),
+    shape: Annotated[str, typer.Option(help="Model shape: nano or small (tiny for a smoke run).")] = "nano",
+    n: Annotated[int, typer.Option(min=1, help="Passages per query for the efficiency measure.")] = 100,
+    n_official: Annotated[int, typer.Option(min=1, help="Passages per query against the official recipe.")] = 16,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's).")] = None,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    quick: Annotated[bool, typer.Option(help="Small sweeps (N up to 100, lengths up to 512).")] = False,
+) -> None:
+    """Measure online scoring: warm store vs official recipe vs same-size cross-encoder, sweeps, plots."""
+    from kalm_rag.bench.suite import BenchConfig, run_suite
+
+    cfg = BenchConfig(tokenizer=tokenizer, workdir=workdir, out_dir=out_dir, shape=shape, n=n, n_official=n_official,
+                      threads=threads, repeats=repeats, log=lambda msg: typer.echo(msg, err=True))
+    if quick:
+        cfg.n_sweep, cfg.length_sweep, cfg.long_tokens = (10, 30, 100), (128, 256, 512), 512
+    run_suite(cfg)
+    typer.echo((out_dir / "bench.md").read_text())
+from kalm_rag.train.command import app as _train_app; app.add_typer(_train_app, name="train")  # noqa: E402,E702
+from kalm_rag.eval.command import app as _eval_app; app.add_typer(_eval_app, name="eval")  # noqa: E402,E702
+
+
 def main() -> None:
     """Console entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -81,6 +81,8 @@ class Reranker:
         show_progress_bar: bool | None = None,
     ) -> None:
         self.backend = backend
+        # a store passed in as an object may be shared: only a store opened here is closed by close()
+        self._owns_store = not isinstance(store, PassageStore)
         self.store = store if isinstance(store, PassageStore) else open_store(store)
         self.ratio = _check_ratio(ratio)
         self.base_ratio = _check_ratio(base_ratio, name="base_ratio")
@@ -412,11 +414,12 @@ class Reranker:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def close(self) -> None:
-        """Stop the async worker thread and close the store."""
+        """Stop the async worker thread, and close the store if this reranker opened it (from a URL)."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        self.store.close()
+        if self._owns_store:
+            self.store.close()
 
 
 # ----- validation and tensor helpers ---------------------------------------------------------------

@@ -73,7 +73,7 @@ def copy_gemma_tokenizer(src_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def _text_config(shape: str, vocab_size: int) -> dict[str, Any]:
+def text_config_for_shape(shape: str, vocab_size: int) -> dict[str, Any]:
     if shape == "tiny":
         return dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -127,7 +127,7 @@ def make_random_t5gemma2(
     vocab_size = len(tokenizer)
     if shape == "tiny":
         vocab_size = ((vocab_size + 63) // 64) * 64
-    text = _text_config(shape, vocab_size)
+    text = text_config_for_shape(shape, vocab_size)
     special = dict(vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id)
     vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -214,3 +214,17 @@ def test_cascade_rejects_bad_stages(rr):
         rr.rerank_cascade(QUERY, PASSAGES, stages=[])
     with pytest.raises(InvalidInputError, match=r"stages\[0\] ratio"):
         rr.rerank_cascade(QUERY, PASSAGES, stages=[(64, 10)])
+
+
+def test_close_leaves_a_shared_store_open(tiny_checkpoint):
+    closed = []
+
+    class TrackingStore(MemoryStore):
+        def close(self) -> None:
+            closed.append(True)
+
+    shared = TrackingStore()
+    Reranker.from_pretrained(tiny_checkpoint, store=shared).close()
+    assert closed == []
+    own = Reranker.from_pretrained(tiny_checkpoint, store="memory://")
+    own.close()

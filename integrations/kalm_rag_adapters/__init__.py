@@ -1,0 +1,310 @@
+"""Framework-free plumbing shared by the LangChain, LlamaIndex and Haystack adapters of kalm-rag.
+
+The three adapters are thin: each turns its framework's documents into passage texts, calls the same
+engine (:class:`kalm_rag.Reranker`) through the helpers here, and turns the result back. Keeping the
+helpers in one place is what makes the adapters agree with each other and with ``Reranker.rerank``:
+
+- **One store per URL.** :func:`shared_store` hands out one :class:`~kalm_rag.PassageStore` per URL
+  per process, so a LangChain encoder and a Haystack ranker configured with the same URL (the default
+  is ``memory://``) read and write the same cache. A store *object* is used as given.
+- **One model per configuration.** :func:`shared_reranker` loads a checkpoint once per
+  ``(model, store, device, batch_size)`` and keeps it while any adapter holds it (a weak registry).
+- **One passage text per document.** The text sent to the engine is LangChain ``page_content``,
+  LlamaIndex ``node.get_content(MetadataMode.NONE)`` and Haystack ``Document.content``: the same
+  document has the same text, hence the same cache key, in every framework.
+- **One ranking rule.** :func:`rank` / :func:`arank`: documents with text are ranked by the engine
+  (best first, ties keep input order); documents without text (``None``, empty, whitespace) score
+  ``0.0`` and come after every scored document; ``score_threshold`` keeps scores ``>= threshold``;
+  then the list is cut to ``top``.
+
+This package never imports a framework; the engine never imports this package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kalm_rag import InvalidInputError, PassageStore, Reranker
+from kalm_rag.models import DEFAULT_MODEL
+from kalm_rag.pooling import MAX_RATIO, MIN_RATIO
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_STORE_URL",
+    "Ranked",
+    "RerankerHandle",
+    "arank",
+    "aencode",
+    "check_instruction",
+    "check_ratio",
+    "check_score_threshold",
+    "check_top",
+    "encode",
+    "has_text",
+    "rank",
+    "shared_reranker",
+    "shared_store",
+    "store_url",
+]
+
+#: The store adapters use when none is given: one in-memory LRU shared by every adapter in the process.
+DEFAULT_STORE_URL = "memory://"
+
+_lock = threading.RLock()
+_stores_by_url: dict[str, PassageStore] = {}  # strong: a URL names a cache that must outlive its users
+_rerankers: weakref.WeakValueDictionary[tuple[Any, ...], Reranker] = weakref.WeakValueDictionary()
+
+
+# ----- stores and models ---------------------------------------------------------------------------
+
+
+def shared_store(store: PassageStore | str | None = None) -> PassageStore:
+    """The process's store for ``store``.
+
+    Args:
+        store: a ``PassageStore`` (returned as is), a store URL (``memory://``, ``sqlite:///path``,
+            ``redis://host:port/db``; the first call opens it, later calls with the same URL get the same
+            object), or ``None`` for :data:`DEFAULT_STORE_URL`.
+
+    Example:
+        >>> shared_store("memory://") is shared_store("memory://") is shared_store(None)
+        True
+    """
+    if isinstance(store, PassageStore):
+        return store
+    if store is None:
+        store = DEFAULT_STORE_URL
+    if not isinstance(store, str):
+        raise InvalidInputError(f"store must be a PassageStore or a store URL, got {type(store).__name__}")
+    with _lock:
+        opened = _stores_by_url.get(store)
+        if opened is None:
+            opened = _stores_by_url[store] = PassageStore.open(store)
+        return opened
+
+
+def store_url(store: PassageStore | str | None) -> str | None:
+    """The URL of ``store``: the string itself, or the URL a store object was opened from by
+    :func:`shared_store`; ``None`` for a store object built some other way (it has no portable form)."""
+    if store is None:
+        return DEFAULT_STORE_URL
+    if isinstance(store, str):
+        return store
+    with _lock:
+        return next((url for url, s in _stores_by_url.items() if s is store), None)
+
+
+def shared_reranker(
+    model: str | os.PathLike[str] = DEFAULT_MODEL,
+    *,
+    store: PassageStore | str | None = None,
+    device: str | None = None,
+    batch_size: int = 32,
+) -> Reranker:
+    """A :class:`~kalm_rag.Reranker` for this configuration, loaded once and shared while anyone holds it.
+
+    Two adapters asking for the same model, store, device and batch size get the same object, so the
+    weights sit in memory once and one worker thread serves both.
+    """
+    source = os.fspath(model)
+    if os.path.isdir(source):
+        source = os.path.abspath(source)
+    resolved_store = shared_store(store)
+    # the reranker holds its store, so id(store) cannot be reused while the entry is alive
+    key = (source, id(resolved_store), None if device is None else str(device), batch_size)
+    with _lock:
+        rr = _rerankers.get(key)
+        if rr is None:
+            rr = Reranker.from_pretrained(source, store=resolved_store, device=device, batch_size=batch_size)
+            _rerankers[key] = rr
+        return rr
+
+
+class RerankerHandle:
+    """An adapter's reranker: the one it was given, or a shared one loaded on first use.
+
+    Loading is lazy (constructing an adapter never loads weights), idempotent and thread-safe.
+
+    Args:
+        reranker: a ready :class:`~kalm_rag.Reranker`; when given, the other arguments are unused.
+        model: checkpoint folder, hub id or ``"kalm-mini"``.
+        store: store object or URL (see :func:`shared_store`).
+        device: torch device string; ``None`` lets the engine choose.
+        batch_size: passages per encoder or decoder batch.
+    """
+
+    def __init__(
+        self,
+        reranker: Reranker | None = None,
+        *,
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        store: PassageStore | str | None = None,
+        device: str | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if reranker is not None and not isinstance(reranker, Reranker):
+            raise InvalidInputError(f"reranker must be a kalm_rag.Reranker, got {type(reranker).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if store is not None and not isinstance(store, (str, PassageStore)):
+            raise InvalidInputError(f"store must be a PassageStore or a store URL, got {type(store).__name__}")
+        self._reranker = reranker
+        self._model = os.fspath(model)
+        self._store = store
+        self._device = device
+        self._batch_size = batch_size
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the reranker is ready (given, or already loaded)."""
+        return self._reranker is not None
+
+    @property
+    def model_name(self) -> str:
+        """A name for logs and framework events: the model as configured, or the given reranker's weights."""
+        if self._reranker is not None and self._reranker.backend.weights_id:
+            return f"{self._reranker.backend.family}:{self._reranker.backend.weights_id}"
+        return self._model
+
+    def get(self) -> Reranker:
+        """The reranker, loading (or fetching the shared) one on the first call."""
+        if self._reranker is None:
+            with self._lock:
+                if self._reranker is None:
+                    self._reranker = shared_reranker(
+                        self._model, store=self._store, device=self._device, batch_size=self._batch_size
+                    )
+        return self._reranker
+
+    async def aget(self) -> Reranker:
+        """:meth:`get` without blocking the event loop: a first load runs on a worker thread."""
+        if self._reranker is not None:
+            return self._reranker
+        return await asyncio.to_thread(self.get)
+
+
+# ----- option checks (at construction, so a bad option fails before any document arrives) ----------
+
+
+def check_top(value: object, name: str, *, allow_none: bool = True) -> int | None:
+    """``value`` if it is an int >= 1 (or ``None`` where allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def check_score_threshold(value: object, name: str = "score_threshold") -> float | None:
+    """``value`` as a float if it is a real number (scores are P(yes), so 0..1 is the useful range)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise InvalidInputError(f"{name} must be a number or None, got {value!r}")
+    return float(value)
+
+
+def check_ratio(value: object) -> int | None:
+    """``value`` if it is an MEP ratio in 1..32, or ``None`` for the reranker's default."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_RATIO <= value <= MAX_RATIO:
+        raise InvalidInputError(f"ratio must be an int in {MIN_RATIO}..{MAX_RATIO} or None, got {value!r}")
+    return value
+
+
+def check_instruction(value: object) -> str | None:
+    """``value`` if it is a non-empty task instruction, or ``None`` for the official default."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInputError(f"instruction must be a non-empty str or None, got {value!r}")
+    return value
+
+
+# ----- ranking and encoding ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One ranked document: its position in the caller's list and its score (P(yes))."""
+
+    index: int
+    score: float
+
+
+def has_text(text: object) -> bool:
+    """Whether ``text`` is something the engine can score (a str with a non-space character)."""
+    return isinstance(text, str) and bool(text.strip())
+
+
+def _split(texts: Sequence[str | None]) -> tuple[list[int], list[str]]:
+    positions = [i for i, t in enumerate(texts) if has_text(t)]
+    return positions, [texts[i] for i in positions]  # type: ignore[misc]
+
+
+def _finish(
+    positions: list[int],
+    ranked: list[Any],
+    n: int,
+    *,
+    top: int | None,
+    score_threshold: float | None,
+) -> list[Ranked]:
+    scored = {positions[r.index] for r in ranked}
+    out = [Ranked(positions[r.index], float(r.score)) for r in ranked]
+    out += [Ranked(i, 0.0) for i in range(n) if i not in scored]  # no text: nothing to judge, last
+    if score_threshold is not None:
+        out = [r for r in out if r.score >= score_threshold]
+    return out[:top]
+
+
+def rank(
+    reranker: Reranker,
+    query: str,
+    texts: Sequence[str | None],
+    *,
+    top: int | None = None,
+    score_threshold: float | None = None,
+    instruction: str | None = None,
+    ratio: int | None = None,
+) -> list[Ranked]:
+    """Rank ``texts`` against ``query`` best first (see the module docstring for the rule)."""
+    positions, scorable = _split(texts)
+    ranked = reranker.rerank(query, scorable, instruction=instruction, ratio=ratio)
+    return _finish(positions, ranked, len(texts), top=top, score_threshold=score_threshold)
+
+
+async def arank(
+    reranker: Reranker,
+    query: str,
+    texts: Sequence[str | None],
+    *,
+    top: int | None = None,
+    score_threshold: float | None = None,
+    instruction: str | None = None,
+    ratio: int | None = None,
+) -> list[Ranked]:
+    """:func:`rank` on the reranker's worker thread; the event loop keeps running meanwhile."""
+    positions, scorable = _split(texts)
+    ranked = await reranker.arerank(query, scorable, instruction=instruction, ratio=ratio)
+    return _finish(positions, ranked, len(texts), top=top, score_threshold=score_threshold)
+
+
+def encode(reranker: Reranker, texts: Sequence[str | None]) -> int:
+    """Pre-encode the texts that have text into the reranker's store; returns how many were new."""
+    _, scorable = _split(texts)
+    return reranker.encode(scorable) if scorable else 0
+
+
+async def aencode(reranker: Reranker, texts: Sequence[str | None]) -> int:
+    """:func:`encode` on the reranker's worker thread."""
+    _, scorable = _split(texts)
+    return await reranker.aencode(scorable) if scorable else 0

@@ -1,0 +1,1 @@
+"""The ``kalm-rag bench`` suite: online scoring cost of FBNL against the official recipe and a cross-encoder."""
