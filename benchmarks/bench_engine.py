@@ -83,7 +83,10 @@ def main() -> None:
     parser.add_argument("--shape", default="nano")
     parser.add_argument("--workdir", default=None, help="where to build the checkpoint (default: a temp dir)")
     parser.add_argument("--out", default="docs/benchmarks/engine")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kalm-bench-"))
     ckpt = work / f"{args.shape}-random"
@@ -107,7 +110,7 @@ def main() -> None:
                                      args.repeats)
     max_diff = float((warm - official).abs().max())
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
         "shape": args.shape, "dtype": "float32", "passages": args.passages, "passage_tokens": args.tokens,
         "prompt_tokens": prompt_tokens, "ratio": args.ratio, "repeats": args.repeats,

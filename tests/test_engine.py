@@ -228,3 +228,22 @@ def test_close_leaves_a_shared_store_open(tiny_checkpoint):
     assert closed == []
     own = Reranker.from_pretrained(tiny_checkpoint, store="memory://")
     own.close()
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_finished_work(tiny_checkpoint):
+    rr = Reranker.from_pretrained(tiny_checkpoint, batch_size=8)
+    passages = [f"passage {i} on the Seine. " * (1 + i % 3) for i in range(10)]
+    want = rr.score(QUERY, passages)
+    real_margins = rr.backend.margins
+    batch_sizes = []
+
+    def margins_with_small_memory(prompt_ids, *args):
+        batch_sizes.append(prompt_ids.shape[0])
+        if prompt_ids.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_margins(prompt_ids, *args)
+
+    rr.backend.margins = margins_with_small_memory
+    assert rr.score(QUERY, passages) == pytest.approx(want, abs=1e-5)
+    assert rr.batch_size == 2  # 8 -> 4 -> 2
+    assert batch_sizes[:3] == [8, 4, 2] and max(batch_sizes[3:]) <= 2
