@@ -218,6 +218,9 @@ def run_suite(cfg: BenchConfig) -> dict[str, Any]:
         if dtype_name == cfg.sweep_dtype:
             res["sweeps"] = _sweeps(cfg, rr, tokenizer)
         del rr, model
+    if "float32" in res and "bfloat16" in res:
+        res["bf16_vs_fp32"] = dtype_error(res["float32"]["margins"], res["bfloat16"]["margins"])
+        cfg.log(f"bf16 vs fp32 margins: {res['bf16_vs_fp32']}")
     _write(cfg, res)
     return res
 
@@ -270,6 +273,7 @@ def _dtype_block(cfg: BenchConfig, rr: Reranker, model: Any, tokenizer: Any, pas
                        warmup=False)
     t_fbnl = median_time(lambda: rr.score(QUERY, ps), cfg.repeats)
     out["cross_encoder"] = {"n": len(ps), "cross_encoder_s": t_ce, "warm_s": t_fbnl, "speedup": t_ce / t_fbnl}
+    out["margins"] = rr.score(QUERY, warm, return_margin=True)  # for the bf16-vs-fp32 error
     cfg.log(f"  vs same-size cross-encoder, N={len(ps)}: {t_ce:.2f}s / {t_fbnl:.2f}s = {t_ce / t_fbnl:.1f}x")
     del ce
 
@@ -279,6 +283,21 @@ def _dtype_block(cfg: BenchConfig, rr: Reranker, model: Any, tokenizer: Any, pas
     out["cascade"] = {"n": len(warm), "cascade_s": t_cascade, "single_r2_s": t_single, "speedup": t_single / t_cascade}
     cfg.log(f"  cascade 32->2: {t_cascade:.2f}s vs single pass r=2 {t_single:.2f}s")
     return out
+
+
+def dtype_error(reference: list[float], other: list[float]) -> dict[str, float]:
+    """Margin error of ``other`` against ``reference`` (same passages): absolute, relative to the spread, ranks."""
+    ref, oth = torch.tensor(reference), torch.tensor(other)
+    diff = (ref - oth).abs()
+    top10_ref = set(ref.argsort(descending=True)[:10].tolist())
+    top10_oth = set(oth.argsort(descending=True)[:10].tolist())
+    ranks = torch.stack([ref.argsort().argsort().float(), oth.argsort().argsort().float()])
+    return {
+        "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+        "max_abs_over_std": float(diff.max() / ref.std()), "spearman": float(torch.corrcoef(ranks)[0, 1]),
+        "top10_overlap": len(top10_ref & top10_oth) / 10,
+        "prob_max_abs": float((torch.sigmoid(ref) - torch.sigmoid(oth)).abs().max()),
+    }
 
 
 def _sweeps(cfg: BenchConfig, rr: Reranker, tokenizer: Any) -> dict[str, Any]:
@@ -336,7 +355,7 @@ def _cpu_name() -> str:
 
 def _write(cfg: BenchConfig, res: dict[str, Any]) -> None:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "bench.json").write_text(json.dumps(res, indent=2))
+    (cfg.out_dir / "bench.json").write_text(json.dumps(res, indent=1))
     (cfg.out_dir / "bench.md").write_text(render_markdown(cfg, res))
     _plots(cfg, res)
 
@@ -370,6 +389,11 @@ def render_markdown(cfg: BenchConfig, res: dict[str, Any]) -> str:
         lambda b: f"{b['cascade']['cascade_s']:.2f} s vs {b['cascade']['single_r2_s']:.2f} s = {b['cascade']['speedup']:.1f}x")
     row("pre-encoding vs raw encoder forward", lambda b: f"{b['encode_passages_per_s']:.1f} vs {b['raw_encoder_passages_per_s']:.1f} passages/s")
     row("peak RSS after this block", lambda b: f"{b['peak_rss_mib']:.0f} MiB")
+    if "bf16_vs_fp32" in res:
+        e = res["bf16_vs_fp32"]
+        lines += ["", f"bf16 vs fp32 on the same {cfg.n} passages: max |margin diff| {e['max_abs']:.3g} "
+                      f"(mean {e['mean_abs']:.3g}; {e['max_abs_over_std']:.2f} x the margins' std), max |P(yes) diff| "
+                      f"{e['prob_max_abs']:.3g}, Spearman {e['spearman']:.4f}, top-10 overlap {e['top10_overlap']:.0%}."]
     if "sweeps" in res:
         s = res["sweeps"]
         lines += ["", f"## Latency sweeps ({s['dtype']}, warm store)", "",
