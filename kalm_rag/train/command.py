@@ -1,0 +1,148 @@
+"""``kalm-rag train``: rebuild kalm-mini (and its cross-encoder baseline) from the training material.
+
+Examples:
+    kalm-rag train prepare --data-dir ../shared/data                 # groups + BM25 negatives + encoder cache
+    kalm-rag train mini --data-dir ../shared/data --out runs/mini    # train kalm-mini (runs prepare if needed)
+    kalm-rag train export runs/mini/best                             # copy a checkpoint into the package
+    kalm-rag train cross-encoder --data-dir ../shared/data          # the same-backbone quality reference
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+
+DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder laid out like ../shared/data (train splits only are read).",
+                                       exists=True, file_okay=False)]
+CacheDir = Annotated[Path, typer.Option("--cache-dir", envvar="KALM_RAG_CACHE",
+                                        help="Encoder-output cache and training set (outside the repository).")]
+Steps = Annotated[int, typer.Option(min=1, help="Optimizer steps (groups_per_step groups each).")]
+MaxMinutes = Annotated[Optional[float], typer.Option(help="Stop (and finish the LR decay) after this many minutes.")]
+Threads = Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's choice).")]
+
+DEFAULT_CACHE = Path("/work/cache/kalm-mini")
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+
+
+@app.command()
+def prepare(
+    data_dir: DataDir,
+    cache_dir: CacheDir = DEFAULT_CACHE,
+    medquad_limit: Annotated[int, typer.Option(help="MedQuAD questions sampled (seed 0).")] = 2500,
+    negatives: Annotated[int, typer.Option(help="BM25 hard negatives kept per query.")] = 30,
+    threads: Threads = None,
+) -> None:
+    """Build training groups with BM25 negatives and encode every passage into the cache (resumable)."""
+    from kalm_rag.train.prepare import prepare as run
+
+    _logging()
+    run(data_dir, cache_dir, medquad_limit=medquad_limit, negatives=negatives, threads=threads)
+
+
+@app.command()
+def mini(
+    data_dir: DataDir,
+    out: Annotated[Path, typer.Option(help="Run folder: best/, last/, log.jsonl.")] = DEFAULT_CACHE / "runs" / "mini",
+    cache_dir: CacheDir = DEFAULT_CACHE,
+    steps: Steps = 400,
+    groups_per_step: Annotated[int, typer.Option(min=1)] = 4,
+    negatives: Annotated[int, typer.Option(min=1, help="Hard negatives per group (plus 1 positive).")] = 7,
+    ratios: Annotated[str, typer.Option(help="Ratios whose losses are summed every step.")] = "4,16",
+    extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = "1,2,8,32",
+    num_layers: Annotated[int, typer.Option(min=1, max=6)] = 4,
+    bi_encoder_prior: Annotated[bool, typer.Option(help="Add the learned MiniLM-cosine prior to the logit.")] = True,
+    lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = 1e-4,
+    new_module_lr: Annotated[float, typer.Option(help="LR of adapters, head and prior.")] = 5e-4,
+    warmup: Annotated[int, typer.Option(min=1)] = 30,
+    eval_every: Annotated[int, typer.Option(min=1)] = 80,
+    dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source.")] = 40,
+    max_minutes: MaxMinutes = None,
+    seed: int = 0,
+    threads: Threads = None,
+) -> None:
+    """Train kalm-mini: frozen MiniLM passage encoder, merged-attention decoder, multi-ratio loss.
+
+    The defaults are the recipe of the shipped checkpoint (its best dev step is then exported with
+    ``kalm-rag train export <out>/best``).
+    """
+    import torch
+
+    from kalm_rag.models.mini import MiniBackend, MiniConfig
+    from kalm_rag.train.prepare import prepare as run_prepare
+    from kalm_rag.train.trainer import MiniTask, TrainConfig, train
+
+    _logging()
+    if threads:
+        torch.set_num_threads(threads)
+    data, cache = run_prepare(data_dir, cache_dir, threads=threads)
+    config = MiniConfig(num_layers=num_layers, init_layers=list(range(num_layers)), bi_encoder_prior=bi_encoder_prior)
+    backend = MiniBackend.fresh(config)
+    cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives,
+                      ratios=[int(r) for r in ratios.split(",")],
+                      extra_ratios=[int(r) for r in extra_ratios.split(",") if r.strip()],
+                      lr=lr, new_module_lr=new_module_lr, warmup=warmup,
+                      eval_every=eval_every, dev_max_queries=dev_max_queries, max_minutes=max_minutes, seed=seed,
+                      threads=threads)
+    summary = train(MiniTask(backend, cache, cfg), data, cfg, out)
+    typer.echo(json.dumps(summary))
+
+
+@app.command("cross-encoder")
+def cross_encoder(
+    data_dir: DataDir,
+    out: Annotated[Path, typer.Option(help="Run folder.")] = DEFAULT_CACHE / "runs" / "cross-encoder",
+    cache_dir: CacheDir = DEFAULT_CACHE,
+    steps: Steps = 1200,
+    groups_per_step: Annotated[int, typer.Option(min=1)] = 4,
+    negatives: Annotated[int, typer.Option(min=1)] = 7,
+    eval_every: Annotated[int, typer.Option(min=1)] = 100,
+    dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source (the CE is slow).")] = 20,
+    dev_candidates: Annotated[int, typer.Option(min=1)] = 20,
+    max_minutes: MaxMinutes = None,
+    seed: int = 0,
+    threads: Threads = None,
+) -> None:
+    """Train the same-backbone cross-encoder (all-MiniLM-L6-v2 reading query + passage), not shipped."""
+    import torch
+
+    from kalm_rag.train.prepare import build_training_data, load_training_data, save_training_data
+    from kalm_rag.train.trainer import CrossEncoderTask, TrainConfig, train
+
+    _logging()
+    if threads:
+        torch.set_num_threads(threads)
+    path = cache_dir / "train-data.json"
+    if path.is_file():
+        data = load_training_data(path)
+    else:
+        data = build_training_data(data_dir)
+        save_training_data(data, path)
+    cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, ratios=[], extra_ratios=[],
+                      eval_every=eval_every, dev_max_queries=dev_max_queries, dev_candidates=dev_candidates,
+                      max_minutes=max_minutes, seed=seed, threads=threads)
+    summary = train(CrossEncoderTask(cfg), data, cfg, out)
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A kalm-mini checkpoint folder (e.g. runs/mini/best).", exists=True)],
+    target: Annotated[Path, typer.Option(help="Package folder of the embedded model.")] = Path(__file__).resolve().parent.parent / "weights" / "kalm-mini",
+) -> None:
+    """Copy ``config.json`` and ``model.safetensors`` of a checkpoint into the package (the model card is kept)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(checkpoint / name, target / name)
+    size = (target / "model.safetensors").stat().st_size
+    typer.echo(f"exported {checkpoint} -> {target} ({size / 2**20:.1f} MiB)")

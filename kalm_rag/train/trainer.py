@@ -1,0 +1,283 @@
+"""Training loops: kalm-mini (FBNL, multi-ratio) and the same-backbone cross-encoder baseline.
+
+Both see the same groups (1 positive + ``negatives`` hard negatives per query, the same sampler and
+seed), the same loss and the same number of optimizer steps:
+
+    loss = sum over ratios r of [ CE(softmax over the group, positive first) + BCE(sigmoid(logit), label) ]
+
+i.e. a listwise contrastive term plus the pointwise yes/no term of FBNL_SPEC section 7. kalm-mini sums
+it over several MEP ratios so that one checkpoint serves every ratio 1..32. The best checkpoint by dev
+nDCG@10 (r=4 for kalm-mini) is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kalm_rag.pooling import mep_pool
+from kalm_rag.train.cache import EncodingCache
+from kalm_rag.train.data import DevQuery, Example, TrainingData
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INSTRUCTION = "Given a query, retrieve documents that answer the query."
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1200
+    groups_per_step: int = 4
+    negatives: int = 7
+    ratios: list[int] = field(default_factory=lambda: [1, 4, 16])
+    extra_ratios: list[int] = field(default_factory=lambda: [2, 8, 32])  # one of them, at random, each step
+    lr: float = 6e-5
+    new_module_lr: float = 3e-4  # adapters and head start from scratch
+    warmup: int = 60
+    weight_decay: float = 0.01
+    source_weights: dict[str, float] = field(default_factory=lambda: {"scifact": 0.3, "nfcorpus": 0.3, "wikiqa": 0.2, "medquad": 0.2})
+    eval_every: int = 150
+    dev_ratio: int = 4
+    dev_max_queries: int | None = None  # per source
+    dev_candidates: int = 30
+    max_minutes: float | None = None
+    seed: int = 0
+    threads: int | None = None
+
+
+class GroupSampler:
+    """Deterministic stream of groups ``(query, [pos, neg_1..neg_k])`` with source weighting."""
+
+    def __init__(self, examples: list[Example], cfg: TrainConfig) -> None:
+        self.rng = random.Random(cfg.seed)
+        self.k = cfg.negatives
+        self.by_source: dict[str, list[Example]] = {}
+        for ex in examples:
+            if ex.pos and len(ex.neg) >= 1:
+                self.by_source.setdefault(ex.source, []).append(ex)
+        self.sources = sorted(self.by_source)
+        self.weights = [cfg.source_weights.get(s, 0.1) for s in self.sources]
+
+    def group(self) -> tuple[str, list[str]]:
+        src = self.rng.choices(self.sources, weights=self.weights)[0]
+        ex = self.rng.choice(self.by_source[src])
+        pos = self.rng.choice(ex.pos)
+        negs = ex.neg[:]
+        if len(negs) >= self.k:
+            negs = self.rng.sample(negs, self.k)
+        else:
+            negs = [self.rng.choice(negs) for _ in range(self.k)]
+        return ex.query, [pos] + negs
+
+
+def group_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Listwise CE (positive at column 0) + pointwise BCE for logits ``(G, 1+k)``."""
+    G, K = logits.shape
+    labels = torch.zeros_like(logits)
+    labels[:, 0] = 1.0
+    ce = F.cross_entropy(logits, torch.zeros(G, dtype=torch.long, device=logits.device))
+    bce = F.binary_cross_entropy_with_logits(logits, labels)
+    return ce + bce
+
+
+def ndcg_at_10(scores: list[float], grades: list[int]) -> float:
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:10]
+    dcg = sum((2 ** grades[i] - 1) / math.log2(r + 2) for r, i in enumerate(order))
+    ideal = sorted(grades, reverse=True)[:10]
+    idcg = sum((2 ** g - 1) / math.log2(r + 2) for r, g in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+class MiniTask:
+    """kalm-mini: pooled cached encoder states -> decoder logits, at several ratios."""
+
+    name = "kalm-mini"
+
+    def __init__(self, backend, cache: EncodingCache, cfg: TrainConfig) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed + 1)
+        self.instr = backend.prompt_ids("x", instruction=DEFAULT_INSTRUCTION, system_instruction="", max_query_tokens=8)
+        self.instr = self.instr[: self.instr.index(backend.sep_id) + 1]
+        self._qcache: dict[str, list[int]] = {}
+
+    def module(self) -> nn.Module:
+        return self.backend.decoder
+
+    def param_groups(self) -> list[dict]:
+        dec = self.backend.decoder
+        new = list(dec.adapters.parameters()) + list(dec.head.parameters())
+        if getattr(dec, "prior", None) is not None:
+            new.append(dec.prior)
+        return [{"params": list(dec.layers.parameters()), "lr": self.cfg.lr},
+                {"params": new, "lr": self.cfg.new_module_lr}]
+
+    def _query_segment(self, query: str) -> list[int]:
+        if query not in self._qcache:
+            ids = self.backend.prompt_ids(query, instruction=DEFAULT_INSTRUCTION, system_instruction="", max_query_tokens=128)
+            self._qcache[query] = ids[len(self.instr):]
+        return self._qcache[query]
+
+    def _states(self, passages: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        states = [self.cache.get(p) for p in passages]
+        n = max(s.shape[0] for s in states)
+        h = torch.zeros((len(states), n, states[0].shape[1]))
+        m = torch.zeros((len(states), n), dtype=torch.long)
+        for i, s in enumerate(states):
+            h[i, : s.shape[0]] = s
+            m[i, : s.shape[0]] = 1
+        return h, m  # (B, n, d), (B, n)
+
+    def logits(self, queries: list[str], passages: list[list[str]], ratio: int) -> torch.Tensor:
+        """Logits ``(G, K)`` for G queries with K passages each, at ``ratio``."""
+        G, K = len(passages), len(passages[0])
+        flat = [p for ps in passages for p in ps]
+        h, m = self._states(flat)
+        pooled, counts = mep_pool(h, m, ratio)  # (G*K, W, d), (G*K, W)
+        qs = [self._query_segment(q) for q in queries for _ in range(K)]
+        out = self.backend.forward_scores(self.instr, qs, pooled, (counts > 0).long())
+        return out.view(G, K)
+
+    def train_loss(self, queries: list[str], passages: list[list[str]]) -> torch.Tensor:
+        ratios = list(self.cfg.ratios)
+        if self.cfg.extra_ratios:
+            ratios.append(self.rng.choice(self.cfg.extra_ratios))
+        return sum(group_loss(self.logits(queries, passages, r)) for r in ratios)
+
+    @torch.no_grad()
+    def dev_scores(self, dq: DevQuery) -> list[float]:
+        return self.logits([dq.query], [dq.candidates], self.cfg.dev_ratio)[0].tolist()
+
+    def save(self, folder: Path) -> None:
+        self.backend.save_pretrained(folder)
+
+
+class CrossEncoderTask:
+    """The baseline: all-MiniLM-L6-v2 fine-tuned as a cross-encoder (``[CLS] q [SEP] p [SEP]``, CLS head)."""
+
+    name = "cross-encoder"
+
+    def __init__(self, cfg: TrainConfig, *, max_length: int = 320) -> None:
+        from kalm_rag.models.mini import MiniBackend, MiniConfig
+
+        self.cfg = cfg
+        self.bert, self.tokenizer = MiniBackend.load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
+        self.bert.requires_grad_(True)
+        self.head = nn.Linear(self.bert.config.hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.max_length = max_length
+        self._module = nn.ModuleDict({"bert": self.bert, "head": self.head})
+
+    def module(self) -> nn.Module:
+        return self._module
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.bert.parameters()), "lr": self.cfg.lr},
+                {"params": list(self.head.parameters()), "lr": self.cfg.new_module_lr}]
+
+    def pair_logits(self, queries: list[str], passages: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length,
+                             padding=True, return_tensors="pt")
+        out = self.bert(**enc).last_hidden_state[:, 0]  # (B, d): [CLS]
+        return self.head(out).squeeze(-1)
+
+    def train_loss(self, queries: list[str], passages: list[list[str]]) -> torch.Tensor:
+        G, K = len(passages), len(passages[0])
+        logits = self.pair_logits([q for q in queries for _ in range(K)], [p for ps in passages for p in ps])
+        return group_loss(logits.view(G, K))
+
+    @torch.no_grad()
+    def dev_scores(self, dq: DevQuery) -> list[float]:
+        return self.pair_logits([dq.query] * len(dq.candidates), dq.candidates).tolist()
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self._module.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"model_type": "minilm-cross-encoder", "max_length": self.max_length}))
+
+
+def evaluate_dev(task, dev: list[DevQuery], cfg: TrainConfig) -> dict[str, float]:
+    task.module().eval()
+    per_source: dict[str, list[float]] = {}
+    taken: dict[str, int] = {}
+    for dq in dev:
+        taken[dq.source] = taken.get(dq.source, 0) + 1
+        if cfg.dev_max_queries is not None and taken[dq.source] > cfg.dev_max_queries:
+            continue
+        dq = DevQuery(dq.query, dq.candidates[: cfg.dev_candidates], dq.grades[: cfg.dev_candidates], dq.source)
+        per_source.setdefault(dq.source, []).append(ndcg_at_10(task.dev_scores(dq), dq.grades))
+    task.module().train()
+    result = {s: sum(v) / len(v) for s, v in per_source.items()}
+    result["mean"] = sum(result.values()) / len(result)
+    return result
+
+
+def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path) -> dict:
+    """Run the loop; keep ``out_dir/best`` (dev nDCG@10) and ``out_dir/last``; log JSON lines to ``out_dir/log.jsonl``."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train-config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    sampler = GroupSampler(data.examples, cfg)
+    opt = torch.optim.AdamW(task.param_groups(), weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    log = (out_dir / "log.jsonl").open("a")
+    best, best_step = -1.0, -1
+    start = time.time()
+    task.module().train()
+    running = 0.0
+    for step in range(1, cfg.steps + 1):
+        # cosine decay over the step budget, or over the time budget when that runs out first
+        frac = step / cfg.steps
+        if cfg.max_minutes:
+            frac = max(frac, (time.time() - start) / 60 / cfg.max_minutes)
+        scale = min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * scale
+        groups = [sampler.group() for _ in range(cfg.groups_per_step)]
+        loss = task.train_loss([q for q, _ in groups], [ps for _, ps in groups])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(task.module().parameters(), 1.0)
+        opt.step()
+        running += loss.item()
+        elapsed = (time.time() - start) / 60
+        out_of_time = cfg.max_minutes is not None and elapsed >= cfg.max_minutes
+        if step % 10 == 0:
+            logger.info("step %d loss %.4f (%.1f min)", step, running / 10, elapsed)
+            log.write(json.dumps({"step": step, "loss": running / 10, "minutes": round(elapsed, 2)}) + "\n")
+            log.flush()
+            running = 0.0
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+            dev = evaluate_dev(task, data.dev, cfg)
+            logger.info("step %d dev %s", step, {k: round(v, 4) for k, v in dev.items()})
+            log.write(json.dumps({"step": step, "dev": dev, "minutes": round(elapsed, 2)}) + "\n")
+            log.flush()
+            task.save(out_dir / "last")
+            if dev["mean"] > best:
+                best, best_step = dev["mean"], step
+                task.save(out_dir / "best")
+                (out_dir / "best" / "dev.json").write_text(json.dumps({"step": step, "dev": dev}, indent=2))
+        if out_of_time:
+            logger.info("time budget of %.1f minutes reached at step %d", cfg.max_minutes, step)
+            break
+    summary = {"best_dev_ndcg10": best, "best_step": best_step, "steps_run": step,
+               "minutes": round((time.time() - start) / 60, 2)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.close()
+    return summary
