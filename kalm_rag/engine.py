@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from kalm_rag.errors import InvalidInputError, NumericalError
+from kalm_rag.errors import InvalidInputError, NumericalError, StoreError
 from kalm_rag.models import DEFAULT_MODEL, load_backend
 from kalm_rag.models.base import FBNLBackend
 from kalm_rag.pooling import MAX_RATIO, MIN_RATIO, mep_pool, repool
@@ -203,7 +203,10 @@ class Reranker:
             for row, i in enumerate(batch):
                 W = math.ceil(len(token_ids[i]) / self.base_ratio)
                 new[keys[i]] = PooledPassage(pooled[row, :W].clone(), counts[row, :W].clone(), self.base_ratio)
-            self.store.put_many(self.namespace, new)  # per batch: a crash loses at most one batch
+            try:
+                self.store.put_many(self.namespace, new)  # per batch: a crash loses at most one batch
+            except StoreError as exc:  # the vectors are computed: score with them even if they cannot be kept
+                logger.warning("could not store %d encoded passages (%s); scoring goes on", len(new), exc)
             entries.update(new)
             self.counters["encoded_passages"] += len(batch)
             self.counters["encoder_batches"] += 1
@@ -216,7 +219,11 @@ class Reranker:
     def _pooled(self, texts: list[str]) -> list[PooledPassage]:
         """Stored encodings of ``texts`` (encoding and storing those that are missing or unusable)."""
         keys = [passage_key(t) for t in texts]
-        found = self.store.get_many(self.namespace, keys)
+        try:
+            found = self.store.get_many(self.namespace, keys)
+        except StoreError as exc:
+            logger.warning("passage store unavailable (%s); encoding %d passages", exc, len(keys))
+            found = [None] * len(keys)
         by_key = {k: e for k, e in zip(keys, found) if e is not None and e.ratio == self.base_ratio}
         missing = {k: t for k, t in zip(keys, texts) if k not in by_key}
         if missing:
