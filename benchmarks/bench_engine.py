@@ -19,50 +19,11 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-from transformers.modeling_outputs import BaseModelOutput
 
 from kalm_rag import Reranker
-from kalm_rag.pooling import mep_pool
-from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, format_passage, format_prompt
+from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, format_prompt
+from kalm_rag.bench.suite import make_passages, official_recipe
 from kalm_rag.testing import copy_gemma_tokenizer, make_random_t5gemma2
-
-WORDS = (
-    "the of and to in is was for on that with as by at from his an were are which this be or had not first "
-    "one their its new after but who they has have been two her all other more also can into time year only "
-    "city river water energy cell protein study patients results method data model system between during"
-).split()
-
-
-def make_passages(tokenizer, n: int, tokens: int, seed: int = 0) -> list[str]:
-    """``n`` distinct passages of about ``tokens`` tokens each (with the prefix)."""
-    gen = torch.Generator().manual_seed(seed)
-    passages = []
-    for i in range(n):
-        words = [WORDS[j] for j in torch.randint(len(WORDS), (tokens,), generator=gen).tolist()]
-        text = f"Passage {i}: " + " ".join(words)
-        ids = tokenizer(format_passage(text), add_special_tokens=False)["input_ids"]
-        while len(ids) > tokens:
-            words = words[: -max(1, (len(ids) - tokens) // 2)]
-            text = f"Passage {i}: " + " ".join(words)
-            ids = tokenizer(format_passage(text), add_special_tokens=False)["input_ids"]
-        passages.append(text)
-    return passages
-
-
-@torch.inference_mode()
-def official_recipe(model, tokenizer, query: str, passages: list[str], ratio: int) -> torch.Tensor:
-    """One padded batch: encoder every call, MEP pooling, decoder with full-vocabulary logits."""
-    enc = tokenizer([format_passage(p) for p in passages], add_special_tokens=False, padding=True,
-                    truncation=True, max_length=1024, return_tensors="pt")
-    states = model.get_encoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-    pooled, counts = mep_pool(states, enc.attention_mask, ratio)
-    prompt = format_prompt(query, instruction=DEFAULT_INSTRUCTION, system_instruction=DEFAULT_SYSTEM_INSTRUCTION)
-    dec = tokenizer([prompt] * len(passages), add_special_tokens=False, return_tensors="pt")
-    logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=pooled), attention_mask=(counts > 0).long(),
-                   decoder_input_ids=dec.input_ids, use_cache=False).logits  # (N, T, V)
-    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    return (logits[:, -1, yes] - logits[:, -1, no]).float()
-
 
 def timed(fn, repeats: int) -> tuple[list[float], object]:
     times, out = [], None
