@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from kalm_rag.errors import InvalidInputError, NumericalError, StoreError
 from kalm_rag.models import DEFAULT_MODEL, load_backend
-from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.base import FBNLBackend, right_pad
 from kalm_rag.pooling import MAX_RATIO, MIN_RATIO, mep_pool, repool
 from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_PREFIX
 from kalm_rag.store import PassageStore, PooledPassage, open_store, passage_key
@@ -194,7 +194,7 @@ class Reranker:
         bar = tqdm(total=len(keys), desc="Encoding passages", unit="passage",
                    disable=not self._progress_enabled(show_progress_bar, len(keys)))
         def encode_batch(batch: list[int]) -> None:
-            ids, mask = _right_pad([token_ids[i] for i in batch], self.backend.pad_token_id)
+            ids, mask = right_pad([token_ids[i] for i in batch], self.backend.pad_token_id)
             hidden = self.backend.encode(ids, mask)  # (B, n, d)
             pooled, counts = mep_pool(hidden, mask.to(hidden.device), self.base_ratio)  # (B, W, d), (B, W)
             pooled = pooled.to(STORAGE_DTYPES[self.storage_dtype]).cpu()
@@ -488,17 +488,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if resolved not in (torch.float32, torch.bfloat16):
         raise InvalidInputError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     return resolved
-
-
-def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into ``(B, n)`` ids and a ``(B, n)`` 0/1 mask."""
-    n = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), n), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
 
 
 def _pad_windows(vectors: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

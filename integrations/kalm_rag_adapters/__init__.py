@@ -37,6 +37,8 @@ from kalm_rag.pooling import MAX_RATIO, MIN_RATIO
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_STORE_URL",
+    "LOAD_FIELDS",
+    "handle_from_fields",
     "Ranked",
     "RerankerHandle",
     "arank",
@@ -124,6 +126,26 @@ def shared_reranker(
             rr = Reranker.from_pretrained(source, store=resolved_store, device=device, batch_size=batch_size)
             _rerankers[key] = rr
         return rr
+
+
+#: Adapter fields that configure loading; they conflict with a ready ``reranker=``.
+LOAD_FIELDS = ("model", "store", "device", "batch_size")
+
+
+def handle_from_fields(config: Any, fields_set: set[str]) -> "RerankerHandle":
+    """The :class:`RerankerHandle` of a pydantic adapter config (fields ``reranker`` + :data:`LOAD_FIELDS`).
+
+    Refuses ``reranker=`` together with any explicitly set load field, naming them.
+    """
+    given = sorted(set(LOAD_FIELDS) & fields_set)
+    if config.reranker is not None and given:
+        raise InvalidInputError(
+            f"pass either reranker= or {', '.join(f'{f}=' for f in given)}, not both: "
+            "a ready reranker already has its model and store"
+        )
+    return RerankerHandle(
+        config.reranker, model=config.model, store=config.store, device=config.device, batch_size=config.batch_size
+    )
 
 
 class RerankerHandle:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kalm_rag import InvalidInputError, PassageStore, Reranker
-from kalm_rag_adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, RerankerHandle
+from kalm_rag import PassageStore, Reranker
+from kalm_rag_adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, RerankerHandle, handle_from_fields
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-_LOAD_FIELDS = ("model", "store", "device", "batch_size")
 
 
 class KaLMEngineConfig(BaseModel):
@@ -33,15 +32,7 @@ class KaLMEngineConfig(BaseModel):
     _handle: RerankerHandle = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
-        given = sorted(set(_LOAD_FIELDS) & self.model_fields_set)
-        if self.reranker is not None and given:
-            raise InvalidInputError(
-                f"pass either reranker= or {', '.join(f'{f}=' for f in given)}, not both: "
-                "a ready reranker already has its model and store"
-            )
-        self._handle = RerankerHandle(
-            self.reranker, model=self.model, store=self.store, device=self.device, batch_size=self.batch_size
-        )
+        self._handle = handle_from_fields(self, self.model_fields_set)
 
     def get_reranker(self) -> Reranker:
         """The ``kalm_rag.Reranker`` in use, loading the model on the first call."""

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kalm_rag.errors import ModelLoadError
-from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.base import FBNLBackend, right_pad
 
 MODEL_TYPE = "kalm-mini"
 #: Where the embedded checkpoint lives inside the package.
@@ -463,13 +463,7 @@ class MiniBackend(FBNLBackend):
 
         Differentiable (training calls it); ``margins`` wraps it for inference.
         """
-        B = len(query_ids)
-        Tq = max(len(q) for q in query_ids)
-        ids = torch.full((B, Tq), self.pad_token_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((B, Tq), dtype=torch.long, device=self.device)
-        for row, q in enumerate(query_ids):
-            ids[row, : len(q)] = torch.tensor(q, dtype=torch.long)
-            mask[row, : len(q)] = 1
+        ids, mask = right_pad(query_ids, self.pad_token_id, self.device)  # (B, Tq)
         instr = torch.tensor([instr_ids], dtype=torch.long, device=self.device)  # (1, Ti)
         h_instr = self.embed(instr)  # (1, Ti, d)
         h_query = self.embed(ids, start=len(instr_ids))  # (B, Tq, d): positions continue after the instruction
@@ -484,12 +478,7 @@ class MiniBackend(FBNLBackend):
         for q in query_ids:
             unique.setdefault(tuple(q), len(unique))
         seqs = [[self.cls_id, *q] for q in unique]  # each query segment already ends with [SEP]
-        n = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), n), self.pad_token_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long, device=self.device)
-        for row, x in enumerate(seqs):
-            ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[row, : len(x)] = 1
+        ids, mask = right_pad(seqs, self.pad_token_id, self.device)  # (U, n)
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (U, n, d)
         w = mask.unsqueeze(-1).to(h.dtype)
         emb = (h * w).sum(dim=1) / w.sum(dim=1)  # (U, d)
