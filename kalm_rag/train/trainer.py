@@ -3,11 +3,14 @@
 Both see the same groups (1 positive + ``negatives`` hard negatives per query, the same sampler and
 seed), the same loss and the same number of optimizer steps:
 
-    loss = sum over ratios r of [ CE(softmax over the group, positive first) + BCE(sigmoid(logit), label) ]
+    loss = sum over ratios r of [ CE(softmax over the group, positive first) + BCE(sigmoid(logit), label)
+                                 + distill * KL(softmax(teacher) || softmax(logits)) ]
 
-i.e. a listwise contrastive term plus the pointwise yes/no term of FBNL_SPEC section 7. kalm-mini sums
-it over several MEP ratios so that one checkpoint serves every ratio 1..32. The best checkpoint by dev
-nDCG@10 (r=4 for kalm-mini) is kept.
+i.e. a listwise contrastive term, the pointwise yes/no term of FBNL_SPEC section 7, and a listwise
+distillation term whose teacher is all-MiniLM-L6-v2's own cosine similarity (scaled): with one labelled
+positive per group the teacher's soft order of the hard negatives is most of the signal a few thousand
+CPU steps can get. kalm-mini sums the loss over several MEP ratios so that one checkpoint serves every
+ratio 1..32. The best checkpoint by dev nDCG@10 (r=4 for kalm-mini) is kept.
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ class TrainConfig:
     negatives: int = 7
     ratios: list[int] = field(default_factory=lambda: [1, 4, 16])
     extra_ratios: list[int] = field(default_factory=lambda: [2, 8, 32])  # one of them, at random, each step
+    distill: float = 1.0  # weight of the bi-encoder distillation term (0: labels only)
+    teacher_scale: float = 20.0  # cosine -> teacher logit
     lr: float = 6e-5
     new_module_lr: float = 3e-4  # adapters and head start from scratch
     warmup: int = 60
     weight_decay: float = 0.01
-    source_weights: dict[str, float] = field(default_factory=lambda: {"scifact": 0.3, "nfcorpus": 0.3, "wikiqa": 0.2, "medquad": 0.2})
+    source_weights: dict[str, float] = field(default_factory=lambda: {
+        "scifact": 0.25, "nfcorpus": 0.25, "wikiqa": 0.2, "medquad": 0.1, "wiki": 0.2})
     eval_every: int = 150
     dev_ratio: int = 4
     dev_max_queries: int | None = None  # per source
@@ -79,14 +85,43 @@ class GroupSampler:
         return ex.query, [pos] + negs
 
 
-def group_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Listwise CE (positive at column 0) + pointwise BCE for logits ``(G, 1+k)``."""
+def group_loss(logits: torch.Tensor, teacher: torch.Tensor | None = None, distill: float = 0.0) -> torch.Tensor:
+    """Listwise CE (positive at column 0) + pointwise BCE (+ distillation) for logits ``(G, 1+k)``.
+
+    ``teacher`` ``(G, 1+k)`` are teacher logits; their softmax is the target of a KL term weighted ``distill``.
+    """
     G, K = logits.shape
     labels = torch.zeros_like(logits)
     labels[:, 0] = 1.0
     ce = F.cross_entropy(logits, torch.zeros(G, dtype=torch.long, device=logits.device))
     bce = F.binary_cross_entropy_with_logits(logits, labels)
-    return ce + bce
+    loss = ce + bce
+    if teacher is not None and distill > 0:
+        loss = loss + distill * F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(teacher, dim=-1),
+                                         log_target=True, reduction="batchmean")
+    return loss
+
+
+class BiEncoderTeacher:
+    """all-MiniLM-L6-v2 as a teacher: ``scale * cos(query embedding, passage embedding)``.
+
+    Passage embeddings are the mean of the cached token states (sentence-transformers' pooling), so the
+    teacher costs one short query forward per group.
+    """
+
+    def __init__(self, backend, cache: EncodingCache, *, scale: float) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.scale = scale
+
+    @torch.no_grad()
+    def logits(self, queries: list[str], passages: list[list[str]]) -> torch.Tensor:
+        """Teacher logits ``(G, K)``."""
+        tok = self.backend.tokenizer
+        q_ids = [tok.encode(q, add_special_tokens=False)[:126] + [self.backend.sep_id] for q in queries]
+        q = F.normalize(self.backend.query_embeddings(q_ids).float(), dim=-1)  # (G, d)
+        p = torch.stack([torch.stack([self.cache.get(t).mean(dim=0) for t in ps]) for ps in passages])  # (G, K, d)
+        return self.scale * (F.normalize(p, dim=-1) * q[:, None, :]).sum(-1)
 
 
 def ndcg_at_10(scores: list[float], grades: list[int]) -> float:
@@ -148,11 +183,11 @@ class MiniTask:
         out = self.backend.forward_scores(self.instr, qs, pooled, (counts > 0).long())
         return out.view(G, K)
 
-    def train_loss(self, queries: list[str], passages: list[list[str]]) -> torch.Tensor:
+    def train_loss(self, queries: list[str], passages: list[list[str]], teacher: torch.Tensor | None = None) -> torch.Tensor:
         ratios = list(self.cfg.ratios)
         if self.cfg.extra_ratios:
             ratios.append(self.rng.choice(self.cfg.extra_ratios))
-        return sum(group_loss(self.logits(queries, passages, r)) for r in ratios)
+        return sum(group_loss(self.logits(queries, passages, r), teacher, self.cfg.distill) for r in ratios)
 
     @torch.no_grad()
     def dev_scores(self, dq: DevQuery) -> list[float]:
@@ -192,10 +227,10 @@ class CrossEncoderTask:
         out = self.bert(**enc).last_hidden_state[:, 0]  # (B, d): [CLS]
         return self.head(out).squeeze(-1)
 
-    def train_loss(self, queries: list[str], passages: list[list[str]]) -> torch.Tensor:
+    def train_loss(self, queries: list[str], passages: list[list[str]], teacher: torch.Tensor | None = None) -> torch.Tensor:
         G, K = len(passages), len(passages[0])
         logits = self.pair_logits([q for q in queries for _ in range(K)], [p for ps in passages for p in ps])
-        return group_loss(logits.view(G, K))
+        return group_loss(logits.view(G, K), teacher, self.cfg.distill)
 
     @torch.no_grad()
     def dev_scores(self, dq: DevQuery) -> list[float]:
@@ -210,24 +245,45 @@ class CrossEncoderTask:
         (folder / "config.json").write_text(json.dumps({"model_type": "minilm-cross-encoder", "max_length": self.max_length}))
 
 
-def evaluate_dev(task, dev: list[DevQuery], cfg: TrainConfig) -> dict[str, float]:
-    task.module().eval()
-    per_source: dict[str, list[float]] = {}
+def _dev_subset(dev: list[DevQuery], cfg: TrainConfig) -> list[DevQuery]:
+    """The dev queries model selection uses: at most ``dev_max_queries`` per source, ``dev_candidates`` each."""
     taken: dict[str, int] = {}
+    out = []
     for dq in dev:
         taken[dq.source] = taken.get(dq.source, 0) + 1
-        if cfg.dev_max_queries is not None and taken[dq.source] > cfg.dev_max_queries:
-            continue
-        dq = DevQuery(dq.query, dq.candidates[: cfg.dev_candidates], dq.grades[: cfg.dev_candidates], dq.source)
-        per_source.setdefault(dq.source, []).append(ndcg_at_10(task.dev_scores(dq), dq.grades))
-    task.module().train()
+        if cfg.dev_max_queries is None or taken[dq.source] <= cfg.dev_max_queries:
+            out.append(DevQuery(dq.query, dq.candidates[: cfg.dev_candidates], dq.grades[: cfg.dev_candidates], dq.source))
+    return out
+
+
+def _mean_by_source(values: list[tuple[str, float]]) -> dict[str, float]:
+    per_source: dict[str, list[float]] = {}
+    for source, v in values:
+        per_source.setdefault(source, []).append(v)
     result = {s: sum(v) / len(v) for s, v in per_source.items()}
     result["mean"] = sum(result.values()) / len(result)
     return result
 
 
-def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path) -> dict:
-    """Run the loop; keep ``out_dir/best`` (dev nDCG@10) and ``out_dir/last``; log JSON lines to ``out_dir/log.jsonl``."""
+def _teacher_dev(teacher: BiEncoderTeacher, dev: list[DevQuery], cfg: TrainConfig) -> dict[str, float]:
+    return _mean_by_source([(dq.source, ndcg_at_10(teacher.logits([dq.query], [dq.candidates])[0].tolist(), dq.grades))
+                            for dq in _dev_subset(dev, cfg)])
+
+
+def evaluate_dev(task, dev: list[DevQuery], cfg: TrainConfig) -> dict[str, float]:
+    task.module().eval()
+    result = _mean_by_source([(dq.source, ndcg_at_10(task.dev_scores(dq), dq.grades)) for dq in _dev_subset(dev, cfg)])
+    task.module().train()
+    return result
+
+
+def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path, teacher: BiEncoderTeacher | None = None) -> dict:
+    """Run the loop; keep ``out_dir/best`` (dev nDCG@10) and ``out_dir/last``; log JSON lines to ``out_dir/log.jsonl``.
+
+    ``teacher`` (needed when ``cfg.distill > 0``) gives the distillation targets of every group.
+    """
+    if cfg.distill > 0 and teacher is None:
+        raise ValueError("cfg.distill > 0 needs a teacher")
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -238,6 +294,10 @@ def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path) -> dict:
     base_lrs = [g["lr"] for g in opt.param_groups]
     log = (out_dir / "log.jsonl").open("a")
     best, best_step = -1.0, -1
+    if teacher is not None:  # the teacher's own dev score, for reference in the log
+        baseline = _teacher_dev(teacher, data.dev, cfg)
+        logger.info("teacher dev %s", {k: round(v, 4) for k, v in baseline.items()})
+        log.write(json.dumps({"step": 0, "teacher_dev": baseline}) + "\n")
     start = time.time()
     task.module().train()
     running = 0.0
@@ -250,7 +310,9 @@ def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path) -> dict:
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * scale
         groups = [sampler.group() for _ in range(cfg.groups_per_step)]
-        loss = task.train_loss([q for q, _ in groups], [ps for _, ps in groups])
+        queries, passages = [q for q, _ in groups], [ps for _, ps in groups]
+        targets = teacher.logits(queries, passages) if cfg.distill > 0 else None
+        loss = task.train_loss(queries, passages, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.module().parameters(), 1.0)

@@ -1,0 +1,130 @@
+"""kalm-mini training pieces: the loss, the bi-encoder teacher, the general-knowledge pairs, a short run.
+
+The teacher is checked against plain transformers (all-MiniLM-L6-v2 with mean pooling), not against itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kalm_rag import Reranker
+from kalm_rag.models.mini import MiniBackend, MiniConfig, encoder_dir
+from kalm_rag.train.cache import EncodingCache
+from kalm_rag.train.data import DevQuery, Example, TrainingData, wiki_examples, wiki_queries, wiki_summaries_file
+from kalm_rag.train.trainer import BiEncoderTeacher, MiniTask, TrainConfig, group_loss, train
+
+ARTICLES = {
+    "Photosynthesis": ("Photosynthesis", "Biological process that converts light into chemical energy", "Biology and health sciences",
+                       "Photosynthesis is the process by which plants, algae and some bacteria turn light, water and "
+                       "carbon dioxide into glucose and oxygen."),
+    "Herbivore": ("Herbivore", "Animal that eats plants", "Biology and health sciences",
+                  "A herbivore is an animal anatomically and physiologically adapted to eating plant material, for "
+                  "example foliage, for the main component of its diet. Photosynthesis in plants feeds them indirectly."),
+    "Mercury (planet)": ("Mercury (planet)", "Smallest planet in the Solar System", "Physical sciences",
+                         "Mercury is the first planet from the Sun and the smallest in the Solar System, orbiting in 88 days."),
+    "Marie Curie": ("Marie Curie", "Physicist and chemist (1867-1934)", "People",
+                    "Marie Curie was a Polish and naturalised-French physicist and chemist who conducted pioneering research "
+                    "on radioactivity and won two Nobel Prizes."),
+}
+
+
+@pytest.fixture(scope="module")
+def backend() -> MiniBackend:
+    torch.manual_seed(0)
+    return MiniBackend.fresh(MiniConfig(num_layers=2, init_layers=[0, 1], dropout=0.0))
+
+
+def write_summaries(path: Path) -> Path:
+    path.write_text(json.dumps({k: {"title": t, "description": d, "topic": topic, "extract": e}
+                                for k, (t, d, topic, e) in ARTICLES.items()}))
+    return path
+
+
+def test_distillation_term_vanishes_when_the_student_matches_the_teacher() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2]])
+    plain = group_loss(logits)
+    same = group_loss(logits, logits + 3.0, distill=1.0)  # a shift leaves the softmax unchanged
+    other = group_loss(logits, torch.tensor([[-1.0, 0.5, 2.0], [0.3, 0.1, 0.2]]), distill=1.0)
+    assert torch.allclose(plain, same, atol=1e-6)
+    assert other > plain + 0.1
+
+
+def test_wiki_queries_name_or_describe_the_subject() -> None:
+    assert wiki_queries("Mercury (planet)", "Smallest planet in the Solar System", "Physical sciences") == [
+        "What is Mercury?", "Smallest planet in the Solar System"]
+    assert wiki_queries("Marie Curie", "physicist and chemist", "People") == ["Who was Marie Curie?", "Physicist and chemist"]
+    assert wiki_queries("Hat", "", "Everyday life") == ["What is Hat?"]
+
+
+def test_wiki_examples_pair_each_query_with_its_own_summary(tmp_path: Path) -> None:
+    examples = wiki_examples(write_summaries(tmp_path / "summaries.json"), negatives=3, limit=None)
+    assert len(examples) == 2 * len(ARTICLES)
+    by_query = {ex.query: ex for ex in examples}
+    photo = by_query["What is Photosynthesis?"]
+    assert photo.pos == [ARTICLES["Photosynthesis"][3]]
+    assert photo.pos[0] not in photo.neg
+    assert photo.neg[0] == ARTICLES["Herbivore"][3]  # mentions photosynthesis without being about it
+    assert all(ex.source == "wiki" for ex in examples)
+
+
+def test_the_installed_wiki_summaries_are_found() -> None:
+    path = wiki_summaries_file()
+    data = json.loads(path.read_text())
+    assert len(data) > 5000 and all("extract" in v for v in list(data.values())[:50])
+
+
+def test_teacher_is_minilm_cosine(backend: MiniBackend, tmp_path: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    cache = EncodingCache(tmp_path, backend)
+    passages = [[ARTICLES["Photosynthesis"][3], ARTICLES["Mercury (planet)"][3]]]
+    cache.ensure(passages[0])
+    got = BiEncoderTeacher(backend, cache, scale=20.0).logits(["How do plants make food?"], passages)
+
+    tok = AutoTokenizer.from_pretrained(str(encoder_dir(MiniConfig())))
+    model = AutoModel.from_pretrained(str(encoder_dir(MiniConfig()))).eval()
+
+    def embed(texts: list[str]) -> torch.Tensor:  # sentence-transformers' mean pooling
+        enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+    want = 20.0 * embed(["How do plants make food?"]) @ embed(passages[0]).T
+    assert got.shape == (1, 2)
+    assert torch.allclose(got, want, atol=2e-2)  # the cache keeps fp16 token states
+    assert got[0, 0] > got[0, 1]
+
+
+def test_a_short_run_trains_saves_and_loads(backend: MiniBackend, tmp_path: Path) -> None:
+    texts = [v[3] for v in ARTICLES.values()]
+    examples = [Example(q, [texts[i]], [t for j, t in enumerate(texts) if j != i], "wiki")
+                for i, q in enumerate(["How do plants make food?", "What do herbivores eat?",
+                                       "Which planet is closest to the Sun?", "Who discovered radioactivity?"])]
+    dev = [DevQuery("Which planet is smallest?", texts, [0, 0, 1, 0], "wiki")]
+    cache = EncodingCache(tmp_path / "cache", backend)
+    cache.ensure(texts)
+    cfg = TrainConfig(steps=3, groups_per_step=2, negatives=2, ratios=[4], extra_ratios=[1, 16], warmup=1,
+                      eval_every=3, source_weights={"wiki": 1.0})
+    before = {k: v.clone() for k, v in backend.decoder.state_dict().items()}
+    summary = train(MiniTask(backend, cache, cfg), TrainingData(examples, dev), cfg, tmp_path / "run",
+                    BiEncoderTeacher(backend, cache, scale=cfg.teacher_scale))
+    assert summary["steps_run"] == 3 and 0.0 <= summary["best_dev_ndcg10"] <= 1.0
+    assert any(not torch.equal(before[k], v) for k, v in backend.decoder.state_dict().items())
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "teacher_dev" in log[0] and any("dev" in row for row in log)
+    rr = Reranker.from_pretrained(str(tmp_path / "run" / "best"), device="cpu", dtype="float32")
+    scores = rr.score("Which planet is smallest?", texts, ratio=4)
+    assert len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_distillation_needs_a_teacher(backend: MiniBackend, tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=1, distill=1.0)
+    with pytest.raises(ValueError, match="teacher"):
+        train(MiniTask(backend, EncodingCache(tmp_path, backend), cfg), TrainingData(), cfg, tmp_path / "run")
