@@ -7,6 +7,7 @@ embeddings) comes from the ``EncodingCache``; only query-time work is done per q
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class MiniReranker:
     def __init__(self, backend: MiniBackend, cache: EncodingCache, ratio: int, *, batch_size: int = 100) -> None:
         self.backend, self.cache, self.ratio, self.batch_size = backend, cache, ratio, batch_size
         self.name = f"kalm-mini r={ratio}"
+        self.identity = f"{backend.weights_id}@r{ratio}"
 
     @torch.inference_mode()
     def __call__(self, query: str, passages: list[str]) -> list[float]:
@@ -59,6 +61,7 @@ class CosineReranker:
 
     def __init__(self, backend: MiniBackend, cache: EncodingCache) -> None:
         self.backend, self.cache = backend, cache
+        self.identity = backend.encoder_id
         self._emb: dict[str, torch.Tensor] = {}
 
     def passage_embedding(self, passage: str) -> torch.Tensor:
@@ -91,7 +94,9 @@ class CrossEncoderReranker:
         self.bert, self.tokenizer = MiniBackend.load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
         cfg = json.loads((Path(checkpoint) / "config.json").read_text())
         self.max_length = int(cfg.get("max_length", 320))
-        state = load_file(str(Path(checkpoint) / "model.safetensors"))
+        weights = Path(checkpoint) / "model.safetensors"
+        self.identity = "minilm-cross-encoder-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+        state = load_file(str(weights))
         self.bert.load_state_dict({k.removeprefix("bert."): v for k, v in state.items() if k.startswith("bert.")})
         self.head = torch.nn.Linear(self.bert.config.hidden_size, 1)
         self.head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})

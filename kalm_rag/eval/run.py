@@ -70,10 +70,29 @@ def metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) 
     return {"ndcg@10": float(res["ndcg@10"]), "mrr@10": float(res["mrr@10"])}
 
 
+def read_run(path: Path) -> tuple[str | None, dict[str, dict[str, float]]]:
+    """``(identity, scores)`` of a saved run file (``identity`` names the model that produced the scores)."""
+    if not path.is_file():
+        return None, {}
+    raw = json.loads(path.read_text())
+    if "scores" in raw and "identity" in raw:
+        return raw["identity"], raw["scores"]
+    return None, {}  # a file without identity cannot be trusted to be this model's
+
+
 def rerank_all(name: str, scorer: Scorer, ds: BeirDataset, cands: dict[str, list[str]], out_file: Path,
                *, max_queries: int | None = None, save_every: int = 20) -> dict[str, dict[str, float]]:
-    """Scores of every query's candidates (resumable through ``out_file``)."""
-    run: dict[str, dict[str, float]] = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    """Scores of every query's candidates (resumable through ``out_file``).
+
+    Saved scores are reused only when the file names the same scorer identity (``scorer.identity``): a run
+    of an earlier checkpoint is started over, never mixed in.
+    """
+    identity = getattr(scorer, "identity", name)
+    saved_identity, run = read_run(out_file)
+    if saved_identity != identity:
+        if out_file.is_file():
+            logger.info("%s: %s holds scores of another model (%s); starting over", name, out_file, saved_identity)
+        run = {}
     qids = [q for q in ds.queries if cands.get(q)]
     if max_queries is not None:
         qids = qids[:max_queries]
@@ -86,7 +105,7 @@ def rerank_all(name: str, scorer: Scorer, ds: BeirDataset, cands: dict[str, list
         bar.update(1)
         if n % save_every == 0 or n == len(todo):
             tmp = out_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(run))
+            tmp.write_text(json.dumps({"identity": identity, "scores": run}))
             tmp.replace(out_file)
     bar.close()
     return {q: run[q] for q in qids}
@@ -149,7 +168,8 @@ def evaluate_dataset(
         limit = (max_queries or {}).get(name)
         run = rerank_all(name, scorer, ds, cands, out_dir / f"{_slug(name)}.json", max_queries=limit)
         runs[name] = run
-        row = {"method": name, **metrics({q: ds.qrels[q] for q in run}, run), "queries": len(run)}
+        row = {"method": name, "identity": getattr(scorer, "identity", name),
+               **metrics({q: ds.qrels[q] for q in run}, run), "queries": len(run)}
         fn = (latency_fns or {}).get(name)
         if fn is not None:
             row["latency_ms"] = fn(lat_q, lat_passages)
@@ -159,9 +179,9 @@ def evaluate_dataset(
     # including methods scored by an earlier invocation (their run files are in out_dir)
     if (out_dir / "result.json").is_file():
         for old in json.loads((out_dir / "result.json").read_text())["rows"]:
-            f = out_dir / f"{_slug(old['method'])}.json"
-            if old["method"] not in runs and f.is_file():
-                runs[old["method"]] = json.loads(f.read_text())
+            identity, scores = read_run(out_dir / f"{_slug(old['method'])}.json")
+            if old["method"] not in runs and identity is not None and identity == old.get("identity"):
+                runs[old["method"]] = scores
     for row in rows:
         run = runs[row["method"]]
         if row["queries"] < len(runs["BM25"]):

@@ -77,8 +77,22 @@ class MiniConfig:
     # MiniLM's own sentence embeddings (s, b learned). The decoder then learns a correction to a sensible start
     # instead of from nothing, which matters with a few hundred CPU training steps.
     bi_encoder_prior: bool = False
+    # Query side input: "embeddings" feeds the decoder layers MiniLM's token embeddings (the decoder is then
+    # MiniLM's bottom layers); "encoder" feeds them the frozen encoder's final states of the instruction and of
+    # the query (each encoded alone, once per query), the same space as the passage vectors, so that the
+    # decoder layers (then best initialised from MiniLM's top layers) compare like with like.
+    query_input: str = "embeddings"
+    # What the head reads: "last" (the final [SEP], as the official model reads its last token) or "mean"
+    # (the mean of the query tokens' states).
+    head_pooling: str = "last"
     prior_scale_init: float = 20.0
     prior_bias_init: float = -8.0
+
+    def __post_init__(self) -> None:
+        if self.query_input not in ("embeddings", "encoder"):
+            raise ValueError(f"query_input must be 'embeddings' or 'encoder', got {self.query_input!r}")
+        if self.head_pooling not in ("last", "mean"):
+            raise ValueError(f"head_pooling must be 'last' or 'mean', got {self.head_pooling!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MiniConfig":
@@ -232,9 +246,13 @@ class MiniDecoder(nn.Module):
             ctx_k, ctx_v = torch.cat([k_i, k_p], dim=1), torch.cat([v_i, v_p], dim=1)  # (B, Ti+W, d)
             h_query = layer(h_query, query_mask, ctx_k, ctx_v, ctx_mask)  # (B, Tq, d)
             h_instr = layer(h_instr, instr_mask)  # (1, Ti, d): the instruction never sees a passage
-        last = query_mask.sum(dim=1) - 1  # (B,) index of the final [SEP]
-        h_last = h_query[torch.arange(B, device=h_query.device), last]  # (B, d)
-        logits = self.head(h_last).squeeze(-1).float()  # (B,)
+        if self.config.head_pooling == "mean":
+            w = query_mask.to(h_query.dtype).unsqueeze(-1)  # (B, Tq, 1)
+            h_out = (h_query * w).sum(dim=1) / w.sum(dim=1)  # (B, d) mean of the query tokens
+        else:
+            last = query_mask.sum(dim=1) - 1  # (B,) index of the final [SEP]
+            h_out = h_query[torch.arange(B, device=h_query.device), last]  # (B, d)
+        logits = self.head(h_out).squeeze(-1).float()  # (B,)
         return logits if prior is None else logits + prior
 
     @torch.no_grad()
@@ -354,7 +372,10 @@ class MiniBackend(FBNLBackend):
         config_file, weights_file = folder / "config.json", folder / "model.safetensors"
         if not config_file.is_file() or not weights_file.is_file():
             raise ModelLoadError(f"no kalm-mini checkpoint in {folder} (config.json and model.safetensors needed)")
-        config = MiniConfig.from_dict(json.loads(config_file.read_text()))
+        try:
+            config = MiniConfig.from_dict(json.loads(config_file.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(f"{config_file}: {exc}") from exc
         if config.model_type != MODEL_TYPE:
             raise ModelLoadError(f"{folder} holds a {config.model_type!r} model, not {MODEL_TYPE!r}")
         encoder, tokenizer = cls.load_encoder(config, device=device, dtype=dtype)
@@ -465,11 +486,30 @@ class MiniBackend(FBNLBackend):
         """
         ids, mask = right_pad(query_ids, self.pad_token_id, self.device)  # (B, Tq)
         instr = torch.tensor([instr_ids], dtype=torch.long, device=self.device)  # (1, Ti)
-        h_instr = self.embed(instr)  # (1, Ti, d)
-        h_query = self.embed(ids, start=len(instr_ids))  # (B, Tq, d): positions continue after the instruction
+        if self.config.query_input == "encoder":
+            h_instr = self.encode_segments([instr_ids])  # (1, Ti, d)
+            h_query = self.encode_segments(query_ids, prefix=[self.cls_id])  # (B, Tq, d)
+        else:
+            h_instr = self.embed(instr)  # (1, Ti, d)
+            h_query = self.embed(ids, start=len(instr_ids))  # (B, Tq, d): positions continue after the instruction
         q_emb = self.query_embeddings(query_ids) if self.config.bi_encoder_prior else None
         return self.decoder(h_instr, h_query, mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device),
                             q_emb)
+
+    @torch.no_grad()
+    def encode_segments(self, segments: list[list[int]], prefix: list[int] = ()) -> torch.Tensor:
+        """Frozen-encoder final states ``(B, T, d)`` of each segment, encoded alone as ``prefix + segment``.
+
+        The prefix states are dropped; each distinct segment is encoded once (rows of one query share it).
+        """
+        unique: dict[tuple[int, ...], int] = {}
+        for seg in segments:
+            unique.setdefault(tuple(seg), len(unique))
+        ids, mask = right_pad([[*prefix, *seg] for seg in unique], self.pad_token_id, self.device)  # (U, n)
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, len(prefix):]  # (U, n - p, d)
+        rows = torch.tensor([unique[tuple(seg)] for seg in segments], device=self.device)
+        T = max(len(seg) for seg in segments)
+        return h[rows, :T].to(self.dtype)  # (B, T, d); padding positions are masked by the caller
 
     @torch.no_grad()
     def query_embeddings(self, query_ids: list[list[int]]) -> torch.Tensor:

@@ -64,6 +64,10 @@ def mini(
     ratios: Annotated[str, typer.Option(help="Ratios whose losses are summed every step.")] = "4,16",
     extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = "1,2,8,32",
     num_layers: Annotated[int, typer.Option(min=1, max=6)] = 4,
+    init_layers: Annotated[Optional[str], typer.Option(help="MiniLM layers the decoder starts from (default: the bottom ones, "
+                                                       "or the top ones with --query-input encoder).")] = None,
+    query_input: Annotated[str, typer.Option(help="embeddings | encoder (frozen MiniLM states of the query).")] = "embeddings",
+    head_pooling: Annotated[str, typer.Option(help="last ([SEP]) | mean (of the query tokens).")] = "last",
     distill: Annotated[float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (0: labels only).")] = 1.0,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.5, help="Dropout of the decoder layers.")] = 0.0,
     lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = 1e-4,
@@ -90,7 +94,12 @@ def mini(
     if threads:
         torch.set_num_threads(threads)
     data, cache = run_prepare(data_dir, cache_dir, threads=threads)
-    config = MiniConfig(num_layers=num_layers, init_layers=list(range(num_layers)), dropout=dropout)
+    if init_layers:
+        layers = [int(x) for x in init_layers.split(",")]
+    else:
+        layers = list(range(6 - num_layers, 6)) if query_input == "encoder" else list(range(num_layers))
+    config = MiniConfig(num_layers=num_layers, init_layers=layers, dropout=dropout, query_input=query_input,
+                        head_pooling=head_pooling)
     backend = MiniBackend.fresh(config)
     cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives,
                       ratios=[int(r) for r in ratios.split(",")],
