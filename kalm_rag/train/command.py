@@ -26,6 +26,22 @@ CacheDir = Annotated[Path, typer.Option("--cache-dir", envvar="KALM_RAG_CACHE",
 Steps = Annotated[int, typer.Option(min=1, help="Optimizer steps (groups_per_step groups each).")]
 MaxMinutes = Annotated[Optional[float], typer.Option(help="Stop (and finish the LR decay) after this many minutes.")]
 Threads = Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's choice).")]
+SourceWeights = Annotated[Optional[str], typer.Option(help="Sampling weight per source, e.g. 'scifact=0.25,wiki=0.3' "
+                                                      "(unnamed sources keep their default).")]
+
+
+def _source_weights(text: str | None) -> dict[str, float]:
+    from kalm_rag.train.trainer import TrainConfig
+
+    weights = dict(TrainConfig().source_weights)
+    for item in (text or "").split(","):
+        if item.strip():
+            name, _, value = item.partition("=")
+            try:
+                weights[name.strip()] = float(value)
+            except ValueError:
+                raise typer.BadParameter(f"expected source=weight, got {item!r}", param_hint="--source-weights") from None
+    return weights
 
 DEFAULT_CACHE = Path("/work/cache/kalm-mini")
 
@@ -58,22 +74,25 @@ def mini(
     data_dir: DataDir,
     out: Annotated[Path, typer.Option(help="Run folder: best/, last/, log.jsonl.")] = DEFAULT_CACHE / "runs" / "mini",
     cache_dir: CacheDir = DEFAULT_CACHE,
-    steps: Steps = 400,
+    steps: Steps = 2700,
     groups_per_step: Annotated[int, typer.Option(min=1)] = 4,
     negatives: Annotated[int, typer.Option(min=1, help="Hard negatives per group (plus 1 positive).")] = 7,
     ratios: Annotated[str, typer.Option(help="Ratios whose losses are summed every step.")] = "4,16",
     extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = "1,2,8,32",
-    num_layers: Annotated[int, typer.Option(min=1, max=6)] = 4,
+    num_layers: Annotated[int, typer.Option(min=1, max=6)] = 2,
     init_layers: Annotated[Optional[str], typer.Option(help="MiniLM layers the decoder starts from (default: the bottom ones, "
                                                        "or the top ones with --query-input encoder).")] = None,
-    query_input: Annotated[str, typer.Option(help="embeddings | encoder (frozen MiniLM states of the query).")] = "embeddings",
-    head_pooling: Annotated[str, typer.Option(help="last ([SEP]) | mean (of the query tokens).")] = "last",
+    query_input: Annotated[str, typer.Option(help="encoder (frozen MiniLM states of the query) | embeddings.")] = "encoder",
+    head_pooling: Annotated[str, typer.Option(help="mean (of the query tokens) | last ([SEP]).")] = "mean",
+    init_from: Annotated[Optional[Path], typer.Option(help="Continue from this kalm-mini checkpoint (its config wins over "
+                                                      "the architecture options).", exists=True, file_okay=False)] = None,
+    source_weights: SourceWeights = None,
     distill: Annotated[float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (0: labels only).")] = 1.0,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.5, help="Dropout of the decoder layers.")] = 0.0,
     lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = 1e-4,
     new_module_lr: Annotated[float, typer.Option(help="LR of adapters and head.")] = 1e-3,
     warmup: Annotated[int, typer.Option(min=1)] = 30,
-    eval_every: Annotated[int, typer.Option(min=1)] = 80,
+    eval_every: Annotated[int, typer.Option(min=1)] = 150,
     dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source.")] = 40,
     max_minutes: MaxMinutes = None,
     seed: int = 0,
@@ -98,13 +117,18 @@ def mini(
         layers = [int(x) for x in init_layers.split(",")]
     else:
         layers = list(range(6 - num_layers, 6)) if query_input == "encoder" else list(range(num_layers))
-    config = MiniConfig(num_layers=num_layers, init_layers=layers, dropout=dropout, query_input=query_input,
-                        head_pooling=head_pooling)
-    backend = MiniBackend.fresh(config)
+    if init_from is not None:
+        backend = MiniBackend.from_pretrained(init_from)
+        backend.decoder.requires_grad_(True)
+    else:
+        config = MiniConfig(num_layers=num_layers, init_layers=layers, dropout=dropout, query_input=query_input,
+                            head_pooling=head_pooling)
+        backend = MiniBackend.fresh(config)
     cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives,
                       ratios=[int(r) for r in ratios.split(",")],
                       extra_ratios=[int(r) for r in extra_ratios.split(",") if r.strip()],
                       distill=distill, lr=lr, new_module_lr=new_module_lr, warmup=warmup,
+                      source_weights=_source_weights(source_weights),
                       eval_every=eval_every, dev_max_queries=dev_max_queries, max_minutes=max_minutes, seed=seed,
                       threads=threads)
     teacher = BiEncoderTeacher(backend, cache, scale=cfg.teacher_scale) if distill > 0 else None
@@ -127,6 +151,9 @@ def cross_encoder(
     eval_every: Annotated[int, typer.Option(min=1)] = 100,
     dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source (the CE is slow).")] = 20,
     dev_candidates: Annotated[int, typer.Option(min=1)] = 20,
+    init_from: Annotated[Optional[Path], typer.Option(help="Continue from this cross-encoder checkpoint.",
+                                                      exists=True, file_okay=False)] = None,
+    source_weights: SourceWeights = None,
     max_minutes: MaxMinutes = None,
     seed: int = 0,
     threads: Threads = None,
@@ -143,10 +170,11 @@ def cross_encoder(
     data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # the same groups (and teacher) as kalm-mini
     cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, ratios=[], extra_ratios=[],
                       distill=distill, lr=lr, new_module_lr=new_module_lr, warmup=warmup,
+                      source_weights=_source_weights(source_weights),
                       eval_every=eval_every, dev_max_queries=dev_max_queries, dev_candidates=dev_candidates,
                       max_minutes=max_minutes, seed=seed, threads=threads)
     teacher = BiEncoderTeacher(cache.backend, cache, scale=cfg.teacher_scale) if distill > 0 else None
-    summary = train(CrossEncoderTask(cfg), data, cfg, out, teacher)
+    summary = train(CrossEncoderTask(cfg, init_from=init_from), data, cfg, out, teacher)
     typer.echo(json.dumps(summary))
 
 
@@ -155,9 +183,17 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="A kalm-mini checkpoint folder (e.g. runs/mini/best).", exists=True)],
     target: Annotated[Path, typer.Option(help="Package folder of the embedded model.")] = Path(__file__).resolve().parent.parent / "weights" / "kalm-mini",
 ) -> None:
-    """Copy ``config.json`` and ``model.safetensors`` of a checkpoint into the package (the model card is kept)."""
+    """Copy ``config.json`` and ``model.safetensors`` of a checkpoint into the package (the model card is kept).
+
+    The config is rewritten through ``MiniConfig``, so keys an older version wrote are dropped.
+    """
+    from dataclasses import asdict
+
+    from kalm_rag.models.mini import MiniConfig
+
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copyfile(checkpoint / name, target / name)
+    config = MiniConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
+    (target / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    shutil.copyfile(checkpoint / "model.safetensors", target / "model.safetensors")
     size = (target / "model.safetensors").stat().st_size
     typer.echo(f"exported {checkpoint} -> {target} ({size / 2**20:.1f} MiB)")

@@ -152,8 +152,6 @@ class MiniTask:
     def param_groups(self) -> list[dict]:
         dec = self.backend.decoder
         new = list(dec.adapters.parameters()) + list(dec.head.parameters())
-        if getattr(dec, "prior", None) is not None:
-            new.append(dec.prior)
         return [{"params": list(dec.layers.parameters()), "lr": self.cfg.lr},
                 {"params": new, "lr": self.cfg.new_module_lr}]
 
@@ -202,7 +200,7 @@ class CrossEncoderTask:
 
     name = "cross-encoder"
 
-    def __init__(self, cfg: TrainConfig, *, max_length: int = 320) -> None:
+    def __init__(self, cfg: TrainConfig, *, max_length: int = 320, init_from: Path | None = None) -> None:
         from kalm_rag.models.mini import MiniBackend, MiniConfig
 
         self.cfg = cfg
@@ -213,6 +211,10 @@ class CrossEncoderTask:
         nn.init.zeros_(self.head.bias)
         self.max_length = max_length
         self._module = nn.ModuleDict({"bert": self.bert, "head": self.head})
+        if init_from is not None:  # continue an earlier run
+            from safetensors.torch import load_file
+
+            self._module.load_state_dict(load_file(str(Path(init_from) / "model.safetensors")))
 
     def module(self) -> nn.Module:
         return self._module

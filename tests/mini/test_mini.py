@@ -112,30 +112,90 @@ def test_scores_do_not_depend_on_batch_composition(rr: Reranker) -> None:
         rr.batch_size = old
 
 
+# Simple general-knowledge questions; the distractors share the question's words but do not answer it.
 CASES = [
     pytest.param(
-        "What is the capital of France?",
-        "Paris is the capital and largest city of France, on the river Seine.",
-        ["France is famous for its cheese, and its capital hosts many museums.",
-         "The capital of Australia is Canberra, not Sydney.",
-         "Lyon is a French city known for its cuisine and its capital role in the silk trade."],
-        id="What is the capital of France?"),
+        'What is the capital of France?',
+        'Paris is the capital and largest city of France, on the river Seine.',
+        [
+            'France is famous for its cheese, and its capital hosts many museums.',
+            'The capital of Australia is Canberra, not Sydney.',
+            'Lyon is a French city known for its cuisine and its capital role in the silk trade.',
+        ],
+        id='What is the capital of France?'),
     pytest.param(
-        "How do plants make their food?",
-        "Photosynthesis lets plants turn light, water and carbon dioxide into glucose and oxygen.",
-        ["Plants in a garden need water and food to grow well.",
-         "Many animals eat plants as their main food."],
-        marks=pytest.mark.xfail(strict=False, reason="known weakness of kalm-mini 0.1: the lexical distractor "
-                                "'Many animals eat plants ...' ranks first (see docs/kalm-mini.md)"),
-        id="How do plants make their food?"),
+        'How do plants make their food?',
+        'Photosynthesis lets plants turn light, water and carbon dioxide into glucose and oxygen.',
+        [
+            'Plants in a garden need water and food to grow well.',
+            'Many animals eat plants as their main food.',
+        ],
+        id='How do plants make their food?'),
     pytest.param(
-        "Who wrote Romeo and Juliet?",
-        "Romeo and Juliet is a tragedy written by William Shakespeare early in his career.",
-        ["Romeo and Juliet have been staged in many cities and films.",
-         "Juliet is a common name for girls in English-speaking countries."],
-        id="Who wrote Romeo and Juliet?"),
+        'Who wrote Romeo and Juliet?',
+        'Romeo and Juliet is a tragedy written by William Shakespeare early in his career.',
+        [
+            'Romeo and Juliet have been staged in many cities and films.',
+            'Juliet is a common name for girls in English-speaking countries.',
+        ],
+        id='Who wrote Romeo and Juliet?'),
+    pytest.param(
+        'How many legs does a spider have?',
+        'Spiders are arachnids with eight legs and a body in two segments.',
+        [
+            'A spider spins its web from silk made in its body.',
+            'Most tables and chairs have four legs.',
+        ],
+        id='How many legs does a spider have?'),
+    pytest.param(
+        'Who painted the Mona Lisa?',
+        'Leonardo da Vinci painted the Mona Lisa in the early sixteenth century.',
+        [
+            'The Mona Lisa hangs in the Louvre in Paris and draws millions of visitors.',
+            'Lisa painted her kitchen a bright yellow last summer.',
+        ],
+        id='Who painted the Mona Lisa?'),
+    pytest.param(
+        'At what temperature does water boil at sea level?',
+        'At sea level, pure water boils at 100 degrees Celsius, or 212 degrees Fahrenheit.',
+        [
+            'Sea water is salty and covers most of the surface of the Earth.',
+            'Drinking enough water matters more when the temperature is high.',
+        ],
+        id='At what temperature does water boil at sea level?'),
+    pytest.param(
+        'What gas do people breathe out?',
+        'When we exhale, our lungs release carbon dioxide made by our cells.',
+        [
+            'Many people heat their homes with natural gas.',
+            'People breathe faster when they run up the stairs.',
+        ],
+        id='What gas do people breathe out?'),
+    pytest.param(
+        'What is the largest planet in the Solar System?',
+        'Jupiter is the biggest planet in the Solar System, more than twice as massive as all the others combined.',
+        [
+            'The Solar System formed about 4.6 billion years ago from a cloud of gas.',
+            'Pluto was called the ninth planet until 2006.',
+        ],
+        id='What is the largest planet in the Solar System?'),
+    pytest.param(
+        'Who was the first person to walk on the Moon?',
+        'Neil Armstrong became the first human to step onto the lunar surface in July 1969.',
+        [
+            'The Moon is the only natural satellite of the Earth.',
+            "Walking every day is good for a person's health.",
+        ],
+        id='Who was the first person to walk on the Moon?'),
+    pytest.param(
+        'Why is the sky blue?',
+        'Air molecules scatter short blue wavelengths of sunlight much more than red ones, so the daytime sky looks blue.',
+        [
+            'Blue is a popular colour for sports team shirts.',
+            'The sky was full of dark clouds before the storm.',
+        ],
+        id='Why is the sky blue?'),
 ]
-
 
 @pytest.mark.parametrize("ratio", [1, 4, 16])
 @pytest.mark.parametrize(("query", "answer", "distractors"), CASES)

@@ -5,6 +5,7 @@ The teacher is checked against plain transformers (all-MiniLM-L6-v2 with mean po
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -36,7 +37,7 @@ ARTICLES = {
 @pytest.fixture(scope="module")
 def backend() -> MiniBackend:
     torch.manual_seed(0)
-    return MiniBackend.fresh(MiniConfig(num_layers=2, init_layers=[0, 1], dropout=0.0))
+    return MiniBackend.fresh(MiniConfig(num_layers=2, init_layers=[4, 5]))
 
 
 def write_summaries(path: Path) -> Path:
@@ -128,3 +129,61 @@ def test_distillation_needs_a_teacher(backend: MiniBackend, tmp_path: Path) -> N
     cfg = TrainConfig(steps=1, distill=1.0)
     with pytest.raises(ValueError, match="teacher"):
         train(MiniTask(backend, EncodingCache(tmp_path, backend), cfg), TrainingData(), cfg, tmp_path / "run")
+
+
+def test_fused_inference_path_equals_the_training_path(backend: MiniBackend) -> None:
+    dec = copy.deepcopy(backend.decoder).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # perturb the adapters so that the fold is not trivially the identity
+        for adapter in dec.adapters:
+            adapter.norm.weight.add_(0.3 * torch.randn(adapter.norm.weight.shape, generator=g))
+            adapter.norm.bias.add_(0.3 * torch.randn(adapter.norm.bias.shape, generator=g))
+            adapter.proj.weight.add_(0.05 * torch.randn(adapter.proj.weight.shape, generator=g))
+            adapter.proj.bias.add_(0.1 * torch.randn(adapter.proj.bias.shape, generator=g))
+    passages = torch.randn(3, 5, 384, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    h_instr, h_query = torch.randn(1, 4, 384, generator=g), torch.randn(3, 6, 384, generator=g)
+    q_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    with torch.enable_grad():
+        slow = dec(h_instr, h_query, q_mask, passages, mask)
+    with torch.no_grad():
+        fast = dec(h_instr, h_query, q_mask, passages, mask)
+    assert torch.allclose(slow, fast, atol=1e-4), (slow - fast).abs().max()
+
+
+@pytest.mark.parametrize(("query_input", "head_pooling"), [("encoder", "mean"), ("embeddings", "last")])
+def test_both_query_inputs_read_the_passage(query_input: str, head_pooling: str) -> None:
+    torch.manual_seed(0)
+    cfg = MiniConfig(num_layers=1, init_layers=[5] if query_input == "encoder" else [0], query_input=query_input,
+                     head_pooling=head_pooling)
+    fresh = MiniBackend.fresh(cfg)
+    with torch.no_grad():
+        fresh.decoder.head.weight.normal_(0.0, 1.0)  # a visible head, so that passage effects show in the logit
+    prompt = fresh.prompt_ids("Which planet is smallest?", instruction="Rank.", system_instruction="", max_query_tokens=32)
+    cut = prompt.index(fresh.sep_id) + 1
+    texts = [ARTICLES["Mercury (planet)"][3], ARTICLES["Marie Curie"][3]]
+    ids = fresh.tokenize_passages(texts, 256)
+    n = max(len(x) for x in ids)
+    x = torch.tensor([x + [0] * (n - len(x)) for x in ids])
+    m = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
+    with torch.no_grad():
+        logits = fresh.forward_scores(prompt[:cut], [prompt[cut:]] * 2, fresh.encode(x, m), m)
+    assert torch.isfinite(logits).all() and abs(float(logits[0] - logits[1])) > 1e-4
+
+
+def test_unknown_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="query_input"):
+        MiniConfig(query_input="tokens")
+    with pytest.raises(ValueError, match="head_pooling"):
+        MiniConfig(head_pooling="max")
+
+
+def test_source_weights_option() -> None:
+    import typer
+
+    from kalm_rag.train.command import _source_weights
+
+    weights = _source_weights("wiki=0.5, scifact=0")
+    assert weights["wiki"] == 0.5 and weights["scifact"] == 0.0 and weights["nfcorpus"] == TrainConfig().source_weights["nfcorpus"]
+    with pytest.raises(typer.BadParameter):
+        _source_weights("wiki")
