@@ -113,8 +113,9 @@ def test_scores_do_not_depend_on_batch_composition(rr: Reranker) -> None:
 
 
 # Simple general-knowledge questions; the distractors share the question's words but do not answer it.
+# Neither set is training data; both were used to compare candidate checkpoints of kalm-mini 0.2.
 CASES = [
-    pytest.param(
+    (
         'What is the capital of France?',
         'Paris is the capital and largest city of France, on the river Seine.',
         [
@@ -122,83 +123,184 @@ CASES = [
             'The capital of Australia is Canberra, not Sydney.',
             'Lyon is a French city known for its cuisine and its capital role in the silk trade.',
         ],
-        id='What is the capital of France?'),
-    pytest.param(
+    ),
+    (
         'How do plants make their food?',
         'Photosynthesis lets plants turn light, water and carbon dioxide into glucose and oxygen.',
         [
             'Plants in a garden need water and food to grow well.',
             'Many animals eat plants as their main food.',
         ],
-        id='How do plants make their food?'),
-    pytest.param(
+    ),
+    (
         'Who wrote Romeo and Juliet?',
         'Romeo and Juliet is a tragedy written by William Shakespeare early in his career.',
         [
             'Romeo and Juliet have been staged in many cities and films.',
             'Juliet is a common name for girls in English-speaking countries.',
         ],
-        id='Who wrote Romeo and Juliet?'),
-    pytest.param(
+    ),
+    (
         'How many legs does a spider have?',
         'Spiders are arachnids with eight legs and a body in two segments.',
         [
             'A spider spins its web from silk made in its body.',
             'Most tables and chairs have four legs.',
         ],
-        id='How many legs does a spider have?'),
-    pytest.param(
+    ),
+    (
         'Who painted the Mona Lisa?',
         'Leonardo da Vinci painted the Mona Lisa in the early sixteenth century.',
         [
             'The Mona Lisa hangs in the Louvre in Paris and draws millions of visitors.',
             'Lisa painted her kitchen a bright yellow last summer.',
         ],
-        id='Who painted the Mona Lisa?'),
-    pytest.param(
+    ),
+    (
         'At what temperature does water boil at sea level?',
         'At sea level, pure water boils at 100 degrees Celsius, or 212 degrees Fahrenheit.',
         [
             'Sea water is salty and covers most of the surface of the Earth.',
             'Drinking enough water matters more when the temperature is high.',
         ],
-        id='At what temperature does water boil at sea level?'),
-    pytest.param(
+    ),
+    (
         'What gas do people breathe out?',
         'When we exhale, our lungs release carbon dioxide made by our cells.',
         [
             'Many people heat their homes with natural gas.',
             'People breathe faster when they run up the stairs.',
         ],
-        id='What gas do people breathe out?'),
-    pytest.param(
+    ),
+    (
         'What is the largest planet in the Solar System?',
         'Jupiter is the biggest planet in the Solar System, more than twice as massive as all the others combined.',
         [
             'The Solar System formed about 4.6 billion years ago from a cloud of gas.',
             'Pluto was called the ninth planet until 2006.',
         ],
-        id='What is the largest planet in the Solar System?'),
-    pytest.param(
+    ),
+    (
         'Who was the first person to walk on the Moon?',
         'Neil Armstrong became the first human to step onto the lunar surface in July 1969.',
         [
             'The Moon is the only natural satellite of the Earth.',
             "Walking every day is good for a person's health.",
         ],
-        id='Who was the first person to walk on the Moon?'),
-    pytest.param(
+    ),
+    (
         'Why is the sky blue?',
         'Air molecules scatter short blue wavelengths of sunlight much more than red ones, so the daytime sky looks blue.',
         [
             'Blue is a popular colour for sports team shirts.',
             'The sky was full of dark clouds before the storm.',
         ],
-        id='Why is the sky blue?'),
+    ),
+    (
+        'What is the chemical symbol for gold?',
+        'The chemical symbol for gold is Au, from the Latin word aurum.',
+        [
+            'Gold medals are given to the winners of Olympic events.',
+            'Many chemical elements are named after the scientists who found them.',
+        ],
+    ),
+    (
+        'How many continents are there?',
+        'Geographers usually count seven continents: Africa, Antarctica, Asia, Australia, Europe, North America and South America.',
+        [
+            'The continent of Africa has more than fifty countries.',
+            'There are many ways to count the number of stars in the sky.',
+        ],
+    ),
+    (
+        'Who invented the telephone?',
+        'Alexander Graham Bell was awarded the first patent for the telephone in 1876.',
+        [
+            'Most people now carry a mobile telephone wherever they go.',
+            'The telephone rang three times before anyone answered.',
+        ],
+    ),
+    (
+        'What is the longest river in the world?',
+        'The Nile, flowing about 6,650 kilometres through north-eastern Africa, is usually named the longest river in the world.',
+        [
+            'Rivers provide water for farming and drinking in many parts of the world.',
+            "The world's longest bridge crosses a river in China.",
+        ],
+    ),
+    (
+        'What do bees make?',
+        'Honey bees collect nectar from flowers and turn it into honey, which they store in wax combs.',
+        [
+            'Bees are insects with six legs and four wings.',
+            'Some people are afraid of bees because their stings hurt.',
+        ],
+    ),
+    (
+        'When did World War II end?',
+        'World War II ended in 1945, with Germany surrendering in May and Japan in September.',
+        [
+            'World War I began in 1914 after the assassination of Archduke Franz Ferdinand.',
+            'The end of the war brought many soldiers home to their families.',
+        ],
+    ),
+    (
+        'What is the freezing point of water?',
+        'Pure water freezes at 0 degrees Celsius, which is 32 degrees Fahrenheit.',
+        [
+            "Water covers about seventy percent of the Earth's surface.",
+            'A freezer keeps food cold so that it lasts longer.',
+        ],
+    ),
+    (
+        'What is the hardest natural substance?',
+        'Diamond is the hardest naturally occurring material, rating 10 on the Mohs scale.',
+        [
+            'Natural light is better for growing indoor plants.',
+            'It is hard to find work in some small towns.',
+        ],
+    ),
+    (
+        'Which organ pumps blood through the body?',
+        'The heart is a muscular organ that pumps blood through the blood vessels of the body.',
+        [
+            'Blood donors give about half a litre of blood at a time.',
+            'The organ in the church was built in the eighteenth century.',
+        ],
+    ),
+    (
+        'What language is spoken in Brazil?',
+        'Portuguese is the official and most widely spoken language of Brazil.',
+        [
+            'Brazil is the largest country in South America.',
+            'Learning a second language helps children at school.',
+        ],
+    ),
 ]
+# (question, ratio) pairs kalm-mini 0.2 gets wrong: a lexical distractor ranks first (docs/kalm-mini.md).
+KNOWN_MISSES = {
+    ("How do plants make their food?", 1),
+    ("What is the longest river in the world?", 1),
+    ("What is the longest river in the world?", 4),
+    ("What is the longest river in the world?", 16),
+    ("What do bees make?", 1),
+    ("What do bees make?", 16),
+    ("When did World War II end?", 1),
+    ("When did World War II end?", 4),
+    ("What is the hardest natural substance?", 4),
+}
 
-@pytest.mark.parametrize("ratio", [1, 4, 16])
-@pytest.mark.parametrize(("query", "answer", "distractors"), CASES)
-def test_prefers_the_answer(rr: Reranker, ratio: int, query: str, answer: str, distractors: list[str]) -> None:
+
+def case_params() -> list:
+    params = []
+    for query, answer, distractors in CASES:
+        for ratio in (1, 4, 16):
+            marks = [pytest.mark.xfail(strict=False, reason="known miss of kalm-mini 0.2")] if (query, ratio) in KNOWN_MISSES else []
+            params.append(pytest.param(query, answer, distractors, ratio, marks=marks, id=f"{query}-r{ratio}"))
+    return params
+
+
+@pytest.mark.parametrize(("query", "answer", "distractors", "ratio"), case_params())
+def test_prefers_the_answer(rr: Reranker, query: str, answer: str, distractors: list[str], ratio: int) -> None:
     ranked = rr.rerank(query, distractors + [answer], ratio=ratio)
     assert ranked[0].text == answer
