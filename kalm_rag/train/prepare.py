@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def build_training_data(
     data_dir: Path, *, medquad_limit: int = 2500, negatives: int = 30, nfcorpus_dev: int = 150,
-    wiki: Path | None = None, wiki_limit: int | None = 4000, seed: int = 0,
+    wiki: Path | None = None, wiki_limit: int | None = 4000, dev_candidates: int = 100, seed: int = 0,
 ) -> TrainingData:
     """The kalm-mini training material from ``data_dir`` (the layout of ``../shared/data``).
 
@@ -26,10 +26,11 @@ def build_training_data(
     ``wiki_limit=0`` leaves the general-knowledge pairs out.
     """
     data = TrainingData()
-    ex, dev = beir_examples(data_dir / "scifact", negatives=negatives, dev_percent=10, seed=seed)
+    ex, dev = beir_examples(data_dir / "scifact", negatives=negatives, dev_percent=10, dev_candidates=dev_candidates, seed=seed)
     data.examples += ex
     data.dev += dev
-    ex, dev = beir_examples(data_dir / "nfcorpus", negatives=negatives, max_dev=nfcorpus_dev, seed=seed)
+    ex, dev = beir_examples(data_dir / "nfcorpus", negatives=negatives, max_dev=nfcorpus_dev, dev_candidates=dev_candidates,
+                            seed=seed)
     data.examples += ex
     data.dev += dev
     data.examples += jsonl_examples(data_dir / "wikiqa" / "train.jsonl.gz", name="wikiqa", negatives=negatives, seed=seed)

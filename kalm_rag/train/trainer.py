@@ -28,12 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kalm_rag.pooling import mep_pool
+from kalm_rag.prompt import DEFAULT_INSTRUCTION  # the engine's default: train as the model is used
 from kalm_rag.train.cache import EncodingCache
 from kalm_rag.train.data import DevQuery, Example, TrainingData
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_INSTRUCTION = "Given a query, retrieve documents that answer the query."
 
 
 @dataclass
@@ -41,6 +40,7 @@ class TrainConfig:
     steps: int = 1200
     groups_per_step: int = 4
     negatives: int = 7
+    random_negatives: int = 3  # of the negatives, drawn from the source's whole pool instead of BM25's top
     ratios: list[int] = field(default_factory=lambda: [1, 4, 16])
     extra_ratios: list[int] = field(default_factory=lambda: [2, 8, 32])  # one of them, at random, each step
     distill: float = 1.0  # weight of the bi-encoder distillation term (0: labels only)
@@ -64,24 +64,37 @@ class GroupSampler:
     """Deterministic stream of groups ``(query, [pos, neg_1..neg_k])`` with source weighting."""
 
     def __init__(self, examples: list[Example], cfg: TrainConfig) -> None:
+        if not 0 <= cfg.random_negatives <= cfg.negatives:
+            raise ValueError(f"random_negatives must be in 0..negatives={cfg.negatives}, got {cfg.random_negatives}")
         self.rng = random.Random(cfg.seed)
         self.k = cfg.negatives
+        self.k_random = cfg.random_negatives
         self.by_source: dict[str, list[Example]] = {}
         for ex in examples:
             if ex.pos and len(ex.neg) >= 1:
                 self.by_source.setdefault(ex.source, []).append(ex)
         self.sources = sorted(self.by_source)
         self.weights = [cfg.source_weights.get(s, 0.1) for s in self.sources]
+        # every passage of a source: where easy (random) negatives are drawn from
+        self.pool = {src: sorted({t for ex in exs for t in ex.pos + ex.neg}) for src, exs in self.by_source.items()}
 
     def group(self) -> tuple[str, list[str]]:
         src = self.rng.choices(self.sources, weights=self.weights)[0]
         ex = self.rng.choice(self.by_source[src])
         pos = self.rng.choice(ex.pos)
+        k_hard = self.k - self.k_random
         negs = ex.neg[:]
-        if len(negs) >= self.k:
-            negs = self.rng.sample(negs, self.k)
+        if len(negs) >= k_hard:
+            negs = self.rng.sample(negs, k_hard)
         else:
-            negs = [self.rng.choice(negs) for _ in range(self.k)]
+            negs = [self.rng.choice(negs) for _ in range(k_hard)]
+        # easy negatives from the whole pool: a reranker also sees the tail of a first stage's list, and
+        # hard negatives alone teach "less word overlap = more relevant"
+        known = set(ex.pos)
+        while len(negs) < self.k:
+            t = self.rng.choice(self.pool[src])
+            if t not in known:
+                negs.append(t)
         return ex.query, [pos] + negs
 
 
@@ -152,6 +165,8 @@ class MiniTask:
     def param_groups(self) -> list[dict]:
         dec = self.backend.decoder
         new = list(dec.adapters.parameters()) + list(dec.head.parameters())
+        if getattr(dec, "prior", None) is not None:
+            new.append(dec.prior)
         return [{"params": list(dec.layers.parameters()), "lr": self.cfg.lr},
                 {"params": new, "lr": self.cfg.new_module_lr}]
 

@@ -113,7 +113,7 @@ def test_scores_do_not_depend_on_batch_composition(rr: Reranker) -> None:
 
 
 # Simple general-knowledge questions; the distractors share the question's words but do not answer it.
-# Neither set is training data; both were used to compare candidate checkpoints of kalm-mini 0.2.
+# Neither set is training data; both were used to compare candidate checkpoints.
 CASES = [
     (
         'What is the capital of France?',
@@ -277,25 +277,15 @@ CASES = [
         ],
     ),
 ]
-# (question, ratio) pairs kalm-mini 0.2 gets wrong: a lexical distractor ranks first (docs/kalm-mini.md).
-KNOWN_MISSES = {
-    ("How do plants make their food?", 1),
-    ("What is the longest river in the world?", 1),
-    ("What is the longest river in the world?", 4),
-    ("What is the longest river in the world?", 16),
-    ("What do bees make?", 1),
-    ("What do bees make?", 16),
-    ("When did World War II end?", 1),
-    ("When did World War II end?", 4),
-    ("What is the hardest natural substance?", 4),
-}
+# (question, ratio) pairs the shipped kalm-mini 0.1 gets wrong: a lexical distractor ranks first (docs/kalm-mini.md).
+KNOWN_MISSES = {("How do plants make their food?", ratio) for ratio in (1, 4, 16)}
 
 
 def case_params() -> list:
     params = []
     for query, answer, distractors in CASES:
         for ratio in (1, 4, 16):
-            marks = [pytest.mark.xfail(strict=False, reason="known miss of kalm-mini 0.2")] if (query, ratio) in KNOWN_MISSES else []
+            marks = [pytest.mark.xfail(strict=False, reason="known miss of kalm-mini 0.1")] if (query, ratio) in KNOWN_MISSES else []
             params.append(pytest.param(query, answer, distractors, ratio, marks=marks, id=f"{query}-r{ratio}"))
     return params
 

@@ -111,7 +111,7 @@ def test_a_short_run_trains_saves_and_loads(backend: MiniBackend, tmp_path: Path
     dev = [DevQuery("Which planet is smallest?", texts, [0, 0, 1, 0], "wiki")]
     cache = EncodingCache(tmp_path / "cache", backend)
     cache.ensure(texts)
-    cfg = TrainConfig(steps=3, groups_per_step=2, negatives=2, ratios=[4], extra_ratios=[1, 16], warmup=1,
+    cfg = TrainConfig(steps=3, groups_per_step=2, negatives=2, random_negatives=1, ratios=[4], extra_ratios=[1, 16], warmup=1,
                       eval_every=3, source_weights={"wiki": 1.0})
     before = {k: v.clone() for k, v in backend.decoder.state_dict().items()}
     summary = train(MiniTask(backend, cache, cfg), TrainingData(examples, dev), cfg, tmp_path / "run",
@@ -187,3 +187,22 @@ def test_source_weights_option() -> None:
     assert weights["wiki"] == 0.5 and weights["scifact"] == 0.0 and weights["nfcorpus"] == TrainConfig().source_weights["nfcorpus"]
     with pytest.raises(typer.BadParameter):
         _source_weights("wiki")
+
+
+def test_groups_mix_hard_and_random_negatives() -> None:
+    from kalm_rag.train.trainer import GroupSampler
+
+    pool = [f"other passage {i}" for i in range(50)]
+    examples = [Example("q", ["the answer"], ["hard 1", "hard 2", "hard 3", "hard 4"], "src"),
+                Example("q2", ["answer 2"], pool, "src")]
+    cfg = TrainConfig(negatives=5, random_negatives=2, source_weights={"src": 1.0})
+    sampler = GroupSampler(examples, cfg)
+    for _ in range(30):
+        query, passages = sampler.group()
+        if query != "q":
+            continue
+        positive, negatives = passages[0], passages[1:]
+        assert positive == "the answer" and len(negatives) == 5 and "the answer" not in negatives
+        assert sum(n.startswith("hard") for n in negatives) >= 3  # the hard ones, plus random draws from the pool
+    with pytest.raises(ValueError, match="random_negatives"):
+        GroupSampler(examples, TrainConfig(negatives=2, random_negatives=3))
