@@ -20,18 +20,6 @@ from kalm_rag.prompt import DEFAULT_INSTRUCTION
 from kalm_rag.train.cache import EncodingCache
 
 
-def padded_states(cache: EncodingCache, passages: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached token states of ``passages``, right-padded: ``(B, n, d)`` and mask ``(B, n)``."""
-    states = [cache.get(p) for p in passages]
-    n = max(s.shape[0] for s in states)
-    h = torch.zeros((len(states), n, states[0].shape[1]))
-    m = torch.zeros((len(states), n), dtype=torch.long)
-    for i, s in enumerate(states):
-        h[i, : s.shape[0]] = s
-        m[i, : s.shape[0]] = 1
-    return h, m
-
-
 class MiniReranker:
     """kalm-mini at one MEP ratio, on cached encoder states (the engine's math, without its store)."""
 
@@ -47,7 +35,7 @@ class MiniReranker:
         out: list[float] = []
         for s in range(0, len(passages), self.batch_size):
             chunk = passages[s:s + self.batch_size]
-            h, m = padded_states(self.cache, chunk)
+            h, m = self.cache.padded(chunk)
             pooled, counts = mep_pool(h, m, self.ratio)  # (B, W, d), (B, W)
             logits = self.backend.forward_scores(prompt[:cut], [prompt[cut:]] * len(chunk), pooled, (counts > 0).long())
             out += logits.float().tolist()

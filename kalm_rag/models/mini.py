@@ -522,33 +522,36 @@ class MiniBackend(FBNLBackend):
         return self.decoder(h_instr, h_query, mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device),
                             q_emb)
 
+    def _encode_unique(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frozen-encoder final states of each distinct sequence, encoded once (rows of one query share it).
+
+        Returns ``h`` ``(U, n, d)``, its mask ``(U, n)`` and, per input row, the index of its sequence ``(B,)``.
+        """
+        unique: dict[tuple[int, ...], int] = {}
+        for seq in seqs:
+            unique.setdefault(tuple(seq), len(unique))
+        ids, mask = right_pad([list(seq) for seq in unique], self.pad_token_id, self.device)  # (U, n)
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (U, n, d)
+        rows = torch.tensor([unique[tuple(seq)] for seq in seqs], device=self.device)  # (B,)
+        return h, mask, rows
+
     @torch.no_grad()
     def encode_segments(self, segments: list[list[int]], prefix: list[int] = ()) -> torch.Tensor:
         """Frozen-encoder final states ``(B, T, d)`` of each segment, encoded alone as ``prefix + segment``.
 
-        The prefix states are dropped; each distinct segment is encoded once (rows of one query share it).
+        The prefix states are dropped; padding positions are masked by the caller.
         """
-        unique: dict[tuple[int, ...], int] = {}
-        for seg in segments:
-            unique.setdefault(tuple(seg), len(unique))
-        ids, mask = right_pad([[*prefix, *seg] for seg in unique], self.pad_token_id, self.device)  # (U, n)
-        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, len(prefix):]  # (U, n - p, d)
-        rows = torch.tensor([unique[tuple(seg)] for seg in segments], device=self.device)
+        h, _, rows = self._encode_unique([[*prefix, *seg] for seg in segments])  # (U, n, d)
         T = max(len(seg) for seg in segments)
-        return h[rows, :T].to(self.dtype)  # (B, T, d); padding positions are masked by the caller
+        return h[rows, len(prefix):len(prefix) + T].to(self.dtype)  # (B, T, d)
 
     @torch.no_grad()
     def query_embeddings(self, query_ids: list[list[int]]) -> torch.Tensor:
         """MiniLM sentence embeddings ``(B, d)`` of each row's query (``[CLS] query [SEP]``, mean of token states)."""
-        unique: dict[tuple[int, ...], int] = {}
-        for q in query_ids:
-            unique.setdefault(tuple(q), len(unique))
-        seqs = [[self.cls_id, *q] for q in unique]  # each query segment already ends with [SEP]
-        ids, mask = right_pad(seqs, self.pad_token_id, self.device)  # (U, n)
-        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (U, n, d)
+        h, mask, rows = self._encode_unique([[self.cls_id, *q] for q in query_ids])  # each segment ends with [SEP]
         w = mask.unsqueeze(-1).to(h.dtype)
         emb = (h * w).sum(dim=1) / w.sum(dim=1)  # (U, d)
-        return emb[torch.tensor([unique[tuple(q)] for q in query_ids], device=self.device)]  # (B, d)
+        return emb[rows]  # (B, d)
 
     @torch.inference_mode()
     def margins(

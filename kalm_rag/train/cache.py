@@ -66,6 +66,17 @@ class EncodingCache:
         shard, start, length = self._index[self.key(text)]
         return torch.from_numpy(np.asarray(self._array(shard)[start:start + length], dtype=np.float32))
 
+    def padded(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states of cached ``texts``, right-padded: ``(B, n, d)`` fp32 and mask ``(B, n)``."""
+        states = [self.get(t) for t in texts]
+        n = max(s.shape[0] for s in states)
+        h = torch.zeros((len(states), n, states[0].shape[1]))
+        m = torch.zeros((len(states), n), dtype=torch.long)
+        for i, s in enumerate(states):
+            h[i, : s.shape[0]] = s
+            m[i, : s.shape[0]] = 1
+        return h, m
+
     def ensure(self, texts: Sequence[str], *, batch_size: int = 32, desc: str = "Encoding passages") -> int:
         """Encode (and store) every text not yet cached; returns how many were encoded."""
         seen: set[str] = set()

@@ -26,6 +26,14 @@ CacheDir = Annotated[Path, typer.Option("--cache-dir", envvar="KALM_RAG_CACHE",
 Steps = Annotated[int, typer.Option(min=1, help="Optimizer steps (groups_per_step groups each).")]
 MaxMinutes = Annotated[Optional[float], typer.Option(help="Stop (and finish the LR decay) after this many minutes.")]
 Threads = Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's choice).")]
+GroupsPerStep = Annotated[int, typer.Option(min=1, help="Groups (1 positive + negatives) per optimizer step.")]
+Negatives = Annotated[int, typer.Option(min=1, help="Negatives per group (plus 1 positive).")]
+RandomNegatives = Annotated[int, typer.Option(min=0, help="Of the negatives, how many are random passages of the same "
+                                              "source rather than BM25 hard negatives.")]
+Distill = Annotated[float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (0: labels only).")]
+Warmup = Annotated[int, typer.Option(min=1, help="Warm-up steps of the learning rate.")]
+InitFrom = Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint of the same kind of model.",
+                                                  exists=True, file_okay=False)]
 SourceWeights = Annotated[Optional[str], typer.Option(help="Sampling weight per source, e.g. 'scifact=0.25,wiki=0.3' "
                                                       "(unnamed sources keep their default).")]
 
@@ -75,10 +83,9 @@ def mini(
     out: Annotated[Path, typer.Option(help="Run folder: best/, last/, log.jsonl.")] = DEFAULT_CACHE / "runs" / "mini",
     cache_dir: CacheDir = DEFAULT_CACHE,
     steps: Steps = 2700,
-    groups_per_step: Annotated[int, typer.Option(min=1)] = 4,
-    negatives: Annotated[int, typer.Option(min=1, help="Negatives per group (plus 1 positive).")] = 7,
-    random_negatives: Annotated[int, typer.Option(min=0, help="Of the negatives, how many are random passages of the "
-                                                  "same source rather than BM25 hard negatives.")] = 3,
+    groups_per_step: GroupsPerStep = 4,
+    negatives: Negatives = 7,
+    random_negatives: RandomNegatives = 3,
     dev_candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates per dev query (as many as at test time).")] = 100,
     ratios: Annotated[str, typer.Option(help="Ratios whose losses are summed every step.")] = "4,16",
     extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = "1,2,8,32",
@@ -87,15 +94,14 @@ def mini(
                                                        "or the top ones with --query-input encoder).")] = None,
     query_input: Annotated[str, typer.Option(help="encoder (frozen MiniLM states of the query) | embeddings.")] = "encoder",
     head_pooling: Annotated[str, typer.Option(help="mean (of the query tokens) | last ([SEP]).")] = "mean",
-    init_from: Annotated[Optional[Path], typer.Option(help="Continue from this kalm-mini checkpoint (its config wins over "
-                                                      "the architecture options).", exists=True, file_okay=False)] = None,
+    init_from: InitFrom = None,  # its config wins over the architecture options
     source_weights: SourceWeights = None,
     bi_encoder_prior: Annotated[bool, typer.Option(help="Add the learned MiniLM-cosine term to the logit (the 0.1 recipe).")] = False,
-    distill: Annotated[float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (0: labels only).")] = 1.0,
+    distill: Distill = 1.0,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.5, help="Dropout of the decoder layers.")] = 0.0,
     lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = 1e-4,
     new_module_lr: Annotated[float, typer.Option(help="LR of adapters and head.")] = 1e-3,
-    warmup: Annotated[int, typer.Option(min=1)] = 30,
+    warmup: Warmup = 30,
     eval_every: Annotated[int, typer.Option(min=1)] = 150,
     dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source.")] = 40,
     max_minutes: MaxMinutes = None,
@@ -147,18 +153,17 @@ def cross_encoder(
     out: Annotated[Path, typer.Option(help="Run folder.")] = DEFAULT_CACHE / "runs" / "cross-encoder",
     cache_dir: CacheDir = DEFAULT_CACHE,
     steps: Steps = 1200,
-    groups_per_step: Annotated[int, typer.Option(min=1)] = 4,
-    negatives: Annotated[int, typer.Option(min=1)] = 7,
-    random_negatives: Annotated[int, typer.Option(min=0, help="As for kalm-mini.")] = 3,
-    distill: Annotated[float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (as kalm-mini's).")] = 1.0,
+    groups_per_step: GroupsPerStep = 4,
+    negatives: Negatives = 7,
+    random_negatives: RandomNegatives = 3,
+    distill: Distill = 1.0,
     lr: Annotated[float, typer.Option(help="LR of the encoder layers.")] = 1e-4,
     new_module_lr: Annotated[float, typer.Option(help="LR of the head.")] = 1e-3,
-    warmup: Annotated[int, typer.Option(min=1)] = 30,
+    warmup: Warmup = 30,
     eval_every: Annotated[int, typer.Option(min=1)] = 100,
     dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source (the CE is slow).")] = 20,
     dev_candidates: Annotated[int, typer.Option(min=1)] = 20,
-    init_from: Annotated[Optional[Path], typer.Option(help="Continue from this cross-encoder checkpoint.",
-                                                      exists=True, file_okay=False)] = None,
+    init_from: InitFrom = None,
     source_weights: SourceWeights = None,
     max_minutes: MaxMinutes = None,
     seed: int = 0,

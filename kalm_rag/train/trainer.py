@@ -176,21 +176,11 @@ class MiniTask:
             self._qcache[query] = ids[len(self.instr):]
         return self._qcache[query]
 
-    def _states(self, passages: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        states = [self.cache.get(p) for p in passages]
-        n = max(s.shape[0] for s in states)
-        h = torch.zeros((len(states), n, states[0].shape[1]))
-        m = torch.zeros((len(states), n), dtype=torch.long)
-        for i, s in enumerate(states):
-            h[i, : s.shape[0]] = s
-            m[i, : s.shape[0]] = 1
-        return h, m  # (B, n, d), (B, n)
-
     def logits(self, queries: list[str], passages: list[list[str]], ratio: int) -> torch.Tensor:
         """Logits ``(G, K)`` for G queries with K passages each, at ``ratio``."""
         G, K = len(passages), len(passages[0])
         flat = [p for ps in passages for p in ps]
-        h, m = self._states(flat)
+        h, m = self.cache.padded(flat)
         pooled, counts = mep_pool(h, m, ratio)  # (G*K, W, d), (G*K, W)
         qs = [self._query_segment(q) for q in queries for _ in range(K)]
         out = self.backend.forward_scores(self.instr, qs, pooled, (counts > 0).long())
