@@ -4,7 +4,7 @@ kalm-mini runs through ``Reranker.score`` with the passages pre-encoded in the s
 only: the decoder). The cross-encoder (all-MiniLM-L6-v2 reading query + passage, the architecture of
 ``kalm-rag train cross-encoder``; speed does not depend on its weights) must read all 100 pairs.
 
-    python benchmarks/bench_mini.py --threads 2 --repeats 15 [--cross-encoder /work/cache/kalm-mini/runs/cross-encoder/best]
+    python benchmarks/bench_mini.py --threads 2 --repeats 15 [--cross-encoder ~/.cache/kalm-rag/kalm-mini/runs/cross-encoder/best]
 """
 
 from __future__ import annotations

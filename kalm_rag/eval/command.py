@@ -2,7 +2,7 @@
 
 Examples:
     kalm-rag eval run ../shared/data/scifact ../shared/data/nfcorpus       # BM25, cosine, kalm-mini r=1,4,16
-    kalm-rag eval run ../shared/data/wikiqa/test --cross-encoder /work/cache/kalm-mini/runs/cross-encoder/best
+    kalm-rag eval run ../shared/data/wikiqa/test --cross-encoder ~/.cache/kalm-rag/kalm-mini/runs/cross-encoder/best
     kalm-rag eval report --out docs/benchmarks                             # eval.md + eval.json from all results
 
 A data set folder holds corpus.jsonl[.gz], queries.jsonl[.gz] and qrels/test.tsv; a candidates.tsv next to
@@ -18,10 +18,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from kalm_rag.paths import default_cache_dir
+
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
 CacheDir = Annotated[Path, typer.Option("--cache-dir", envvar="KALM_RAG_CACHE", help="Encodings and per-run scores.")]
-DEFAULT_CACHE = Path("/work/cache/kalm-mini")
+DEFAULT_CACHE = default_cache_dir()
 
 
 def _name(folder: Path) -> str:

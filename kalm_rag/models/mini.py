@@ -93,6 +93,10 @@ class MiniConfig:
     # correction to the bi-encoder. It is a similarity of two separate embeddings at the end, which FBNL
     # proper does not have; the prior-free recipe (query_input="encoder") is the one being developed.
     bi_encoder_prior: bool = False
+    # Whole-passage window: the mean of the pooled windows joins them as one more context vector in every
+    # layer (MEP at ratio "whole passage", nearly the same vector at every ratio), so the query tokens can
+    # attend to the passage's gist as well as to its parts. Inside the attention, like every window.
+    passage_summary: bool = False
     prior_scale_init: float = 20.0
     prior_bias_init: float = -8.0
 
@@ -209,6 +213,17 @@ def fused_passage_kv_weights(layers: nn.ModuleList, adapters: nn.ModuleList) -> 
     return torch.cat(weights), torch.cat(biases)  # (2*L*d, d), (2*L*d,)
 
 
+def with_summary_window(passages: torch.Tensor, passage_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend the mean of the real windows to the pooled passage vectors ``(B, W, d)`` -> ``(B, 1+W, d)``.
+
+    Computed from the cached vectors alone (it depends on the passage only), so caching is unchanged.
+    """
+    w = passage_mask.to(passages.dtype).unsqueeze(-1)  # (B, W, 1)
+    summary = (passages * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1, d)
+    ones = torch.ones_like(passage_mask[:, :1])  # (B, 1)
+    return torch.cat([summary, passages], dim=1), torch.cat([ones, passage_mask], dim=1)
+
+
 class MiniDecoder(nn.Module):
     """The trainable part of kalm-mini: decoder layers, passage adapters and the score head."""
 
@@ -243,6 +258,8 @@ class MiniDecoder(nn.Module):
             passage_mask: 1 for real windows ``(B, W)``.
             query_embedding: MiniLM sentence embedding of the query ``(B, d)`` (only with ``bi_encoder_prior``).
         """
+        if self.config.passage_summary:
+            passages, passage_mask = with_summary_window(passages, passage_mask)  # (B, 1+W, d), (B, 1+W)
         prior = None
         if self.config.bi_encoder_prior:
             if query_embedding is None:
@@ -275,11 +292,19 @@ class MiniDecoder(nn.Module):
         """Each layer's passage keys and values ``(B, W, d)``; one fused product at inference."""
         if torch.is_grad_enabled():
             return [passage_kv(layer, adapter, passages) for layer, adapter in zip(self.layers, self.adapters)]
-        W, b = fused_passage_kv_weights(self.layers, self.adapters)
+        W, b = self.fused_weights()
         eps = self.adapters[0].norm.eps
         x_hat = F.layer_norm(passages, passages.shape[-1:], eps=eps)  # (B, W, d), shared by every layer
         kv = F.linear(x_hat, W, b).unflatten(-1, (len(self.layers), 2, -1))  # (B, W, L, 2, d)
         return [(kv[:, :, i, 0], kv[:, :, i, 1]) for i in range(len(self.layers))]
+
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fused_passage_kv_weights`` of this decoder, rebuilt only when a parameter changed (or moved)."""
+        params = [*self.layers.parameters(), *self.adapters.parameters()]
+        version = tuple((p.data_ptr(), p._version) for p in params)  # in-place updates bump _version
+        if getattr(self, "_fused", None) is None or self._fused[0] != version:
+            self._fused = (version, fused_passage_kv_weights(self.layers, self.adapters))
+        return self._fused[1]
 
     @torch.no_grad()
     def init_from_bert(self, bert: nn.Module) -> None:

@@ -17,6 +17,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from kalm_rag.paths import default_cache_dir
+
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder laid out like ../shared/data (train splits only are read).",
@@ -51,7 +53,7 @@ def _source_weights(text: str | None) -> dict[str, float]:
                 raise typer.BadParameter(f"expected source=weight, got {item!r}", param_hint="--source-weights") from None
     return weights
 
-DEFAULT_CACHE = Path("/work/cache/kalm-mini")
+DEFAULT_CACHE = default_cache_dir()
 
 
 def _logging() -> None:
@@ -97,6 +99,7 @@ def mini(
     init_from: InitFrom = None,  # its config wins over the architecture options
     source_weights: SourceWeights = None,
     bi_encoder_prior: Annotated[bool, typer.Option(help="Add the learned MiniLM-cosine term to the logit (the 0.1 recipe).")] = False,
+    passage_summary: Annotated[bool, typer.Option(help="Add the whole-passage window (mean of the pooled windows) to the context.")] = False,
     distill: Distill = 1.0,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.5, help="Dropout of the decoder layers.")] = 0.0,
     lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = 1e-4,
@@ -133,7 +136,8 @@ def mini(
         backend.decoder.requires_grad_(True)
     else:
         config = MiniConfig(num_layers=num_layers, init_layers=layers, dropout=dropout, query_input=query_input,
-                            head_pooling=head_pooling, bi_encoder_prior=bi_encoder_prior)
+                            head_pooling=head_pooling, bi_encoder_prior=bi_encoder_prior,
+                            passage_summary=passage_summary)
         backend = MiniBackend.fresh(config)
     cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, random_negatives=random_negatives,
                       dev_candidates=dev_candidates, ratios=[int(r) for r in ratios.split(",")],

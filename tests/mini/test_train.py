@@ -6,6 +6,7 @@ The teacher is checked against plain transformers (all-MiniLM-L6-v2 with mean po
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from kalm_rag import Reranker
-from kalm_rag.models.mini import MiniBackend, MiniConfig, encoder_dir
+from kalm_rag.models.mini import MiniBackend, MiniConfig, encoder_dir, with_summary_window
+from kalm_rag.pooling import mep_pool
 from kalm_rag.train.cache import EncodingCache
 from kalm_rag.train.data import DevQuery, Example, TrainingData, wiki_examples, wiki_queries, wiki_summaries_file
 from kalm_rag.train.trainer import BiEncoderTeacher, MiniTask, TrainConfig, group_loss, train
@@ -131,31 +133,52 @@ def test_distillation_needs_a_teacher(backend: MiniBackend, tmp_path: Path) -> N
         train(MiniTask(backend, EncodingCache(tmp_path, backend), cfg), TrainingData(), cfg, tmp_path / "run")
 
 
-def test_fused_inference_path_equals_the_training_path(backend: MiniBackend) -> None:
+@pytest.mark.parametrize("passage_summary", [False, True])
+def test_fused_inference_path_equals_the_training_path(backend: MiniBackend, passage_summary: bool) -> None:
     dec = copy.deepcopy(backend.decoder).eval()
+    dec.config = dataclasses.replace(dec.config, passage_summary=passage_summary)
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # perturb the adapters so that the fold is not trivially the identity
+    passages = torch.randn(3, 5, 384, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    h_instr, h_query = torch.randn(1, 4, 384, generator=g), torch.randn(3, 6, 384, generator=g)
+    q_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    with torch.no_grad():
+        before = dec(h_instr, h_query, q_mask, passages, mask)  # fills the fused-weights cache
+    with torch.no_grad():  # perturb the adapters so that the fold is not trivially the identity (and the cache is stale)
         for adapter in dec.adapters:
             adapter.norm.weight.add_(0.3 * torch.randn(adapter.norm.weight.shape, generator=g))
             adapter.norm.bias.add_(0.3 * torch.randn(adapter.norm.bias.shape, generator=g))
             adapter.proj.weight.add_(0.05 * torch.randn(adapter.proj.weight.shape, generator=g))
             adapter.proj.bias.add_(0.1 * torch.randn(adapter.proj.bias.shape, generator=g))
-    passages = torch.randn(3, 5, 384, generator=g)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
-    h_instr, h_query = torch.randn(1, 4, 384, generator=g), torch.randn(3, 6, 384, generator=g)
-    q_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
     with torch.enable_grad():
         slow = dec(h_instr, h_query, q_mask, passages, mask)
     with torch.no_grad():
         fast = dec(h_instr, h_query, q_mask, passages, mask)
     assert torch.allclose(slow, fast, atol=1e-4), (slow - fast).abs().max()
+    assert not torch.allclose(before, fast, atol=1e-3)  # the perturbation was seen, not a cached fold
 
 
-@pytest.mark.parametrize(("query_input", "head_pooling"), [("encoder", "mean"), ("embeddings", "last")])
-def test_both_query_inputs_read_the_passage(query_input: str, head_pooling: str) -> None:
+def test_summary_window_is_the_mean_of_the_passage_at_every_ratio() -> None:
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 32, 384, generator=g)  # token states of two passages, the second padded after 16
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, 16:] = 0
+    token_mean = torch.stack([hidden[0].mean(0), hidden[1, :16].mean(0)])  # (2, d), the plain mean of real tokens
+    for ratio in (1, 2, 4, 8, 16):  # all divide 16 and 32, so every window holds `ratio` tokens
+        vectors, counts = mep_pool(hidden, mask, ratio)
+        windows = (counts > 0).long()  # the 0/1 window mask the engine passes
+        with_summary, summary_mask = with_summary_window(vectors, windows)
+        assert with_summary.shape[1] == vectors.shape[1] + 1 and summary_mask[:, 0].eq(1).all()
+        assert torch.allclose(with_summary[:, 0], token_mean, atol=1e-5), ratio
+        assert torch.equal(with_summary[:, 1:], vectors) and torch.equal(summary_mask[:, 1:], windows)
+
+
+@pytest.mark.parametrize(("query_input", "head_pooling", "passage_summary"),
+                         [("encoder", "mean", False), ("embeddings", "last", False), ("encoder", "mean", True)])
+def test_both_query_inputs_read_the_passage(query_input: str, head_pooling: str, passage_summary: bool) -> None:
     torch.manual_seed(0)
     cfg = MiniConfig(num_layers=1, init_layers=[5] if query_input == "encoder" else [0], query_input=query_input,
-                     head_pooling=head_pooling)
+                     head_pooling=head_pooling, passage_summary=passage_summary)
     fresh = MiniBackend.fresh(cfg)
     with torch.no_grad():
         fresh.decoder.head.weight.normal_(0.0, 1.0)  # a visible head, so that passage effects show in the logit
@@ -206,3 +229,13 @@ def test_groups_mix_hard_and_random_negatives() -> None:
         assert sum(n.startswith("hard") for n in negatives) >= 3  # the hard ones, plus random draws from the pool
     with pytest.raises(ValueError, match="random_negatives"):
         GroupSampler(examples, TrainConfig(negatives=2, random_negatives=3))
+
+
+def test_default_cache_dir_is_outside_the_repository(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kalm_rag.paths import default_cache_dir
+
+    monkeypatch.delenv("KALM_RAG_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "kalm-rag" / "kalm-mini"
+    monkeypatch.setenv("KALM_RAG_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
