@@ -19,13 +19,18 @@ scaled down so that it runs offline on a laptop CPU:
   The instruction tokens attend only to themselves, so their states (and keys/values) are computed once
   per query for all its passages. At inference every layer's passage keys/values come from one fused
   matrix product (``fused_passage_kv_weights``);
+- relevance attention (``relevance_attention``, with ``query_input="encoder"``): before the merged layers,
+  each query token (the encoder's state) reads the passage through one more attention: cosine similarity
+  to every pooled window (and the whole-passage window, ``passage_summary``) scaled by a learned
+  temperature, next to a learned sink logit. The mass a token puts on the passage rather than the sink,
+  carried by the value map, is added to the token's final state. Query/key maps start as the identity,
+  so before any training this layer already reads "does some part of the passage match this token";
 - score: a linear head on the last real token (the final ``[SEP]``, ``head_pooling="last"``) or on the
   mean of the query tokens (``"mean"``) gives the relevance logit (the "margin"; the engine reports its
-  sigmoid). With ``bi_encoder_prior`` (the shipped 0.1 checkpoint) a learned affine function of MiniLM's
-  own cosine similarity (mean query token states vs. mean of the pooled passage vectors) is added: the
-  decoder learns a correction to the bi-encoder. That term is a similarity of two separate embeddings at
-  the end, which FBNL proper does not have; the prior-free recipe (``kalm-rag train mini`` defaults:
-  encoder input, mean head, 2 layers) is the one under development (docs/kalm-mini.md).
+  sigmoid). With ``bi_encoder_prior`` (kalm-mini 0.1) a learned affine function of MiniLM's own cosine
+  similarity (mean query token states vs. mean of the pooled passage vectors) is added: the decoder learns
+  a correction to the bi-encoder. That term is a similarity of two separate embeddings at the end, which
+  FBNL proper does not have; later checkpoints do without it (docs/kalm-mini.md).
 
 The shipped ``model.safetensors`` holds only the decoder layers, the adapters and the head; the word,
 position and type embeddings are the (frozen) encoder's own and come from the installed package.
@@ -97,6 +102,17 @@ class MiniConfig:
     # layer (MEP at ratio "whole passage", nearly the same vector at every ratio), so the query tokens can
     # attend to the passage's gist as well as to its parts. Inside the attention, like every window.
     passage_summary: bool = False
+    # Relevance attention (query_input="encoder" only): before the merged layers, each query token (the
+    # encoder's own state) attends to the passage vectors with cosine attention (scaled by a learned
+    # temperature) next to a learned "sink" logit; the mass a token puts on the passage (not on the sink),
+    # carried by the value projection, is added to its final state. Initialised as identity query/key maps,
+    # so at step 0 a token's mass measures how closely some passage window matches it: the layer starts
+    # from a useful reading of the passage and training refines it.
+    relevance_attention: bool = False
+    relevance_heads: int = 1
+    relevance_temperature_init: float = 10.0
+    relevance_sink_init: float = 5.0
+    relevance_scale_init: float = 10.0  # head weight . value bias at step 0: logit change per unit of mass
     prior_scale_init: float = 20.0
     prior_bias_init: float = -8.0
 
@@ -105,6 +121,10 @@ class MiniConfig:
             raise ValueError(f"query_input must be 'embeddings' or 'encoder', got {self.query_input!r}")
         if self.head_pooling not in ("last", "mean"):
             raise ValueError(f"head_pooling must be 'last' or 'mean', got {self.head_pooling!r}")
+        if self.relevance_attention and self.query_input != "encoder":
+            raise ValueError("relevance_attention compares encoder states: it needs query_input='encoder'")
+        if self.hidden_size % self.relevance_heads:
+            raise ValueError(f"relevance_heads={self.relevance_heads} must divide hidden_size={self.hidden_size}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MiniConfig":
@@ -188,6 +208,46 @@ class PassageAdapter(nn.Module):
         return self.proj(self.norm(p))  # (B, W, d)
 
 
+class RelevanceAttention(nn.Module):
+    """Cross-attention of the query tokens over the passage vectors, cosine-scaled, with a sink.
+
+    For token ``t`` and head ``h``: ``a_tw = softmax_w([s_h, tau_h * cos(Q x_t, K p_w)])`` over the sink logit
+    ``s_h`` and every window ``w``; the output ``sum_w a_tw V p_w`` has, through ``V``'s bias, a component
+    proportional to the mass ``sum_w a_tw`` the token did not leave on the sink. Q and K start as the
+    identity, V as its bias alone, so at step 0 that mass is a soft "does some window match this token".
+    """
+
+    def __init__(self, config: MiniConfig) -> None:
+        super().__init__()
+        d, H = config.hidden_size, config.relevance_heads
+        self.n_head = H
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.temperature = nn.Parameter(torch.full((H,), config.relevance_temperature_init))
+        self.sink = nn.Parameter(torch.full((H,), config.relevance_sink_init))
+        with torch.no_grad():
+            for lin in (self.query, self.key):
+                lin.weight.copy_(torch.eye(d))
+                lin.bias.zero_()
+            self.value.weight.zero_()
+            self.value.bias.zero_()  # set by the decoder, aligned with its head
+
+    def forward(self, x: torch.Tensor, passages: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
+        """Query states ``(B, T, d)`` and passage vectors ``(B, W, d)`` with mask ``(B, W)`` -> ``(B, T, d)``."""
+        B, T, C = x.shape
+        W, H = passages.shape[1], self.n_head
+        hs = C // H
+        q = F.normalize(self.query(x).view(B, T, H, hs), dim=-1).transpose(1, 2)  # (B, H, T, hs)
+        k = F.normalize(self.key(passages).view(B, W, H, hs), dim=-1).transpose(1, 2)  # (B, H, W, hs)
+        v = self.value(passages).view(B, W, H, hs).transpose(1, 2)  # (B, H, W, hs)
+        logits = self.temperature.view(1, H, 1, 1) * (q @ k.transpose(-1, -2))  # (B, H, T, W)
+        logits = logits.masked_fill(~passage_mask.bool()[:, None, None, :], float("-inf"))
+        sink = self.sink.view(1, H, 1, 1).expand(B, H, T, 1).to(logits.dtype)  # (B, H, T, 1)
+        attn = torch.softmax(torch.cat([sink, logits], dim=-1), dim=-1)[..., 1:]  # (B, H, T, W): sink dropped
+        return (attn @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, d)
+
+
 def passage_kv(layer: MergedAttentionLayer, adapter: PassageAdapter, passages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's keys and values of the passage vectors ``(B, W, d)``: ``key(adapter(p))``, ``value(adapter(p))``."""
     p = adapter.proj(adapter.norm(passages))  # (B, W, d)
@@ -236,6 +296,11 @@ class MiniDecoder(nn.Module):
         with torch.no_grad():
             self.head.weight.normal_(0.0, 0.02)
             self.head.bias.zero_()
+        if config.relevance_attention:
+            self.relevance = RelevanceAttention(config)
+            with torch.no_grad():  # value bias along the head's weight: head(mass * bias) = scale * mass
+                w = self.head.weight[0]  # (d,)
+                self.relevance.value.bias.copy_(config.relevance_scale_init * w / w.pow(2).sum())
         if config.bi_encoder_prior:
             self.prior = nn.Parameter(torch.tensor([config.prior_scale_init, config.prior_bias_init]))  # (scale, bias)
 
@@ -268,6 +333,8 @@ class MiniDecoder(nn.Module):
             p_mean = (passages * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)  # (B, d) mean of real windows
             cos = (F.normalize(p_mean.float(), dim=-1) * F.normalize(query_embedding.float(), dim=-1)).sum(-1)  # (B,)
             prior = self.prior[0] * cos + self.prior[1]
+        # (B, Tq, d): what each query token read from the passage, from the encoder states themselves
+        relevance = self.relevance(h_query, passages, passage_mask) if self.config.relevance_attention else None
         B, Tq, _ = h_query.shape
         Ti = h_instr.shape[1]
         instr_mask = torch.ones((1, Ti), dtype=query_mask.dtype, device=query_mask.device)  # (1, Ti)
@@ -279,6 +346,8 @@ class MiniDecoder(nn.Module):
             ctx_k, ctx_v = torch.cat([k_i, k_p], dim=1), torch.cat([v_i, v_p], dim=1)  # (B, Ti+W, d)
             h_query = layer(h_query, query_mask, ctx_k, ctx_v, ctx_mask)  # (B, Tq, d)
             h_instr = layer(h_instr, instr_mask)  # (1, Ti, d): the instruction never sees a passage
+        if relevance is not None:
+            h_query = h_query + relevance  # (B, Tq, d)
         if self.config.head_pooling == "mean":
             w = query_mask.to(h_query.dtype).unsqueeze(-1)  # (B, Tq, 1)
             h_out = (h_query * w).sum(dim=1) / w.sum(dim=1)  # (B, d) mean of the query tokens

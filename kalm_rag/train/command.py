@@ -100,6 +100,11 @@ def mini(
     source_weights: SourceWeights = None,
     bi_encoder_prior: Annotated[bool, typer.Option(help="Add the learned MiniLM-cosine term to the logit (the 0.1 recipe).")] = False,
     passage_summary: Annotated[bool, typer.Option(help="Add the whole-passage window (mean of the pooled windows) to the context.")] = False,
+    relevance_attention: Annotated[bool, typer.Option(help="Cosine cross-attention with a sink from the encoder's query "
+                                                      "states to the passage (identity start).")] = False,
+    relevance_heads: Annotated[int, typer.Option(min=1)] = 1,
+    relevance_temperature: Annotated[float, typer.Option(help="Start value of the relevance attention's temperature.")] = 10.0,
+    relevance_sink: Annotated[float, typer.Option(help="Start value of the relevance attention's sink logit.")] = 5.0,
     distill: Distill = 1.0,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.5, help="Dropout of the decoder layers.")] = 0.0,
     lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = 1e-4,
@@ -137,7 +142,9 @@ def mini(
     else:
         config = MiniConfig(num_layers=num_layers, init_layers=layers, dropout=dropout, query_input=query_input,
                             head_pooling=head_pooling, bi_encoder_prior=bi_encoder_prior,
-                            passage_summary=passage_summary)
+                            passage_summary=passage_summary, relevance_attention=relevance_attention,
+                            relevance_heads=relevance_heads, relevance_temperature_init=relevance_temperature,
+                            relevance_sink_init=relevance_sink)
         backend = MiniBackend.fresh(config)
     cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, random_negatives=random_negatives,
                       dev_candidates=dev_candidates, ratios=[int(r) for r in ratios.split(",")],

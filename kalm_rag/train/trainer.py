@@ -167,7 +167,10 @@ class MiniTask:
         new = list(dec.adapters.parameters()) + list(dec.head.parameters())
         if getattr(dec, "prior", None) is not None:
             new.append(dec.prior)
-        return [{"params": list(dec.layers.parameters()), "lr": self.cfg.lr},
+        layers = list(dec.layers.parameters())
+        if getattr(dec, "relevance", None) is not None:  # initialised to a useful reading: the slow LR
+            layers += list(dec.relevance.parameters())
+        return [{"params": layers, "lr": self.cfg.lr},
                 {"params": new, "lr": self.cfg.new_module_lr}]
 
     def _query_segment(self, query: str) -> list[int]:
@@ -300,11 +303,16 @@ def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path, teacher: Bi
     opt = torch.optim.AdamW(task.param_groups(), weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
     log = (out_dir / "log.jsonl").open("a")
-    best, best_step = -1.0, -1
     if teacher is not None:  # the teacher's own dev score, for reference in the log
         baseline = _teacher_dev(teacher, data.dev, cfg)
         logger.info("teacher dev %s", {k: round(v, 4) for k, v in baseline.items()})
         log.write(json.dumps({"step": 0, "teacher_dev": baseline}) + "\n")
+    dev = evaluate_dev(task, data.dev, cfg)  # the start is a candidate too (a continued run's start is a model)
+    logger.info("step 0 dev %s", {k: round(v, 4) for k, v in dev.items()})
+    log.write(json.dumps({"step": 0, "dev": dev, "minutes": 0.0}) + "\n")
+    best, best_step = dev["mean"], 0
+    task.save(out_dir / "best")
+    (out_dir / "best" / "dev.json").write_text(json.dumps({"step": 0, "dev": dev}, indent=2))
     start = time.time()
     task.module().train()
     running = 0.0

@@ -6,6 +6,7 @@ The teacher is checked against plain transformers (all-MiniLM-L6-v2 with mean po
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kalm_rag import Reranker
-from kalm_rag.models.mini import MiniBackend, MiniConfig, encoder_dir, with_summary_window
+from kalm_rag.models.mini import MiniBackend, MiniConfig, MiniDecoder, encoder_dir, with_summary_window
 from kalm_rag.pooling import mep_pool
 from kalm_rag.train.cache import EncodingCache
 from kalm_rag.train.data import DevQuery, Example, TrainingData, wiki_examples, wiki_queries, wiki_summaries_file
@@ -133,9 +134,12 @@ def test_distillation_needs_a_teacher(backend: MiniBackend, tmp_path: Path) -> N
         train(MiniTask(backend, EncodingCache(tmp_path, backend), cfg), TrainingData(), cfg, tmp_path / "run")
 
 
-@pytest.mark.parametrize("passage_summary", [False, True])
-def test_fused_inference_path_equals_the_training_path(backend: MiniBackend, passage_summary: bool) -> None:
+@pytest.mark.parametrize(("passage_summary", "relevance"), [(False, False), (True, False), (True, True)])
+def test_fused_inference_path_equals_the_training_path(backend: MiniBackend, passage_summary: bool, relevance: bool) -> None:
     dec = copy.deepcopy(backend.decoder).eval()
+    if relevance:
+        torch.manual_seed(5)
+        dec = MiniDecoder(dataclasses.replace(dec.config, query_input="encoder", relevance_attention=True)).eval()
     dec.config = dataclasses.replace(dec.config, passage_summary=passage_summary)
     g = torch.Generator().manual_seed(1)
     passages = torch.randn(3, 5, 384, generator=g)
@@ -199,6 +203,10 @@ def test_unknown_options_are_refused() -> None:
         MiniConfig(query_input="tokens")
     with pytest.raises(ValueError, match="head_pooling"):
         MiniConfig(head_pooling="max")
+    with pytest.raises(ValueError, match="relevance_attention"):
+        MiniConfig(query_input="embeddings", relevance_attention=True)
+    with pytest.raises(ValueError, match="relevance_heads"):
+        MiniConfig(query_input="encoder", relevance_attention=True, relevance_heads=5)
 
 
 def test_source_weights_option() -> None:
@@ -239,3 +247,60 @@ def test_default_cache_dir_is_outside_the_repository(monkeypatch: pytest.MonkeyP
     assert default_cache_dir() == tmp_path / "xdg" / "kalm-rag" / "kalm-mini"
     monkeypatch.setenv("KALM_RAG_CACHE", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
+
+
+def test_relevance_attention_starts_as_the_mass_off_the_sink() -> None:
+    """At its start the layer's output is ``mass * value_bias``, ``mass = sum_w e^{tau cos} / (e^s + sum_w e^{tau cos})``."""
+    from kalm_rag.models.mini import RelevanceAttention
+
+    cfg = MiniConfig(query_input="encoder", relevance_attention=True, relevance_temperature_init=7.0, relevance_sink_init=3.0)
+    layer = RelevanceAttention(cfg)
+    bias = torch.randn(384)
+    with torch.no_grad():
+        layer.value.bias.copy_(bias)
+    g = torch.Generator().manual_seed(3)
+    x, p = torch.randn(2, 3, 384, generator=g), torch.randn(2, 4, 384, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        out = layer(x, p, mask)  # (2, 3, d)
+    for b in range(2):
+        for t in range(3):
+            sims = [float(torch.dot(x[b, t], p[b, w]) / (x[b, t].norm() * p[b, w].norm())) for w in range(4) if mask[b, w]]
+            mass = sum(math.exp(7.0 * c) for c in sims) / (math.exp(3.0) + sum(math.exp(7.0 * c) for c in sims))
+            assert torch.allclose(out[b, t], mass * bias, atol=1e-5), (b, t)
+
+
+def test_relevance_attention_prefers_the_passage_that_holds_the_query() -> None:
+    torch.manual_seed(0)
+    fresh = MiniBackend.fresh(MiniConfig(num_layers=1, init_layers=[5], query_input="encoder", head_pooling="mean",
+                                         dropout=0.0, passage_summary=True, relevance_attention=True))
+    g = torch.Generator().manual_seed(4)
+    h_instr, h_query = torch.randn(1, 4, 384, generator=g), torch.randn(1, 5, 384, generator=g)
+    unrelated = torch.randn(1, 8, 384, generator=g)
+    holding = unrelated.clone()
+    holding[0, 2:7] = h_query[0]  # five windows that are the query tokens themselves
+    mask = torch.ones(1, 8, dtype=torch.long)
+    q_mask = torch.ones(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        hit = fresh.decoder(h_instr, h_query, q_mask, holding, mask)
+        miss = fresh.decoder(h_instr, h_query, q_mask, unrelated, mask)
+    assert float(hit - miss) > 1.0  # scale 10 per unit of mass: the start reads the passage, not noise
+
+
+def test_relevance_checkpoint_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = MiniConfig(num_layers=1, init_layers=[5], query_input="encoder", head_pooling="mean", passage_summary=True,
+                     relevance_attention=True, relevance_heads=2)
+    fresh = MiniBackend.fresh(cfg)
+    fresh.decoder.eval()  # a fresh decoder is in training mode (dropout)
+    with torch.no_grad():
+        fresh.decoder.relevance.temperature.fill_(12.5)
+    fresh.save_pretrained(tmp_path / "ckpt", weights_dtype=torch.float32)
+    loaded = MiniBackend.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.relevance_attention and loaded.config.relevance_heads == 2
+    assert torch.equal(loaded.decoder.relevance.temperature, torch.full((2,), 12.5))
+    rr, rr_loaded = Reranker(fresh), Reranker(loaded)
+    texts = [ARTICLES["Mercury (planet)"][3], ARTICLES["Marie Curie"][3]]
+    a = rr.score("Which planet is smallest?", texts, ratio=4, return_margin=True)
+    b = rr_loaded.score("Which planet is smallest?", texts, ratio=4, return_margin=True)
+    assert a == pytest.approx(b, abs=1e-6)
