@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=100)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--model", default="kalm-mini", help="kalm-mini (embedded) or a kalm-mini checkpoint folder")
     ap.add_argument("--cross-encoder", default=None, help="checkpoint of kalm-rag train cross-encoder (optional)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -54,14 +55,14 @@ def main() -> None:
     from kalm_rag import Reranker
     from kalm_rag.models.mini import MiniBackend, MiniConfig
 
-    rr = Reranker.from_pretrained("kalm-mini", device="cpu", dtype="float32", batch_size=args.passages)
+    rr = Reranker.from_pretrained(args.model, device="cpu", dtype="float32", batch_size=args.passages)
     texts = passages(args.passages, args.tokens, rr.backend.tokenizer)
     n_tok = statistics.mean(len(x) for x in rr.backend.tokenize_passages(texts, 1024))
     query = "does the kinase inhibitor improve survival of mice with tumours?"
     t = time.perf_counter()
     rr.encode(texts)
     encode_s = time.perf_counter() - t
-    results = {"threads": args.threads, "passages": args.passages, "mean_passage_tokens": n_tok,
+    results = {"model": args.model, "threads": args.threads, "passages": args.passages, "mean_passage_tokens": n_tok,
                "offline_encode_s": encode_s}
     for r in (1, 4, 16):
         results[f"kalm-mini r={r} ms"] = median_ms(lambda: rr.score(query, texts, ratio=r), args.repeats)

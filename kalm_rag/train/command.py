@@ -99,9 +99,9 @@ def mini(
     init_from: InitFrom = None,  # its config wins over the architecture options
     source_weights: SourceWeights = None,
     bi_encoder_prior: Annotated[bool, typer.Option(help="Add the learned MiniLM-cosine term to the logit (the 0.1 recipe).")] = False,
-    passage_summary: Annotated[bool, typer.Option(help="Add the whole-passage window (mean of the pooled windows) to the context.")] = False,
+    passage_summary: Annotated[bool, typer.Option(help="Add the whole-passage window (mean of the pooled windows) to the context.")] = True,
     relevance_attention: Annotated[bool, typer.Option(help="Cosine cross-attention with a sink from the encoder's query "
-                                                      "states to the passage (identity start).")] = False,
+                                                      "states to the passage (identity start).")] = True,
     relevance_heads: Annotated[int, typer.Option(min=1)] = 1,
     relevance_temperature: Annotated[float, typer.Option(help="Start value of the relevance attention's temperature.")] = 10.0,
     relevance_sink: Annotated[float, typer.Option(help="Start value of the relevance attention's sink logit.")] = 5.0,
@@ -110,7 +110,7 @@ def mini(
     lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = 1e-4,
     new_module_lr: Annotated[float, typer.Option(help="LR of adapters and head.")] = 1e-3,
     warmup: Warmup = 30,
-    eval_every: Annotated[int, typer.Option(min=1)] = 150,
+    eval_every: Annotated[int, typer.Option(min=1)] = 300,
     dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source.")] = 40,
     max_minutes: MaxMinutes = None,
     seed: int = 0,
@@ -131,7 +131,6 @@ def mini(
     _logging()
     if threads:
         torch.set_num_threads(threads)
-    data, cache = run_prepare(data_dir, cache_dir, threads=threads)
     if init_layers:
         layers = [int(x) for x in init_layers.split(",")]
     else:
@@ -140,12 +139,17 @@ def mini(
         backend = MiniBackend.from_pretrained(init_from)
         backend.decoder.requires_grad_(True)
     else:
-        config = MiniConfig(num_layers=num_layers, init_layers=layers, dropout=dropout, query_input=query_input,
-                            head_pooling=head_pooling, bi_encoder_prior=bi_encoder_prior,
-                            passage_summary=passage_summary, relevance_attention=relevance_attention,
-                            relevance_heads=relevance_heads, relevance_temperature_init=relevance_temperature,
-                            relevance_sink_init=relevance_sink)
+        torch.manual_seed(seed)  # the head's random start, so that a rerun rebuilds the same weights
+        try:
+            config = MiniConfig(num_layers=num_layers, init_layers=layers, dropout=dropout, query_input=query_input,
+                                head_pooling=head_pooling, bi_encoder_prior=bi_encoder_prior,
+                                passage_summary=passage_summary, relevance_attention=relevance_attention,
+                                relevance_heads=relevance_heads, relevance_temperature_init=relevance_temperature,
+                                relevance_sink_init=relevance_sink)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
         backend = MiniBackend.fresh(config)
+    data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # after the options are known to be valid
     cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, random_negatives=random_negatives,
                       dev_candidates=dev_candidates, ratios=[int(r) for r in ratios.split(",")],
                       extra_ratios=[int(r) for r in extra_ratios.split(",") if r.strip()],
