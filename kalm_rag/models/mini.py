@@ -8,9 +8,9 @@ scaled down so that it runs offline on a laptop CPU:
   the length MiniLM was trained at), so its final hidden states can be pooled (MEP) and cached. Frozen,
   so cached vectors stay valid whatever kalm-mini checkpoint reads them;
 - query side: a decoder of ``num_layers`` BERT-style (post-LN) layers, initialised from MiniLM's own
-  layers. With ``query_input="embeddings"`` (the shipped checkpoint) it reads MiniLM's embeddings of
+  layers. With ``query_input="embeddings"`` (kalm-mini 0.1) it reads MiniLM's embeddings of
   ``[CLS] instruction [SEP] query [SEP]`` (the decoder is then MiniLM's bottom layers); with
-  ``query_input="encoder"`` it reads the frozen encoder's final states of ``[CLS] instruction [SEP]`` and
+  ``query_input="encoder"`` (the shipped 0.3) it reads the frozen encoder's final states of ``[CLS] instruction [SEP]`` and
   ``[CLS] query [SEP]``, each encoded alone once per query, so that queries and passages live in one
   space (the decoder then starts from MiniLM's top layers). In every layer the query tokens attend to
   the concatenation of (a) the instruction tokens' states, (b) the pooled passage vectors and (c) their
@@ -93,10 +93,10 @@ class MiniConfig:
     # What the head reads: "last" (the final [SEP], as the official model reads its last token) or "mean"
     # (the mean of the query tokens' states).
     head_pooling: str = "last"
-    # Bi-encoder prior (the shipped 0.1 checkpoint): add s * cos(mean(query states), mean(passage vectors)) + b
-    # to the decoder's logit, with MiniLM's own sentence embeddings (s, b learned): the decoder learns a
-    # correction to the bi-encoder. It is a similarity of two separate embeddings at the end, which FBNL
-    # proper does not have; the prior-free recipe (query_input="encoder") is the one being developed.
+    # Bi-encoder prior (kalm-mini 0.1 only): add s * cos(mean(query states), mean(passage vectors)) + b to the
+    # decoder's logit, with MiniLM's own sentence embeddings (s, b learned): the decoder learns a correction to
+    # the bi-encoder. It is a similarity of two separate embeddings at the end, which FBNL proper does not
+    # have; the shipped 0.3 does without it (relevance_attention instead).
     bi_encoder_prior: bool = False
     # Whole-passage window: the mean of the pooled windows joins them as one more context vector in every
     # layer (MEP at ratio "whole passage", nearly the same vector at every ratio), so the query tokens can
@@ -293,6 +293,8 @@ class MiniDecoder(nn.Module):
         self.layers = nn.ModuleList(MergedAttentionLayer(config) for _ in range(config.num_layers))
         self.adapters = nn.ModuleList(PassageAdapter(config) for _ in range(config.num_layers))
         self.head = nn.Linear(config.hidden_size, 1)
+        # (parameter versions, fused passage K/V weights): rebuilt by fused_weights() when a parameter changes
+        self._fused: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         with torch.no_grad():
             self.head.weight.normal_(0.0, 0.02)
             self.head.bias.zero_()
@@ -371,7 +373,7 @@ class MiniDecoder(nn.Module):
         """``fused_passage_kv_weights`` of this decoder, rebuilt only when a parameter changed (or moved)."""
         params = [*self.layers.parameters(), *self.adapters.parameters()]
         version = tuple((p.data_ptr(), p._version) for p in params)  # in-place updates bump _version
-        if getattr(self, "_fused", None) is None or self._fused[0] != version:
+        if self._fused is None or self._fused[0] != version:
             self._fused = (version, fused_passage_kv_weights(self.layers, self.adapters))
         return self._fused[1]
 

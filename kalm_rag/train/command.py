@@ -84,7 +84,7 @@ def mini(
     data_dir: DataDir,
     out: Annotated[Path, typer.Option(help="Run folder: best/, last/, log.jsonl.")] = DEFAULT_CACHE / "runs" / "mini",
     cache_dir: CacheDir = DEFAULT_CACHE,
-    steps: Steps = 2700,
+    steps: Steps = 1800,
     groups_per_step: GroupsPerStep = 4,
     negatives: Negatives = 7,
     random_negatives: RandomNegatives = 3,
@@ -118,9 +118,8 @@ def mini(
 ) -> None:
     """Train kalm-mini: frozen MiniLM passage encoder, merged-attention decoder, multi-ratio loss.
 
-    The defaults are the prior-free recipe under development (docs/kalm-mini.md); the shipped 0.1
-    checkpoint was trained by the defaults of commit e883e0c. A run's best dev step is exported with
-    ``kalm-rag train export <out>/best``.
+    The defaults are the recipe of the shipped kalm-mini 0.3 (docs/kalm-mini.md; 0.1 came from the defaults
+    of commit e883e0c). A run's best dev step is exported with ``kalm-rag train export <out>/best``.
     """
     import torch
 
