@@ -23,7 +23,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from kalm_rag import Reranker
 from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, format_prompt
 from kalm_rag.bench.suite import make_passages, official_recipe
-from kalm_rag.testing import copy_gemma_tokenizer, make_random_t5gemma2
+from kalm_rag.bench.checkpoints import copy_gemma_tokenizer, make_random_t5gemma2
 
 def timed(fn, repeats: int) -> tuple[list[float], object]:
     times, out = [], None

@@ -232,7 +232,7 @@ def fill(store: PassageStore, keys: list[str], templates: list[PooledPassage]) -
 
 def nano_checkpoint(args: argparse.Namespace, work: Path) -> Path:
     """The random Nano-shaped checkpoint, built once into ``--work-dir`` and reused."""
-    from kalm_rag.testing import copy_gemma_tokenizer, make_random_t5gemma2
+    from kalm_rag.bench.checkpoints import copy_gemma_tokenizer, make_random_t5gemma2
 
     out = work / "nano"
     if not (out / "config.json").exists():

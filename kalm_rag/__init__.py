@@ -1,14 +1,22 @@
 """kalm-rag: FBNL reranking (KaLM-Reranker-V1) with a cached-passage store, for RAG pipelines."""
 
+from kalm_rag._version import __version__
 from kalm_rag.engine import RankedPassage, Reranker
-from kalm_rag.errors import InvalidInputError, KalmError, ModelLoadError, NumericalError, StoreError
+from kalm_rag.errors import (
+    InvalidInputError,
+    KalmError,
+    MissingDependencyError,
+    ModelLoadError,
+    NumericalError,
+    StoreError,
+)
 from kalm_rag.store import PassageStore, PooledPassage
 
-__version__ = "0.1.0"
 
 __all__ = [
     "InvalidInputError",
     "KalmError",
+    "MissingDependencyError",
     "ModelLoadError",
     "NumericalError",
     "PassageStore",

@@ -1,28 +1,52 @@
-"""The ``kalm-rag`` command line: thin wrappers over the engine.
+"""The kalm-rag command line: thin wrappers over the engine (rerank, demo), plus the developer tools
+(bench, train, eval), whose heavy imports happen only when they run.
 
 Examples:
     kalm-rag demo                                   # rerank a few built-in examples with the default model
     kalm-rag rerank --model ./KaLM-Reranker-V1-Nano --input requests.jsonl > results.jsonl
+    python -m kalm_rag --version
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
+from kalm_rag._version import __version__
+from kalm_rag.paths import user_cache_dir
+
 app = typer.Typer(
-    help="FBNL reranking (KaLM-Reranker-V1) with a cached-passage store.",
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain click help: no type column (<bool>, <path>), text as written
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kalm-rag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def cli(
+    version: Annotated[
+        bool, typer.Option("--version", metavar="", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """FBNL reranking (KaLM-Reranker-V1) with a cached-passage store.
+
+    Start with: kalm-rag demo. Rerank a JSONL file with: kalm-rag rerank --input requests.jsonl.
+    Set KALM_RAG_DEBUG=1 to see full tracebacks.
+    """
 
 ModelOption = Annotated[
     str, typer.Option("--model", "-m", envvar="KALM_RAG_MODEL", help="kalm-mini, a checkpoint folder or a hub id.")
@@ -34,7 +58,7 @@ StoreOption = Annotated[
 RatioOption = Annotated[int, typer.Option("--ratio", "-r", min=1, max=32, help="MEP pooling ratio (1..32).")]
 
 
-def _error(message: str) -> None:
+def _error(message: str) -> NoReturn:
     typer.echo(f"Error: {message}", err=True)
     typer.echo("Set KALM_RAG_DEBUG=1 for the full traceback.", err=True)
     raise typer.Exit(code=1)
@@ -138,19 +162,13 @@ def demo(
 ) -> None:
     """Rerank a few built-in examples with the default model (the README's first command)."""
     from kalm_rag import Reranker
-    from kalm_rag.errors import ModelLoadError
 
     try:
         rr = Reranker.from_pretrained(model, store=store, ratio=ratio)
-    except (ModelLoadError, ImportError) as exc:
-        if model != "kalm-mini":
-            _error(str(exc))
-        from kalm_rag.testing import make_random_t5gemma2
-
-        typer.echo(f"kalm-mini is not available ({exc}); running on a random tiny T5Gemma 2 checkpoint "
-                   "built now: scores are meaningless, only the pipeline is shown.", err=True)
-        path = make_random_t5gemma2(Path(tempfile.mkdtemp(prefix="kalm-rag-demo-")) / "tiny", shape="tiny")
-        rr = Reranker.from_pretrained(path, store=store, ratio=ratio)
+    except Exception as exc:  # no stand-in model: a demo on random weights would show meaningless scores
+        if os.environ.get("KALM_RAG_DEBUG"):
+            raise
+        _error(f"cannot load the model {model!r}: {exc}")
     for query, passages in DEMO_QUERIES:
         rr.encode(passages)
         typer.echo(f"\nQuery: {query}")
@@ -163,30 +181,58 @@ def demo(
 # Further command groups (train, eval, bench) register below.
 
 
+BENCH_SHAPES = ("tiny", "nano", "small")
+
+
 @app.command()
 def bench(
-    tokenizer: Annotated[Path, typer.Option(help="Gemma 3 tokenizer folder (e.g. ../shared/models/gemma3-tokenizer).")],
-    workdir: Annotated[Path, typer.Option(help="Where the random checkpoint is built and reused.")] = Path(
-        "~/.cache/kalm-rag/bench").expanduser(),
-    out_dir: Annotated[Path, typer.Option(help="Where the table, JSON and plots go.")] = Path("docs/benchmarks"),
+    out: Annotated[Path, typer.Option(help="Folder for bench.md, bench.json and the plots (nothing is written elsewhere).",
+                                      file_okay=False)],
+    tokenizer: Annotated[Optional[Path], typer.Option(
+        help="Gemma 3 tokenizer folder (tokenizer.json[.gz]), e.g. ../shared/models/gemma3-tokenizer; needed by the "
+             "nano and small shapes (tiny trains its own).")] = None,
+    workdir: Annotated[Path, typer.Option(help="Where the random checkpoint is built and reused.")] = user_cache_dir() / "bench",
     shape: Annotated[str, typer.Option(help="Model shape: nano or small (tiny for a smoke run).")] = "nano",
     n: Annotated[int, typer.Option(min=1, help="Passages per query for the efficiency measure.")] = 100,
     n_official: Annotated[int, typer.Option(min=1, help="Passages per query against the official recipe.")] = 16,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's).")] = None,
-    repeats: Annotated[int, typer.Option(min=1)] = 3,
-    quick: Annotated[bool, typer.Option(help="Small sweeps (N up to 100, lengths up to 512).")] = False,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measure (the median is kept).")] = 3,
+    quick: Annotated[bool, typer.Option(metavar="", help="Small sweeps (N up to 100, lengths up to 512).")] = False,
+    plots: Annotated[bool, typer.Option(metavar="", help="Draw the latency plots (needs kalm-rag[bench]).")] = True,
 ) -> None:
-    """Measure online scoring: warm store vs official recipe vs same-size cross-encoder, sweeps, plots."""
+    """Measure online scoring: warm store vs official recipe vs same-size cross-encoder, sweeps, plots.
+
+    A developer tool: the checkpoint has random weights (speed does not depend on them) and is built once in
+    WORKDIR; the report goes to OUT.
+    """
+    if shape not in BENCH_SHAPES:
+        _error(f"--shape must be one of {', '.join(BENCH_SHAPES)}, got {shape!r}")
+    if tokenizer is None and shape != "tiny":
+        _error(f"the {shape} shape needs the Gemma 3 tokenizer: pass --tokenizer (e.g. ../shared/models/gemma3-tokenizer)")
+    if tokenizer is not None and not any((tokenizer / f).is_file() for f in ("tokenizer.json", "tokenizer.json.gz")):
+        _error(f"--tokenizer {tokenizer} is not a tokenizer folder (no tokenizer.json or tokenizer.json.gz there)")
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        _error('the plots need matplotlib: pip install "kalm-rag[bench]" (or pass --no-plots)')
     from kalm_rag.bench.suite import BenchConfig, run_suite
 
-    cfg = BenchConfig(tokenizer=tokenizer, workdir=workdir, out_dir=out_dir, shape=shape, n=n, n_official=n_official,
-                      threads=threads, repeats=repeats, log=lambda msg: typer.echo(msg, err=True))
+    cfg = BenchConfig(tokenizer=tokenizer, workdir=workdir, out_dir=out, shape=shape, n=n, n_official=n_official,
+                      threads=threads, repeats=repeats, plots=plots, log=lambda msg: typer.echo(msg, err=True))
     if quick:
         cfg.n_sweep, cfg.length_sweep, cfg.long_tokens = (10, 30, 100), (128, 256, 512), 512
-    run_suite(cfg)
-    typer.echo((out_dir / "bench.md").read_text())
-from kalm_rag.train.command import app as _train_app; app.add_typer(_train_app, name="train")  # noqa: E402,E702
-from kalm_rag.eval.command import app as _eval_app; app.add_typer(_eval_app, name="eval")  # noqa: E402,E702
+    try:
+        run_suite(cfg)
+    except Exception as exc:  # one-line errors for users; tracebacks on request
+        if os.environ.get("KALM_RAG_DEBUG"):
+            raise
+        _error(str(exc))
+    typer.echo((out / "bench.md").read_text())
+
+
+from kalm_rag.eval.command import app as eval_app  # noqa: E402  (the groups register after the commands above)
+from kalm_rag.train.command import app as train_app  # noqa: E402
+
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 
 from kalm_rag.errors import InvalidInputError, NumericalError, StoreError
 from kalm_rag.models import DEFAULT_MODEL, load_backend
-from kalm_rag.models.base import FBNLBackend, right_pad
-from kalm_rag.pooling import MAX_RATIO, MIN_RATIO, mep_pool, repool
+from kalm_rag.models.base import FBNLBackend
+from kalm_rag.padding import right_pad, right_pad_vectors
+from kalm_rag.pooling import mep_pool, repool
 from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_PREFIX
 from kalm_rag.store import PassageStore, PooledPassage, open_store, passage_key
+from kalm_rag.validation import check_passages, check_positive_int, check_ratio, check_stages, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +86,17 @@ class Reranker:
         # a store passed in as an object may be shared: only a store opened here is closed by close()
         self._owns_store = not isinstance(store, PassageStore)
         self.store = store if isinstance(store, PassageStore) else open_store(store)
-        self.ratio = _check_ratio(ratio)
-        self.base_ratio = _check_ratio(base_ratio, name="base_ratio")
+        self.ratio = check_ratio(ratio)
+        self.base_ratio = check_ratio(base_ratio, "base_ratio")
         if self.ratio % self.base_ratio:
             raise InvalidInputError(f"ratio {ratio} is not a multiple of base_ratio {base_ratio}")
-        self.batch_size = _check_positive_int(batch_size, "batch_size")
-        self.max_query_tokens = _check_positive_int(max_query_tokens, "max_query_tokens")
-        self.max_passage_tokens = _check_positive_int(max_passage_tokens, "max_passage_tokens")
-        self.instruction = DEFAULT_INSTRUCTION if instruction is None else _check_text(instruction, "instruction")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.max_query_tokens = check_positive_int(max_query_tokens, "max_query_tokens")
+        self.max_passage_tokens = check_positive_int(max_passage_tokens, "max_passage_tokens")
+        self.instruction = DEFAULT_INSTRUCTION if instruction is None else check_text(instruction, "instruction")
         self.system_instruction = (
             DEFAULT_SYSTEM_INSTRUCTION if system_instruction is None
-            else _check_text(system_instruction, "system_instruction")
+            else check_text(system_instruction, "system_instruction")
         )
         if storage_dtype not in STORAGE_DTYPES:
             raise InvalidInputError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
@@ -177,7 +179,7 @@ class Reranker:
         Returns:
             How many distinct passages were run through the encoder.
         """
-        texts = _check_passages(passages)
+        texts = check_passages(passages)
         keys = [passage_key(t) for t in texts]
         present = self.store.contains_many(self.namespace, keys)
         missing = dict((k, t) for k, t, p in zip(keys, texts, present) if not p)
@@ -253,10 +255,10 @@ class Reranker:
         Returns:
             One float per passage: P(yes) in [0, 1], or the margin.
         """
-        query = _check_text(query, "query")
-        texts = _check_passages(passages)
+        query = check_text(query, "query")
+        texts = check_passages(passages)
         r = self._call_ratio(ratio)
-        instr = self.instruction if instruction is None else _check_text(instruction, "instruction")
+        instr = self.instruction if instruction is None else check_text(instruction, "instruction")
         if not texts:
             return []
         margins = self._margins(query, texts, instruction=instr, ratio=r)
@@ -273,7 +275,7 @@ class Reranker:
     ) -> list[RankedPassage]:
         """Passages sorted best first (ties keep input order), cut to ``top_k``."""
         if top_k is not None:
-            top_k = _check_positive_int(top_k, "top_k")
+            top_k = check_positive_int(top_k, "top_k")
         r = self._call_ratio(ratio)
         scores = self.score(query, passages, instruction=instruction, ratio=r)
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
@@ -305,9 +307,9 @@ class Reranker:
             instruction: task instruction for this call.
         """
         if top_k is not None:
-            top_k = _check_positive_int(top_k, "top_k")
-        texts = _check_passages(passages)
-        stages = _check_stages(stages)
+            top_k = check_positive_int(top_k, "top_k")
+        texts = check_passages(passages)
+        stages = check_stages(stages)
         for r, _ in stages:
             self._call_ratio(r)
         ordered: list[int] = list(range(len(texts)))  # the first stage reads the retriever's order
@@ -332,7 +334,7 @@ class Reranker:
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise InvalidInputError(f"pairs[{i}] must be a (query, passage) pair, got {pair!r:.80}")
-            by_query.setdefault(_check_text(pair[0], f"pairs[{i}][0] (query)"), []).append(i)
+            by_query.setdefault(check_text(pair[0], f"pairs[{i}][0] (query)"), []).append(i)
         out = [0.0] * len(pairs)
         for query, idx in by_query.items():
             scores = self.score(query, [pairs[i][1] for i in idx], instruction=instruction, ratio=ratio)
@@ -365,7 +367,7 @@ class Reranker:
         margins = torch.empty(len(pooled), dtype=torch.float32)
         prompt_ids = torch.tensor(prompt, dtype=torch.long)
         def score_batch(batch: list[int]) -> None:
-            vectors, mask = _pad_windows([pooled[i] for i in batch], self.backend.dtype)  # (B, W, d), (B, W)
+            vectors, mask = right_pad_vectors([pooled[i] for i in batch], self.backend.dtype)  # (B, W, d), (B, W)
             B = len(batch)
             lengths = torch.full((B,), len(prompt), dtype=torch.long)
             margins[batch] = self.backend.margins(prompt_ids.expand(B, -1), lengths, vectors, mask)
@@ -400,7 +402,7 @@ class Reranker:
             start += len(batch)
 
     def _call_ratio(self, ratio: int | None) -> int:
-        r = self.ratio if ratio is None else _check_ratio(ratio)
+        r = self.ratio if ratio is None else check_ratio(ratio)
         if r % self.base_ratio:
             raise InvalidInputError(
                 f"ratio {r} is not a multiple of the store's base_ratio {self.base_ratio}; "
@@ -429,46 +431,7 @@ class Reranker:
             self.store.close()
 
 
-# ----- validation and tensor helpers ---------------------------------------------------------------
-
-
-def _check_text(value: object, name: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidInputError(f"{name} must be a str, got {type(value).__name__}")
-    if not value.strip():
-        raise InvalidInputError(f"{name} is empty")
-    return value
-
-
-def _check_passages(passages: object) -> list[str]:
-    if isinstance(passages, (str, bytes)) or not isinstance(passages, Sequence):
-        raise InvalidInputError(f"passages must be a list of str, got {type(passages).__name__}")
-    return [_check_text(p, f"passages[{i}]") for i, p in enumerate(passages)]
-
-
-def _check_ratio(ratio: object, *, name: str = "ratio") -> int:
-    if isinstance(ratio, bool) or not isinstance(ratio, int):
-        raise InvalidInputError(f"{name} must be an int in {MIN_RATIO}..{MAX_RATIO}, got {ratio!r}")
-    if not MIN_RATIO <= ratio <= MAX_RATIO:
-        raise InvalidInputError(f"{name} must be in {MIN_RATIO}..{MAX_RATIO}, got {ratio}")
-    return ratio
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _check_stages(stages: object) -> list[tuple[int, int]]:
-    if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or not stages:
-        raise InvalidInputError(f"stages must be a non-empty list of (ratio, depth) pairs, got {stages!r}")
-    out = []
-    for i, stage in enumerate(stages):
-        if not isinstance(stage, (tuple, list)) or len(stage) != 2:
-            raise InvalidInputError(f"stages[{i}] must be a (ratio, depth) pair, got {stage!r}")
-        out.append((_check_ratio(stage[0], name=f"stages[{i}] ratio"), _check_positive_int(stage[1], f"stages[{i}] depth")))
-    return out
+# ----- device and dtype ---------------------------------------------------------------------------
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -489,14 +452,3 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
         raise InvalidInputError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     return resolved
 
-
-def _pad_windows(vectors: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(W_i, d)`` passage vectors into ``(B, W, d)`` (zeros after each end) and a ``(B, W)`` mask."""
-    W = max(v.shape[0] for v in vectors)
-    d = vectors[0].shape[1]
-    out = torch.zeros((len(vectors), W, d), dtype=dtype)
-    mask = torch.zeros((len(vectors), W), dtype=torch.long)
-    for row, v in enumerate(vectors):
-        out[row, : v.shape[0]] = v.to(dtype)
-        mask[row, : v.shape[0]] = 1
-    return out, mask

@@ -21,3 +21,7 @@ class NumericalError(KalmError, FloatingPointError):
 
 class StoreError(KalmError):
     """The passage store failed in a way that cannot be recovered by recomputing."""
+
+
+class MissingDependencyError(KalmError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra to install."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kalm_rag.testing import make_random_t5gemma2
+from kalm_rag.bench.checkpoints import make_random_t5gemma2
 
 
 @pytest.fixture(scope="session")

@@ -45,3 +45,46 @@ def test_rerank_reports_a_bad_model(tmp_path):
     result = runner.invoke(app, ["rerank", "-i", str(requests), "-m", str(tmp_path / "missing")])
     assert result.exit_code == 1
     assert "Error:" in result.output
+
+
+def test_version_and_python_m(tmp_path):
+    import subprocess
+    import sys
+
+    import kalm_rag
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"kalm-rag {kalm_rag.__version__}"
+    done = subprocess.run([sys.executable, "-m", "kalm_rag", "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == f"kalm-rag {kalm_rag.__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["train", "mini", "--help"], ["eval", "--help"]])
+def test_help_has_no_type_noise_nor_rest_markup(argv):
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output and "``" not in result.output
+    assert "e883e0c" not in result.output
+
+
+def test_demo_refuses_to_run_without_its_model(tmp_path):
+    result = runner.invoke(app, ["demo", "-m", str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert "Error: cannot load the model" in result.output and "random" not in result.output
+
+
+def test_bench_reports_a_missing_tokenizer_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    result = runner.invoke(app, ["bench", "--out", "report", "--workdir", str(work), "--tokenizer", "../nowhere"])
+    assert result.exit_code == 1
+    assert result.output.count("\n") <= 2 and "is not a tokenizer folder" in result.output
+    result = runner.invoke(app, ["bench", "--out", "report", "--workdir", str(work)])  # nano shape, no tokenizer
+    assert result.exit_code == 1 and "needs the Gemma 3 tokenizer" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no workdir, no report, no docs/benchmarks
+
+
+def test_report_writing_commands_need_an_explicit_destination():
+    for argv in (["bench"], ["eval", "report"], ["train", "export", "."]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 2 and "Missing option" in result.output, argv

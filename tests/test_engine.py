@@ -12,7 +12,7 @@ import torch
 
 from kalm_rag import InvalidInputError, ModelLoadError, NumericalError, RankedPassage, Reranker
 from kalm_rag.store import MemoryStore
-from kalm_rag.testing import make_tiny_tokenizer
+from kalm_rag.bench.checkpoints import make_tiny_tokenizer
 
 QUERY = "What is the capital of France?"
 PASSAGES = ["Paris is the capital of France.", "Bananas are yellow.", "The Seine flows through Paris. " * 4]
@@ -100,8 +100,8 @@ def test_empty_passage_list_returns_empty_list(rr):
         (lambda rr: rr.score(QUERY, ["ok", ""]), r"passages\[1\] is empty"),
         (lambda rr: rr.score(QUERY, ["ok", 3]), r"passages\[1\] must be a str"),
         (lambda rr: rr.score(QUERY, "a single string"), "passages must be a list"),
-        (lambda rr: rr.score(QUERY, PASSAGES, ratio=0), "ratio must be in 1..32"),
-        (lambda rr: rr.score(QUERY, PASSAGES, ratio=33), "ratio must be in 1..32"),
+        (lambda rr: rr.score(QUERY, PASSAGES, ratio=0), "ratio must be an int in 1..32"),
+        (lambda rr: rr.score(QUERY, PASSAGES, ratio=33), "ratio must be an int in 1..32"),
         (lambda rr: rr.score(QUERY, PASSAGES, ratio=2.0), "ratio must be an int"),
         (lambda rr: rr.score(QUERY, PASSAGES, ratio=True), "ratio must be an int"),
         (lambda rr: rr.rerank(QUERY, PASSAGES, top_k=0), "top_k must be an int >= 1"),

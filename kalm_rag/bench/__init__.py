@@ -1,1 +1,2 @@
-"""The ``kalm-rag bench`` suite: online scoring cost of FBNL against the official recipe and a cross-encoder."""
+"""Developer tooling, never imported by the engine: the kalm-rag bench suite (suite) and the random
+checkpoints that the suite, the tests and benchmarks/ build (checkpoints)."""

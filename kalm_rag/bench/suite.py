@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import resource
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -26,10 +27,11 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from kalm_rag import Reranker
+from kalm_rag.bench.checkpoints import copy_gemma_tokenizer, make_random_t5gemma2, text_config_for_shape
+from kalm_rag.errors import MissingDependencyError
 from kalm_rag.pooling import mep_pool
 from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, format_passage, format_prompt
 from kalm_rag.store import MemoryStore
-from kalm_rag.testing import copy_gemma_tokenizer, make_random_t5gemma2, text_config_for_shape
 
 QUERY = "What is the effect of river water temperature on protein stability in cells?"
 _WORDS = (
@@ -43,7 +45,7 @@ _WORDS = (
 class BenchConfig:
     """What to run. Sizes default to the issue's (Nano shape, N=100, 256-token passages)."""
 
-    tokenizer: Path
+    tokenizer: Path | None  # a Gemma 3 tokenizer folder; None trains a tiny one (the tiny shape only)
     workdir: Path
     out_dir: Path
     shape: str = "nano"
@@ -60,6 +62,7 @@ class BenchConfig:
     repeats: int = 3
     threads: int | None = None
     batch_size: int = 32
+    plots: bool = True  # needs matplotlib (the bench extra)
     log: Callable[[str], None] = print
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -332,11 +335,29 @@ def _raw_encoder_time(model: Any, tokenizer: Any, passages: list[str], batch_siz
 
 
 def _checkpoint(cfg: BenchConfig) -> Path:
+    """The random checkpoint of ``cfg.shape`` in ``cfg.workdir``, built on first use.
+
+    It is built in a temporary folder and renamed when complete; a failed build leaves nothing behind
+    (not even ``cfg.workdir``, if this call created it).
+    """
     ckpt = cfg.workdir / f"{cfg.shape}-random"
-    if not (ckpt / "config.json").exists():
-        cfg.log(f"building a random {cfg.shape}-shaped checkpoint in {ckpt}")
-        tok = copy_gemma_tokenizer(cfg.tokenizer, cfg.workdir / "gemma3-tokenizer")
-        make_random_t5gemma2(ckpt, tokenizer_dir=tok, shape=cfg.shape, seed=0)
+    if (ckpt / "config.json").exists():
+        return ckpt
+    if cfg.tokenizer is None and cfg.shape != "tiny":
+        raise ValueError(f"the {cfg.shape} shape needs a tokenizer folder (the Gemma 3 tokenizer)")
+    created = not cfg.workdir.exists()
+    tmp = cfg.workdir / f".{cfg.shape}-random.partial"
+    cfg.log(f"building a random {cfg.shape}-shaped checkpoint in {ckpt}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok = None if cfg.tokenizer is None else copy_gemma_tokenizer(cfg.tokenizer, tmp / "tokenizer")
+        make_random_t5gemma2(tmp / "model", tokenizer_dir=tok, shape=cfg.shape, seed=0)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        (tmp / "model").rename(ckpt)
+        shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(cfg.workdir if created else tmp, ignore_errors=True)
+        raise
     return ckpt
 
 
@@ -357,7 +378,8 @@ def _write(cfg: BenchConfig, res: dict[str, Any]) -> None:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "bench.json").write_text(json.dumps(res, indent=1))
     (cfg.out_dir / "bench.md").write_text(render_markdown(cfg, res))
-    _plots(cfg, res)
+    if cfg.plots:
+        _plots(cfg, res)
 
 
 def render_markdown(cfg: BenchConfig, res: dict[str, Any]) -> str:
@@ -404,14 +426,18 @@ def render_markdown(cfg: BenchConfig, res: dict[str, Any]) -> str:
                   "| s/query | " + " | ".join(f"{x['s']:.2f}" for x in s["length"]) + " |", "",
                   f"| ratio (N={cfg.n}) | " + " | ".join(str(x["ratio"]) for x in s["ratio"]) + " |",
                   "|---|" + "---|" * len(s["ratio"]),
-                  "| s/query | " + " | ".join(f"{x['s']:.2f}" for x in s["ratio"]) + " |", "",
-                  "![latency vs N](latency_vs_n.png) ![latency vs length](latency_vs_length.png) "
-                  "![latency vs ratio](latency_vs_ratio.png) ![comparison](comparison.png)"]
+                  "| s/query | " + " | ".join(f"{x['s']:.2f}" for x in s["ratio"]) + " |"]
+        if cfg.plots:
+            lines += ["", "![latency vs N](latency_vs_n.png) ![latency vs length](latency_vs_length.png) "
+                          "![latency vs ratio](latency_vs_ratio.png) ![comparison](comparison.png)"]
     return "\n".join(lines) + "\n"
 
 
 def _plots(cfg: BenchConfig, res: dict[str, Any]) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise MissingDependencyError('the benchmark plots need matplotlib: pip install "kalm-rag[bench]"') from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,6 +1,8 @@
-"""``kalm-rag eval``: rerank BEIR-format test sets and report nDCG@10, MRR@10, Recall@100 and latency.
+"""Rerank BEIR-format test sets and report nDCG@10, MRR@10, Recall@100 and latency.
 
 Examples:
+
+\b
     kalm-rag eval run ../shared/data/scifact ../shared/data/nfcorpus       # BM25, cosine, kalm-mini r=1,4,16
     kalm-rag eval run ../shared/data/wikiqa/test --cross-encoder ~/.cache/kalm-rag/kalm-mini/runs/cross-encoder/best
     kalm-rag eval report --out docs/benchmarks                             # eval.md + eval.json from all results
@@ -20,7 +22,7 @@ import typer
 
 from kalm_rag.paths import default_cache_dir
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 CacheDir = Annotated[Path, typer.Option("--cache-dir", envvar="KALM_RAG_CACHE", help="Encodings and per-run scores.")]
 DEFAULT_CACHE = default_cache_dir()
@@ -42,9 +44,9 @@ def run(
     methods: Annotated[str, typer.Option(help="Which rerankers: all, or a comma list of cosine, cross-encoder, mini.")] = "all",
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,
 ) -> None:
-    """Evaluate every reranker on each data set; results go to ``cache_dir/eval/<name>/result.json``.
+    """Evaluate every reranker on each data set; results go to CACHE_DIR/eval/NAME/result.json.
 
-    Rows of methods not run this time are kept from an earlier ``result.json`` of the same data set.
+    Rows of methods not run this time are kept from an earlier result.json of the same data set.
     """
     import torch
 
@@ -122,11 +124,12 @@ def _median(values: list[float]) -> float:
 
 @app.command()
 def report(
-    out: Annotated[Path, typer.Option(help="Folder for eval.md and eval.json.")] = Path("docs/benchmarks"),
+    out: Annotated[Path, typer.Option(help="Folder for eval.md and eval.json (e.g. docs/benchmarks of a checkout).",
+                                      file_okay=False)],
     cache_dir: CacheDir = DEFAULT_CACHE,
     order: Annotated[str, typer.Option(help="Data sets, in table order.")] = "scifact,nfcorpus,wikiqa,cranfield,medline_med",
 ) -> None:
-    """Gather ``result.json`` files into ``eval.md`` + ``eval.json`` (one table per data set, plus averages)."""
+    """Gather result.json files into eval.md + eval.json (one table per data set, plus averages)."""
     from kalm_rag.eval.run import markdown_table
 
     results = []
@@ -134,6 +137,9 @@ def report(
         f = cache_dir / "eval" / name / "result.json"
         if f.is_file():
             results.append(json.loads(f.read_text()))
+    if not results:
+        typer.echo(f"Error: no results under {cache_dir / 'eval'} for {order}; run kalm-rag eval run first.", err=True)
+        raise typer.Exit(code=1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     parts = ["# kalm-mini evaluation", "",

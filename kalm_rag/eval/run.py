@@ -1,4 +1,4 @@
-"""Evaluate rerankers on a BEIR folder: first stage, rerank, metrics (ranx), latency, tables.
+"""Evaluate rerankers on a BEIR folder: first stage, rerank, metrics (pytrec_eval), latency, tables.
 
 Results per (data set, reranker) are kept under ``cache_dir/eval/<data set>/`` and written every few
 queries, so an interrupted run resumes where it stopped; passage encodings come from the same
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kalm_rag.eval.data import BeirDataset, BM25Index, load_beir
+from kalm_rag.data import BeirDataset, BM25Index, load_beir
+from kalm_rag.errors import MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,28 @@ def recall_at(qrels: dict[str, dict[str, int]], cands: dict[str, list[str]], k: 
 
 
 def metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
-    """nDCG@10 and MRR@10 with ranx (queries without a positive judgement are left out)."""
-    from ranx import Qrels, Run, evaluate
+    """nDCG@10 and MRR@10 with trec_eval's definitions (pytrec_eval), averaged over the judged queries.
+
+    Queries without a positive judgement are left out; a judged query missing from ``run`` counts as 0.
+    nDCG gains are the grades (trec_eval's ``ndcg_cut.10``). MRR@10 is ``recip_rank`` over each query's ten
+    best documents, ordered as trec_eval orders a run: score descending, ties by document id descending.
+    """
+    try:
+        import pytrec_eval
+    except ModuleNotFoundError as exc:
+        raise MissingDependencyError('metrics need pytrec-eval-terrier: pip install "kalm-rag[eval]"') from exc
 
     q = {qid: {d: int(g) for d, g in rel.items() if g > 0} for qid, rel in qrels.items()}
     q = {qid: rel for qid, rel in q.items() if rel}
-    r = {qid: (run.get(qid) or {"__none__": 0.0}) for qid in q}
-    res = evaluate(Qrels(q), Run(r), ["ndcg@10", "mrr@10"])
-    return {"ndcg@10": float(res["ndcg@10"]), "mrr@10": float(res["mrr@10"])}
+    if not q:
+        return {"ndcg@10": 0.0, "mrr@10": 0.0}
+    r = {qid: {d: float(s) for d, s in run[qid].items()} for qid in q if run.get(qid)}
+    top10 = {qid: dict(sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:10]) for qid, docs in r.items()}
+    ndcg = pytrec_eval.RelevanceEvaluator(q, {"ndcg_cut.10"}).evaluate(r)
+    rr = pytrec_eval.RelevanceEvaluator(q, {"recip_rank"}).evaluate(top10)
+    n = len(q)
+    return {"ndcg@10": sum(v["ndcg_cut_10"] for v in ndcg.values()) / n,
+            "mrr@10": sum(v["recip_rank"] for v in rr.values()) / n}
 
 
 def read_run(path: Path) -> tuple[str | None, dict[str, dict[str, float]]]:

@@ -57,15 +57,3 @@ class FBNLBackend(ABC):
             passage_mask: 1 for real windows, 0 for padding ``(B, W)``.
         """
 
-
-def right_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into ``(B, n)`` ids and a ``(B, n)`` 0/1 mask."""
-    n = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), n), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(sequences), n), dtype=torch.long, device=device)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask

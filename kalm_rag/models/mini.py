@@ -56,7 +56,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kalm_rag.errors import ModelLoadError
-from kalm_rag.models.base import FBNLBackend, right_pad
+from kalm_rag.models.base import FBNLBackend
+from kalm_rag.padding import right_pad
 
 MODEL_TYPE = "kalm-mini"
 #: Where the embedded checkpoint lives inside the package.

@@ -92,26 +92,6 @@ class PassageStore(ABC):
         """Counters: at least ``entries``, ``bytes``, ``hits``, ``misses`` (and ``corrupt``: values found
         damaged or misplaced, dropped and reported as misses)."""
 
-    # ----- caller ids --------------------------------------------------------------------------------
-    # Frameworks address documents by their own ids. A store can remember ``id -> passage_key(text)``
-    # per namespace; re-mapping an id to the key of its new text means the old vectors are never
-    # reached through that id again (they stay under their own key, where only that exact text finds them).
-
-    def map_ids(self, namespace: str, mapping: Mapping[str, str]) -> None:
-        """Record ``id -> key`` for each item of ``mapping``, replacing earlier mappings of those ids."""
-        raise NotImplementedError(f"{type(self).__name__} does not keep an id map")
-
-    def resolve_ids(self, namespace: str, ids: Sequence[str]) -> list[str | None]:
-        """The key each id maps to, in order; ``None`` for ids never mapped."""
-        raise NotImplementedError(f"{type(self).__name__} does not keep an id map")
-
-    def get_by_ids(self, namespace: str, ids: Sequence[str]) -> list[PooledPassage | None]:
-        """Entries of the keys ``ids`` map to; ``None`` for unmapped ids and missing entries."""
-        keys = self.resolve_ids(namespace, ids)
-        known = [k for k in keys if k is not None]
-        found = iter(self.get_many(namespace, known))
-        return [None if k is None else next(found) for k in keys]
-
     def healthy(self) -> bool:
         """Whether the backend is reachable right now (always true for embedded stores)."""
         return True

@@ -28,7 +28,6 @@ class MemoryStore(PassageStore):
         self._hits = 0
         self._misses = 0
         self._evictions = 0
-        self._ids: dict[str, dict[str, str]] = {}  # namespace -> {caller id: key}
         self._lock = threading.Lock()
 
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[PooledPassage | None]:
@@ -66,10 +65,6 @@ class MemoryStore(PassageStore):
         with self._lock:
             for full_key in [k for k in self._entries if namespace is None or k[0] == namespace]:
                 self._remove(full_key)
-            if namespace is None:
-                self._ids.clear()
-            else:
-                self._ids.pop(namespace, None)
 
     def iter_keys(self, namespace: str) -> Iterator[str]:
         with self._lock:
@@ -87,15 +82,6 @@ class MemoryStore(PassageStore):
                 "evictions": self._evictions,
                 "corrupt": 0,  # entries are kept as tensors, never decoded
             }
-
-    def map_ids(self, namespace: str, mapping: Mapping[str, str]) -> None:
-        with self._lock:
-            self._ids.setdefault(namespace, {}).update(mapping)
-
-    def resolve_ids(self, namespace: str, ids: Sequence[str]) -> list[str | None]:
-        with self._lock:
-            known = self._ids.get(namespace, {})
-            return [known.get(i) for i in ids]
 
     def _remove(self, full_key: tuple[str, str]) -> bool:
         entry = self._entries.pop(full_key, None)

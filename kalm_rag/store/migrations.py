@@ -56,7 +56,17 @@ def m003_create_passage_ids(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [m001_create_passages, m002_create_settings, m003_create_passage_ids]
+def m004_drop_passage_ids(conn: sqlite3.Connection) -> None:
+    """Drop the caller-id table of m003: no API reads or writes it since 0.2 (a database that has it keeps working)."""
+    conn.execute("DROP TABLE IF EXISTS passage_ids")
+
+
+MIGRATIONS: list[Migration] = [
+    m001_create_passages,
+    m002_create_settings,
+    m003_create_passage_ids,  # shipped, so kept: databases record its name; m004 undoes it
+    m004_drop_passage_ids,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -3,9 +3,9 @@
 Key layout (namespace and key are percent-encoded, so neither can contain ``:`` or a glob character)::
 
     {prefix}:{namespace}:p:{key}   -> codec bytes of one entry (a plain string value, optional TTL)
-    {prefix}:{namespace}:ids       -> hash {caller id: key}
 
-``get_many`` is one ``MGET``; ``put_many`` and ``contains_many`` are one pipeline each. ``iter_keys``,
+(Versions before 0.2 also kept a hash ``{prefix}:{namespace}:ids`` of caller ids; nothing reads it any more,
+and ``clear`` removes it with the namespace.) ``get_many`` is one ``MGET``; ``put_many`` and ``contains_many`` are one pipeline each. ``iter_keys``,
 ``clear`` and ``stats`` walk the keys with ``SCAN`` (O(entries), meant for maintenance, not the hot path).
 
 The store is a cache, so an unreachable server must not stop scoring: while Redis is down, reads are
@@ -27,11 +27,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from kalm_rag.errors import MissingDependencyError, StoreError
 
-from kalm_rag.errors import StoreError
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ModuleNotFoundError as exc:  # redis-py is an optional dependency
+    raise MissingDependencyError('redis:// passage stores need redis-py: pip install "kalm-rag[redis]"') from exc
+
 from kalm_rag.store.base import PassageStore, PooledPassage
 from kalm_rag.store.codec import CorruptEntryError, decode_entry, encode_entry
 
@@ -106,9 +110,6 @@ class RedisStore(PassageStore):
 
     def _entry_key(self, namespace: str, key: str) -> str:
         return f"{self._ns(namespace)}:p:{quote(key, safe='')}"
-
-    def _ids_key(self, namespace: str) -> str:
-        return f"{self._ns(namespace)}:ids"
 
     # ----- outage handling -------------------------------------------------------------------------
 
@@ -265,18 +266,6 @@ class RedisStore(PassageStore):
         with self._lock:
             counters = dict(self._counters)
         return {"entries": entries, "bytes": nbytes, **counters}
-
-    def map_ids(self, namespace: str, mapping: Mapping[str, str]) -> None:
-        if mapping:
-            self._degrade("map_ids", lambda: self._client.hset(self._ids_key(namespace), mapping=dict(mapping)), 0)
-
-    def resolve_ids(self, namespace: str, ids: Sequence[str]) -> list[str | None]:
-        if not ids:
-            return []
-        found: list[Any] = self._degrade(
-            "resolve_ids", lambda: self._client.hmget(self._ids_key(namespace), list(ids)), [None] * len(ids)
-        )
-        return [None if key is None else key.decode() for key in found]
 
     def close(self) -> None:
         self._client.close()

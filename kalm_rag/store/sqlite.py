@@ -219,10 +219,8 @@ class SQLiteStore(PassageStore):
         with self._write() as conn:
             if namespace is None:
                 conn.execute("DELETE FROM passages")
-                conn.execute("DELETE FROM passage_ids")
             else:
                 conn.execute("DELETE FROM passages WHERE namespace = ?", (namespace,))
-                conn.execute("DELETE FROM passage_ids WHERE namespace = ?", (namespace,))
 
     def iter_keys(self, namespace: str) -> Iterator[str]:
         """Keys of ``namespace`` in sorted order, read a page at a time (writes may go on meanwhile)."""
@@ -245,17 +243,6 @@ class SQLiteStore(PassageStore):
         with self._lock:
             counters = dict(self._counters)
         return {"entries": entries, "bytes": nbytes, **counters, "schema_version": SCHEMA_VERSION}
-
-    def map_ids(self, namespace: str, mapping: Mapping[str, str]) -> None:
-        rows = [(namespace, i, key) for i, key in mapping.items()]
-        if rows:
-            with self._write() as conn:
-                conn.executemany("INSERT OR REPLACE INTO passage_ids (namespace, id, key) VALUES (?, ?, ?)", rows)
-
-    def resolve_ids(self, namespace: str, ids: Sequence[str]) -> list[str | None]:
-        known = dict(self._select("SELECT id, key FROM passage_ids WHERE namespace = ? AND id IN ({marks})",
-                                  namespace, list(dict.fromkeys(ids))))
-        return [known.get(i) for i in ids]
 
     def close(self) -> None:
         """Close this process's connections (every thread's); the store reconnects if used again."""

@@ -75,12 +75,6 @@ class TieredStore(PassageStore):
         })
         return out
 
-    def map_ids(self, namespace: str, mapping: Mapping[str, str]) -> None:
-        self.back.map_ids(namespace, mapping)
-
-    def resolve_ids(self, namespace: str, ids: Sequence[str]) -> list[str | None]:
-        return self.back.resolve_ids(namespace, ids)
-
     def healthy(self) -> bool:
         return self.back.healthy()
 

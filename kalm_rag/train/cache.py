@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kalm_rag.padding import right_pad, right_pad_vectors
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,14 +70,7 @@ class EncodingCache:
 
     def padded(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states of cached ``texts``, right-padded: ``(B, n, d)`` fp32 and mask ``(B, n)``."""
-        states = [self.get(t) for t in texts]
-        n = max(s.shape[0] for s in states)
-        h = torch.zeros((len(states), n, states[0].shape[1]))
-        m = torch.zeros((len(states), n), dtype=torch.long)
-        for i, s in enumerate(states):
-            h[i, : s.shape[0]] = s
-            m[i, : s.shape[0]] = 1
-        return h, m
+        return right_pad_vectors([self.get(t) for t in texts])  # (B, n, d), (B, n)
 
     def ensure(self, texts: Sequence[str], *, batch_size: int = 32, desc: str = "Encoding passages") -> int:
         """Encode (and store) every text not yet cached; returns how many were encoded."""
@@ -96,12 +91,7 @@ class EncodingCache:
             states: list[np.ndarray | None] = [None] * len(chunk)
             for b in range(0, len(order), batch_size):
                 batch = order[b:b + batch_size]
-                n = max(len(ids[i]) for i in batch)
-                x = torch.full((len(batch), n), self.backend.pad_token_id, dtype=torch.long)
-                m = torch.zeros((len(batch), n), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    x[row, : len(ids[i])] = torch.tensor(ids[i])
-                    m[row, : len(ids[i])] = 1
+                x, m = right_pad([ids[i] for i in batch], self.backend.pad_token_id)  # (B, n)
                 h = self.backend.encode(x, m).float().cpu().numpy()  # (B, n, d)
                 for row, i in enumerate(batch):
                     states[i] = h[row, : len(ids[i])].astype(np.float16)

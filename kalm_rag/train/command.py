@@ -1,9 +1,11 @@
-"""``kalm-rag train``: rebuild kalm-mini (and its cross-encoder baseline) from the training material.
+"""Rebuild kalm-mini (and its cross-encoder baseline) from the training material.
 
 Examples:
+
+\b
     kalm-rag train prepare --data-dir ../shared/data                 # groups + BM25 negatives + encoder cache
     kalm-rag train mini --data-dir ../shared/data --out runs/mini    # train kalm-mini (runs prepare if needed)
-    kalm-rag train export runs/mini/best                             # copy a checkpoint into the package
+    kalm-rag train export runs/mini/best --target kalm_rag/weights/kalm-mini   # into a source checkout
     kalm-rag train cross-encoder --data-dir ../shared/data          # the same-backbone quality reference
 """
 
@@ -18,8 +20,9 @@ from typing import Annotated, Optional
 import typer
 
 from kalm_rag.paths import default_cache_dir
+from kalm_rag.train.config import TrainConfig
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder laid out like ../shared/data (train splits only are read).",
                                        exists=True, file_okay=False)]
@@ -40,9 +43,15 @@ SourceWeights = Annotated[Optional[str], typer.Option(help="Sampling weight per 
                                                       "(unnamed sources keep their default).")]
 
 
-def _source_weights(text: str | None) -> dict[str, float]:
-    from kalm_rag.train.trainer import TrainConfig
+MINI = TrainConfig()  # kalm-mini's recipe: the defaults of `train mini`
+CROSS_ENCODER = TrainConfig.cross_encoder()  # the defaults of `train cross-encoder`
 
+
+def _ratios(text: str) -> list[int]:
+    return [int(r) for r in text.split(",") if r.strip()]
+
+
+def _source_weights(text: str | None) -> dict[str, float]:
     weights = dict(TrainConfig().source_weights)
     for item in (text or "").split(","):
         if item.strip():
@@ -52,6 +61,7 @@ def _source_weights(text: str | None) -> dict[str, float]:
             except ValueError:
                 raise typer.BadParameter(f"expected source=weight, got {item!r}", param_hint="--source-weights") from None
     return weights
+
 
 DEFAULT_CACHE = default_cache_dir()
 
@@ -84,13 +94,13 @@ def mini(
     data_dir: DataDir,
     out: Annotated[Path, typer.Option(help="Run folder: best/, last/, log.jsonl.")] = DEFAULT_CACHE / "runs" / "mini",
     cache_dir: CacheDir = DEFAULT_CACHE,
-    steps: Steps = 1800,
-    groups_per_step: GroupsPerStep = 4,
-    negatives: Negatives = 7,
-    random_negatives: RandomNegatives = 3,
-    dev_candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates per dev query (as many as at test time).")] = 100,
-    ratios: Annotated[str, typer.Option(help="Ratios whose losses are summed every step.")] = "4,16",
-    extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = "1,2,8,32",
+    steps: Steps = MINI.steps,
+    groups_per_step: GroupsPerStep = MINI.groups_per_step,
+    negatives: Negatives = MINI.negatives,
+    random_negatives: RandomNegatives = MINI.random_negatives,
+    dev_candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates per dev query (as many as at test time).")] = MINI.dev_candidates,
+    ratios: Annotated[str, typer.Option(help="Ratios whose losses are summed every step.")] = ",".join(map(str, MINI.ratios)),
+    extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = ",".join(map(str, MINI.extra_ratios)),
     num_layers: Annotated[int, typer.Option(min=1, max=6)] = 2,
     init_layers: Annotated[Optional[str], typer.Option(help="MiniLM layers the decoder starts from (default: the bottom ones, "
                                                        "or the top ones with --query-input encoder).")] = None,
@@ -98,34 +108,34 @@ def mini(
     head_pooling: Annotated[str, typer.Option(help="mean (of the query tokens) | last ([SEP]).")] = "mean",
     init_from: InitFrom = None,  # its config wins over the architecture options
     source_weights: SourceWeights = None,
-    bi_encoder_prior: Annotated[bool, typer.Option(help="Add the learned MiniLM-cosine term to the logit (the 0.1 recipe).")] = False,
-    passage_summary: Annotated[bool, typer.Option(help="Add the whole-passage window (mean of the pooled windows) to the context.")] = True,
-    relevance_attention: Annotated[bool, typer.Option(help="Cosine cross-attention with a sink from the encoder's query "
+    bi_encoder_prior: Annotated[bool, typer.Option(metavar="", help="Add the learned MiniLM-cosine term to the logit (the 0.1 recipe).")] = False,
+    passage_summary: Annotated[bool, typer.Option(metavar="", help="Add the whole-passage window (mean of the pooled windows) to the context.")] = True,
+    relevance_attention: Annotated[bool, typer.Option(metavar="", help="Cosine cross-attention with a sink from the encoder's query "
                                                       "states to the passage (identity start).")] = True,
     relevance_heads: Annotated[int, typer.Option(min=1)] = 1,
     relevance_temperature: Annotated[float, typer.Option(help="Start value of the relevance attention's temperature.")] = 10.0,
     relevance_sink: Annotated[float, typer.Option(help="Start value of the relevance attention's sink logit.")] = 5.0,
-    distill: Distill = 1.0,
+    distill: Distill = MINI.distill,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.5, help="Dropout of the decoder layers.")] = 0.0,
-    lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = 1e-4,
-    new_module_lr: Annotated[float, typer.Option(help="LR of adapters and head.")] = 1e-3,
-    warmup: Warmup = 30,
-    eval_every: Annotated[int, typer.Option(min=1)] = 300,
-    dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source.")] = 40,
-    max_minutes: MaxMinutes = None,
-    seed: int = 0,
+    lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = MINI.lr,
+    new_module_lr: Annotated[float, typer.Option(help="LR of adapters and head.")] = MINI.new_module_lr,
+    warmup: Warmup = MINI.warmup,
+    eval_every: Annotated[int, typer.Option(min=1, help="Dev evaluation every this many steps.")] = MINI.eval_every,
+    dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source.")] = MINI.dev_max_queries,
+    max_minutes: MaxMinutes = MINI.max_minutes,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and of the decoder's random start.")] = MINI.seed,
     threads: Threads = None,
 ) -> None:
     """Train kalm-mini: frozen MiniLM passage encoder, merged-attention decoder, multi-ratio loss.
 
-    The defaults are the recipe of the shipped kalm-mini 0.3 (docs/kalm-mini.md; 0.1 came from the defaults
-    of commit e883e0c). A run's best dev step is exported with ``kalm-rag train export <out>/best``.
+    The defaults are the recipe of the shipped kalm-mini (TrainConfig; see docs/kalm-mini.md). Export a run's
+    best dev step with: kalm-rag train export OUT/best --target FOLDER.
     """
     import torch
 
     from kalm_rag.models.mini import MiniBackend, MiniConfig
     from kalm_rag.train.prepare import prepare as run_prepare
-    from kalm_rag.train.trainer import BiEncoderTeacher, MiniTask, TrainConfig, train
+    from kalm_rag.train.trainer import BiEncoderTeacher, MiniTask, train
 
     _logging()
     if threads:
@@ -150,8 +160,8 @@ def mini(
         backend = MiniBackend.fresh(config)
     data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # after the options are known to be valid
     cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, random_negatives=random_negatives,
-                      dev_candidates=dev_candidates, ratios=[int(r) for r in ratios.split(",")],
-                      extra_ratios=[int(r) for r in extra_ratios.split(",") if r.strip()],
+                      dev_candidates=dev_candidates, ratios=_ratios(ratios),
+                      extra_ratios=_ratios(extra_ratios),
                       distill=distill, lr=lr, new_module_lr=new_module_lr, warmup=warmup,
                       source_weights=_source_weights(source_weights),
                       eval_every=eval_every, dev_max_queries=dev_max_queries, max_minutes=max_minutes, seed=seed,
@@ -166,35 +176,35 @@ def cross_encoder(
     data_dir: DataDir,
     out: Annotated[Path, typer.Option(help="Run folder.")] = DEFAULT_CACHE / "runs" / "cross-encoder",
     cache_dir: CacheDir = DEFAULT_CACHE,
-    steps: Steps = 1200,
-    groups_per_step: GroupsPerStep = 4,
-    negatives: Negatives = 7,
-    random_negatives: RandomNegatives = 3,
-    distill: Distill = 1.0,
-    lr: Annotated[float, typer.Option(help="LR of the encoder layers.")] = 1e-4,
-    new_module_lr: Annotated[float, typer.Option(help="LR of the head.")] = 1e-3,
-    warmup: Warmup = 30,
-    eval_every: Annotated[int, typer.Option(min=1)] = 100,
-    dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source (the CE is slow).")] = 20,
-    dev_candidates: Annotated[int, typer.Option(min=1)] = 20,
+    steps: Steps = CROSS_ENCODER.steps,
+    groups_per_step: GroupsPerStep = CROSS_ENCODER.groups_per_step,
+    negatives: Negatives = CROSS_ENCODER.negatives,
+    random_negatives: RandomNegatives = CROSS_ENCODER.random_negatives,
+    distill: Distill = CROSS_ENCODER.distill,
+    lr: Annotated[float, typer.Option(help="LR of the encoder layers.")] = CROSS_ENCODER.lr,
+    new_module_lr: Annotated[float, typer.Option(help="LR of the head.")] = CROSS_ENCODER.new_module_lr,
+    warmup: Warmup = CROSS_ENCODER.warmup,
+    eval_every: Annotated[int, typer.Option(min=1, help="Dev evaluation every this many steps.")] = CROSS_ENCODER.eval_every,
+    dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source (the CE is slow).")] = CROSS_ENCODER.dev_max_queries,
+    dev_candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates per dev query.")] = CROSS_ENCODER.dev_candidates,
     init_from: InitFrom = None,
     source_weights: SourceWeights = None,
-    max_minutes: MaxMinutes = None,
-    seed: int = 0,
+    max_minutes: MaxMinutes = CROSS_ENCODER.max_minutes,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and of the head's random start.")] = CROSS_ENCODER.seed,
     threads: Threads = None,
 ) -> None:
     """Train the same-backbone cross-encoder (all-MiniLM-L6-v2 reading query + passage), not shipped."""
     import torch
 
     from kalm_rag.train.prepare import prepare as run_prepare
-    from kalm_rag.train.trainer import BiEncoderTeacher, CrossEncoderTask, TrainConfig, train
+    from kalm_rag.train.trainer import BiEncoderTeacher, CrossEncoderTask, train
 
     _logging()
     if threads:
         torch.set_num_threads(threads)
     data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # the same groups (and teacher) as kalm-mini
-    cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, random_negatives=random_negatives,
-                      ratios=[], extra_ratios=[],
+    cfg = TrainConfig.cross_encoder(steps=steps, groups_per_step=groups_per_step, negatives=negatives,
+                      random_negatives=random_negatives,
                       distill=distill, lr=lr, new_module_lr=new_module_lr, warmup=warmup,
                       source_weights=_source_weights(source_weights),
                       eval_every=eval_every, dev_max_queries=dev_max_queries, dev_candidates=dev_candidates,
@@ -207,11 +217,13 @@ def cross_encoder(
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A kalm-mini checkpoint folder (e.g. runs/mini/best).", exists=True)],
-    target: Annotated[Path, typer.Option(help="Package folder of the embedded model.")] = Path(__file__).resolve().parent.parent / "weights" / "kalm-mini",
+    target: Annotated[Path, typer.Option(help="Folder to write config.json and model.safetensors into, e.g. "
+                                         "kalm_rag/weights/kalm-mini of a source checkout.", file_okay=False)],
 ) -> None:
-    """Copy ``config.json`` and ``model.safetensors`` of a checkpoint into the package (the model card is kept).
+    """Copy config.json and model.safetensors of a checkpoint into a model folder (a model card there is kept).
 
-    The config is rewritten through ``MiniConfig``, so keys an older version wrote are dropped.
+    The target is always named: an installed package is never written into by default. The config is rewritten
+    through MiniConfig, so keys an older version wrote are dropped.
     """
     from dataclasses import asdict
 

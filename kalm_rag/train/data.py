@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kalm_rag.eval.data import BM25Index, load_beir, read_jsonl
+from kalm_rag.data import BM25Index, load_beir, read_jsonl
 
 logger = logging.getLogger(__name__)
 

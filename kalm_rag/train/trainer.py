@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,34 +30,10 @@ import torch.nn.functional as F
 from kalm_rag.pooling import mep_pool
 from kalm_rag.prompt import DEFAULT_INSTRUCTION  # the engine's default: train as the model is used
 from kalm_rag.train.cache import EncodingCache
+from kalm_rag.train.config import TrainConfig
 from kalm_rag.train.data import DevQuery, Example, TrainingData
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1200
-    groups_per_step: int = 4
-    negatives: int = 7
-    random_negatives: int = 3  # of the negatives, drawn from the source's whole pool instead of BM25's top
-    ratios: list[int] = field(default_factory=lambda: [1, 4, 16])
-    extra_ratios: list[int] = field(default_factory=lambda: [2, 8, 32])  # one of them, at random, each step
-    distill: float = 1.0  # weight of the bi-encoder distillation term (0: labels only)
-    teacher_scale: float = 20.0  # cosine -> teacher logit
-    lr: float = 6e-5
-    new_module_lr: float = 3e-4  # adapters and head start from scratch
-    warmup: int = 60
-    weight_decay: float = 0.01
-    source_weights: dict[str, float] = field(default_factory=lambda: {
-        "scifact": 0.25, "nfcorpus": 0.25, "wikiqa": 0.2, "medquad": 0.1, "wiki": 0.2})
-    eval_every: int = 150
-    dev_ratio: int = 4
-    dev_max_queries: int | None = None  # per source
-    dev_candidates: int = 30
-    max_minutes: float | None = None
-    seed: int = 0
-    threads: int | None = None
 
 
 class GroupSampler:

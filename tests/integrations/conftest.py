@@ -17,7 +17,7 @@ os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 
 from kalm_rag import Reranker  # noqa: E402
 from kalm_rag.store import MemoryStore  # noqa: E402
-from kalm_rag.testing import make_random_t5gemma2  # noqa: E402
+from kalm_rag.bench.checkpoints import make_random_t5gemma2  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -86,30 +86,12 @@ def test_iter_keys_pages_through_many_keys(store_factory, backend):
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-def test_id_map_follows_the_text_behind_an_id(store_factory, backend):
-    store = store_factory(backend)
-    old, new = passage_key("v1 of doc-7"), passage_key("v2 of doc-7")
-    store.put_many(NS, {old: make_entry(1)})
-    store.map_ids(NS, {"doc-7": old})
-    assert store.resolve_ids(NS, ["doc-7", "doc-8"]) == [old, None]
-    assert same_entry(store.get_by_ids(NS, ["doc-7"])[0], make_entry(1))
-    store.map_ids(NS, {"doc-7": new})  # the document's text changed
-    assert store.resolve_ids(NS, ["doc-7"]) == [new]
-    assert store.get_by_ids(NS, ["doc-7", "doc-8"]) == [None, None]  # the old vectors are not served
-    assert store.resolve_ids(OTHER_NS, ["doc-7"]) == [None]
-    store.clear(NS)
-    assert store.resolve_ids(NS, ["doc-7"]) == [None]
-
-
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_empty_calls_are_no_ops(store_factory, backend):
     store = store_factory(backend)
     assert store.get_many(NS, []) == []
     store.put_many(NS, {})
     assert store.contains_many(NS, []) == []
     assert store.delete_many(NS, []) == 0
-    store.map_ids(NS, {})
-    assert store.resolve_ids(NS, []) == []
     assert store.healthy()
 
 
@@ -117,11 +99,9 @@ def test_empty_calls_are_no_ops(store_factory, backend):
 def test_persistent_backends_keep_entries_across_reopen(store_factory, backend):
     first = store_factory(backend)
     first.put_many(NS, {"k": make_entry(3)})
-    first.map_ids(NS, {"doc": "k"})
     first.close()
     second = store_factory(backend.replace("memory+", ""))
     assert same_entry(second.get_many(NS, ["k"])[0], make_entry(3))
-    assert second.resolve_ids(NS, ["doc"]) == ["k"]
 
 
 @pytest.mark.parametrize("backend", PERSISTENT)

@@ -78,3 +78,15 @@ def test_bad_urls_are_refused_with_the_reason(url, message, tmp_path, monkeypatc
 @pytest.mark.parametrize("text, value", [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1000", 1000), (7, 7), ("0", 0)])
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
+
+
+def test_a_redis_url_without_redis_py_names_the_extra(monkeypatch):
+    import sys
+
+    from kalm_rag.errors import KalmError, MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if redis-py were not installed
+    monkeypatch.delitem(sys.modules, "kalm_rag.store.redis", raising=False)
+    with pytest.raises(MissingDependencyError, match=r'pip install "kalm-rag\[redis\]"') as err:
+        open_store("redis://localhost:6379/0")
+    assert isinstance(err.value, KalmError) and isinstance(err.value, ImportError)

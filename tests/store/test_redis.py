@@ -40,8 +40,6 @@ def test_a_stopped_server_gives_misses_and_skipped_writes_then_recovers(redis_se
         assert store.get_many(NS, ["a", "b"]) == [None, None]
         store.put_many(NS, {"b": make_entry(2)})
         assert store.contains_many(NS, ["a"]) == [False]
-        assert store.resolve_ids(NS, ["doc"]) == [None]
-        store.map_ids(NS, {"doc": "a"})
         assert not store.healthy()
     unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(unreachable) == 1  # warned once per outage, not once per call

@@ -157,6 +157,29 @@ def test_schema_is_migrated_once_and_recorded(db):
         assert conn.execute("SELECT value FROM settings WHERE name = 'value_format'").fetchone()[0] == "1"
 
 
+def test_a_database_with_the_old_caller_id_table_opens_and_keeps_its_entries(db):
+    # a 0.1 database: migrations m001..m003 applied, a passage_ids row, one entry
+    old = MIGRATIONS[:3]
+    assert [m.__name__ for m in old][-1] == "m003_create_passage_ids"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    for migration in old:
+        migration(conn)
+        conn.execute("INSERT INTO _migrations VALUES (?, 0)", (migration.__name__,))
+    conn.execute("INSERT INTO passage_ids VALUES ('ns', 'doc-7', 'k')")
+    conn.close()
+    store = SQLiteStore(db)
+    entry = make_entry(2)
+    store.put_many("ns", {"k": entry})
+    assert same_entry(store.get_many("ns", ["k"])[0], entry)
+    store.clear("ns")  # clear() no longer touches passage_ids: the table must be gone, not merely unused
+    store.close()
+    with sqlite3.connect(db) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "passage_ids" not in tables and "passages" in tables
+        assert conn.execute("SELECT count(*) FROM _migrations").fetchone()[0] == len(MIGRATIONS)
+
+
 def test_a_database_from_a_newer_version_is_refused(db):
     SQLiteStore(db).close()
     with sqlite3.connect(db) as conn:

@@ -1,4 +1,4 @@
-"""Small random checkpoints for tests, demos and benchmarks (no download needed).
+"""Small random checkpoints for tests and benchmarks (no download needed); dev tooling, never imported by the engine.
 
 ``make_tiny_tokenizer`` trains a byte-level BPE tokenizer with the Gemma special tokens and
 single-token ``yes``/``no``; ``make_random_t5gemma2`` writes a random ``T5Gemma2ForConditionalGeneration``

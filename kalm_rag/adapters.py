@@ -1,4 +1,4 @@
-"""Framework-free plumbing shared by the LangChain, LlamaIndex and Haystack adapters of kalm-rag.
+"""What the LangChain, LlamaIndex and Haystack adapters share: stores by URL, models by configuration, one ranking rule.
 
 The three adapters are thin: each turns its framework's documents into passage texts, calls the same
 engine (:class:`kalm_rag.Reranker`) through the helpers here, and turns the result back. Keeping the
@@ -17,7 +17,8 @@ helpers in one place is what makes the adapters agree with each other and with `
   ``0.0`` and come after every scored document; ``score_threshold`` keeps scores ``>= threshold``;
   then the list is cut to ``top``.
 
-This package never imports a framework; the engine never imports this package.
+Option checks come from :mod:`kalm_rag.validation`, the engine's own. This module never imports a framework,
+and the engine never imports it: the adapters depend on the engine, not the other way round.
 """
 
 from __future__ import annotations
@@ -30,24 +31,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kalm_rag import InvalidInputError, PassageStore, Reranker
+from kalm_rag.engine import RankedPassage, Reranker
+from kalm_rag.errors import InvalidInputError
 from kalm_rag.models import DEFAULT_MODEL
-from kalm_rag.pooling import MAX_RATIO, MIN_RATIO
+from kalm_rag.store import PassageStore
+from kalm_rag.validation import check_positive_int
 
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_STORE_URL",
     "LOAD_FIELDS",
-    "handle_from_fields",
     "Ranked",
     "RerankerHandle",
-    "arank",
     "aencode",
-    "check_instruction",
-    "check_ratio",
-    "check_score_threshold",
-    "check_top",
+    "arank",
     "encode",
+    "handle_from_fields",
     "has_text",
     "rank",
     "shared_reranker",
@@ -132,7 +131,7 @@ def shared_reranker(
 LOAD_FIELDS = ("model", "store", "device", "batch_size")
 
 
-def handle_from_fields(config: Any, fields_set: set[str]) -> "RerankerHandle":
+def handle_from_fields(config: Any, fields_set: set[str]) -> RerankerHandle:
     """The :class:`RerankerHandle` of a pydantic adapter config (fields ``reranker`` + :data:`LOAD_FIELDS`).
 
     Refuses ``reranker=`` together with any explicitly set load field, naming them.
@@ -172,8 +171,7 @@ class RerankerHandle:
     ) -> None:
         if reranker is not None and not isinstance(reranker, Reranker):
             raise InvalidInputError(f"reranker must be a kalm_rag.Reranker, got {type(reranker).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_positive_int(batch_size, "batch_size")
         if store is not None and not isinstance(store, (str, PassageStore)):
             raise InvalidInputError(f"store must be a PassageStore or a store URL, got {type(store).__name__}")
         self._reranker = reranker
@@ -212,45 +210,6 @@ class RerankerHandle:
         return await asyncio.to_thread(self.get)
 
 
-# ----- option checks (at construction, so a bad option fails before any document arrives) ----------
-
-
-def check_top(value: object, name: str, *, allow_none: bool = True) -> int | None:
-    """``value`` if it is an int >= 1 (or ``None`` where allowed)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
-    return value
-
-
-def check_score_threshold(value: object, name: str = "score_threshold") -> float | None:
-    """``value`` as a float if it is a real number (scores are P(yes), so 0..1 is the useful range)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise InvalidInputError(f"{name} must be a number or None, got {value!r}")
-    return float(value)
-
-
-def check_ratio(value: object) -> int | None:
-    """``value`` if it is an MEP ratio in 1..32, or ``None`` for the reranker's default."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_RATIO <= value <= MAX_RATIO:
-        raise InvalidInputError(f"ratio must be an int in {MIN_RATIO}..{MAX_RATIO} or None, got {value!r}")
-    return value
-
-
-def check_instruction(value: object) -> str | None:
-    """``value`` if it is a non-empty task instruction, or ``None`` for the official default."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInputError(f"instruction must be a non-empty str or None, got {value!r}")
-    return value
-
-
 # ----- ranking and encoding ------------------------------------------------------------------------
 
 
@@ -274,7 +233,7 @@ def _split(texts: Sequence[str | None]) -> tuple[list[int], list[str]]:
 
 def _finish(
     positions: list[int],
-    ranked: list[Any],
+    ranked: list[RankedPassage],
     n: int,
     *,
     top: int | None,
