@@ -21,9 +21,10 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from kalm_rag import Reranker
-from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, format_prompt
-from kalm_rag.bench.suite import make_passages, official_recipe
 from kalm_rag.bench.checkpoints import copy_gemma_tokenizer, make_random_t5gemma2
+from kalm_rag.bench.suite import make_passages, official_recipe
+from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, format_prompt
+
 
 def timed(fn, repeats: int) -> tuple[list[float], object]:
     times, out = [], None
@@ -58,28 +59,38 @@ def main() -> None:
     model = AutoModelForSeq2SeqLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     query = "What is the effect of river water temperature on protein stability in cells?"
     passages = make_passages(tokenizer, args.passages, args.tokens)
-    prompt_tokens = len(tokenizer(format_prompt(query, instruction=DEFAULT_INSTRUCTION,
-                                                system_instruction=DEFAULT_SYSTEM_INSTRUCTION),
-                                  add_special_tokens=False)["input_ids"])
+    prompt_tokens = len(
+        tokenizer(
+            format_prompt(query, instruction=DEFAULT_INSTRUCTION, system_instruction=DEFAULT_SYSTEM_INSTRUCTION),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
 
     rr = Reranker.from_pretrained(ckpt, dtype="float32", ratio=args.ratio)
     start = time.perf_counter()
     rr.encode(passages)
     encode_s = time.perf_counter() - start
     warm_times, warm = timed(lambda: torch.tensor(rr.score(query, passages, return_margin=True)), args.repeats)
-    official_times, official = timed(lambda: official_recipe(model, tokenizer, query, passages, args.ratio),
-                                     args.repeats)
+    official_times, official = timed(
+        lambda: official_recipe(model, tokenizer, query, passages, args.ratio), args.repeats
+    )
     max_diff = float((warm - official).abs().max())
     result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"torch {torch.__version__}",
-        "shape": args.shape, "dtype": "float32", "passages": args.passages, "passage_tokens": args.tokens,
-        "prompt_tokens": prompt_tokens, "ratio": args.ratio, "repeats": args.repeats,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "shape": args.shape,
+        "dtype": "float32",
+        "passages": args.passages,
+        "passage_tokens": args.tokens,
+        "prompt_tokens": prompt_tokens,
+        "ratio": args.ratio,
+        "repeats": args.repeats,
         "pre_encode_s": encode_s,
-        "warm_store_s": statistics.median(warm_times), "official_recipe_s": statistics.median(official_times),
+        "warm_store_s": statistics.median(warm_times),
+        "official_recipe_s": statistics.median(official_times),
         "speedup": statistics.median(official_times) / statistics.median(warm_times),
         "max_abs_margin_diff": max_diff,
-        "warm_times": warm_times, "official_times": official_times,
+        "warm_times": warm_times,
+        "official_times": official_times,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

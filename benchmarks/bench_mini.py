@@ -4,7 +4,8 @@ kalm-mini runs through ``Reranker.score`` with the passages pre-encoded in the s
 only: the decoder). The cross-encoder (all-MiniLM-L6-v2 reading query + passage, the architecture of
 ``kalm-rag train cross-encoder``; speed does not depend on its weights) must read all 100 pairs.
 
-    python benchmarks/bench_mini.py --threads 2 --repeats 15 [--cross-encoder ~/.cache/kalm-rag/kalm-mini/runs/cross-encoder/best]
+    python benchmarks/bench_mini.py --threads 2 --repeats 15 \\
+        [--cross-encoder ~/.cache/kalm-rag/kalm-mini/runs/cross-encoder/best]
 """
 
 from __future__ import annotations
@@ -16,8 +17,38 @@ import time
 
 import torch
 
-WORDS = ("the study measured protein expression in tumour cells after treatment with a kinase inhibitor and "
-         "found that survival improved in mice while side effects remained mild across all dose groups").split()
+WORDS = [
+    "the",
+    "study",
+    "measured",
+    "protein",
+    "expression",
+    "in",
+    "tumour",
+    "cells",
+    "after",
+    "treatment",
+    "with",
+    "a",
+    "kinase",
+    "inhibitor",
+    "and",
+    "found",
+    "that",
+    "survival",
+    "improved",
+    "in",
+    "mice",
+    "while",
+    "side",
+    "effects",
+    "remained",
+    "mild",
+    "across",
+    "all",
+    "dose",
+    "groups",
+]
 
 
 def passages(n: int, tokens: int, tokenizer) -> list[str]:
@@ -62,10 +93,15 @@ def main() -> None:
     t = time.perf_counter()
     rr.encode(texts)
     encode_s = time.perf_counter() - t
-    results = {"model": args.model, "threads": args.threads, "passages": args.passages, "mean_passage_tokens": n_tok,
-               "offline_encode_s": encode_s}
+    results = {
+        "model": args.model,
+        "threads": args.threads,
+        "passages": args.passages,
+        "mean_passage_tokens": n_tok,
+        "offline_encode_s": encode_s,
+    }
     for r in (1, 4, 16):
-        results[f"kalm-mini r={r} ms"] = median_ms(lambda: rr.score(query, texts, ratio=r), args.repeats)
+        results[f"kalm-mini r={r} ms"] = median_ms(lambda r=r: rr.score(query, texts, ratio=r), args.repeats)
     assert rr.counters["encoded_passages"] == args.passages
 
     if args.cross_encoder:

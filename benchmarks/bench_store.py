@@ -13,8 +13,8 @@ Sections (``--sections``, all by default):
 - ``second-process``: a second Python process reranks what this one encoded into SQLite: encoder calls
   and score differences.
 
-    python benchmarks/bench_store.py --tokenizer /work/shared/models/gemma3-tokenizer \\
-        --beir /work/shared/data/scifact --work-dir /tmp/kalm-bench-store
+    python benchmarks/bench_store.py --tokenizer ../shared/models/gemma3-tokenizer \\
+        --beir ../shared/data/scifact --work-dir ~/.cache/kalm-rag/bench-store
 
 Writes ``docs/benchmarks/store.json`` and ``docs/benchmarks/store.md`` (``--out-dir``).
 """
@@ -78,8 +78,21 @@ class RedisProcess:
             self.port = s.getsockname()[1]
         self.dir = tempfile.mkdtemp(prefix="bench-redis-")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         for _ in range(200):
@@ -120,15 +133,24 @@ def bench_bytes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             blob = encode_entry(NS, passage_key("x"), entry)
             itemsize = torch.empty((), dtype=dtype).element_size()
             payload = math.ceil(args.tokens / ratio) * NANO_DIM * itemsize
-            row = {"ratio": ratio, "dtype": name, "windows": entry.num_windows, "payload_bytes": payload,
-                   "encoded_bytes": len(blob), "header_bytes": len(blob) - payload,
-                   "matches_formula": len(blob) == payload + HEADER_SIZE}
+            row = {
+                "ratio": ratio,
+                "dtype": name,
+                "windows": entry.num_windows,
+                "payload_bytes": payload,
+                "encoded_bytes": len(blob),
+                "header_bytes": len(blob) - payload,
+                "matches_formula": len(blob) == payload + HEADER_SIZE,
+            }
             row["sqlite_bytes_per_entry"] = sqlite_bytes_per_entry(work, entry, n=64)
             if url is not None:
                 row["redis_bytes_per_entry"] = redis_bytes_per_entry(url, entry)
             rows.append(row)
-            print(f"[bytes] r={ratio:2d} {name:9s} {len(blob):>9,d} B "
-                  f"(payload {payload:,d} + header {len(blob) - payload})", file=sys.stderr)
+            print(
+                f"[bytes] r={ratio:2d} {name:9s} {len(blob):>9,d} B "
+                f"(payload {payload:,d} + header {len(blob) - payload})",
+                file=sys.stderr,
+            )
     if server is not None:
         server.stop()
     return {"tokens": args.tokens, "dim": NANO_DIM, "header_bytes": HEADER_SIZE, "rows": rows}
@@ -190,7 +212,7 @@ def bench_latency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         fill_s = time.perf_counter() - t0
         if name == "sqlite+memory_tier":  # warm the tier as a long-running process would have
             for start in range(0, n, 1000):
-                store.get_many(NS, keys[start:start + 1000])
+                store.get_many(NS, keys[start : start + 1000])
         rng = random.Random(0)
         times = []
         for _ in range(args.repeats):
@@ -202,14 +224,21 @@ def bench_latency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         t = time.perf_counter()
         stats = store.stats()
         stats_s = time.perf_counter() - t
-        row = {"backend": name, "entries": stats["entries"], "fill_seconds": round(fill_s, 2),
-               "stats_ms": round(stats_s * 1000, 1),
-               "median_ms": round(statistics.median(times) * 1000, 3),
-               "p95_ms": round(percentile(times, 0.95) * 1000, 3),
-               "min_ms": round(min(times) * 1000, 3)}
+        row = {
+            "backend": name,
+            "entries": stats["entries"],
+            "fill_seconds": round(fill_s, 2),
+            "stats_ms": round(stats_s * 1000, 1),
+            "median_ms": round(statistics.median(times) * 1000, 3),
+            "p95_ms": round(percentile(times, 0.95) * 1000, 3),
+            "min_ms": round(min(times) * 1000, 3),
+        }
         results.append(row)
-        print(f"[latency] {name:20s} median {row['median_ms']:.2f} ms  p95 {row['p95_ms']:.2f} ms "
-              f"(fill {fill_s:.1f}s, {stats['entries']:,d} entries)", file=sys.stderr)
+        print(
+            f"[latency] {name:20s} median {row['median_ms']:.2f} ms  p95 {row['p95_ms']:.2f} ms "
+            f"(fill {fill_s:.1f}s, {stats['entries']:,d} entries)",
+            file=sys.stderr,
+        )
         if name == "redis":
             store.clear()
         store.close()
@@ -217,14 +246,24 @@ def bench_latency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if server is not None:
         server.stop()
     entry_bytes = len(encode_entry(NS, keys[0], templates[0]))
-    return {"entries": n, "fetch": args.fetch, "repeats": args.repeats, "windows": W, "dim": NANO_DIM,
-            "dtype": args.latency_dtype, "entry_bytes": entry_bytes, "rows": results,
-            "note": "warm OS page cache; one process, one thread; includes decoding and checksum verification"}
+    return {
+        "entries": n,
+        "fetch": args.fetch,
+        "repeats": args.repeats,
+        "windows": W,
+        "dim": NANO_DIM,
+        "dtype": args.latency_dtype,
+        "entry_bytes": entry_bytes,
+        "rows": results,
+        "note": "warm OS page cache; one process, one thread; includes decoding and checksum verification",
+    }
 
 
 def fill(store: PassageStore, keys: list[str], templates: list[PooledPassage]) -> None:
     for start in range(0, len(keys), 1000):
-        store.put_many(NS, {k: templates[(start + i) % len(templates)] for i, k in enumerate(keys[start:start + 1000])})
+        store.put_many(
+            NS, {k: templates[(start + i) % len(templates)] for i, k in enumerate(keys[start : start + 1000])}
+        )
 
 
 # ----- score error of the storage dtype -------------------------------------------------------------
@@ -252,7 +291,20 @@ def texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         with gzip.open(beir / "queries.jsonl.gz", "rt") as f:
             queries = [json.loads(line)["text"] for _, line in zip(range(args.queries), f)]
         return queries, [f"{d.get('title', '')}. {d['text']}".strip(". ") for d in docs]
-    words = "cells protein energy river city light plant mountain language model tumour survival".split()
+    words = [
+        "cells",
+        "protein",
+        "energy",
+        "river",
+        "city",
+        "light",
+        "plant",
+        "mountain",
+        "language",
+        "model",
+        "tumour",
+        "survival",
+    ]
     passages = [" ".join(words[(i * 5 + j) % len(words)] for j in range(40 + 10 * i)) for i in range(args.passages)]
     queries = [f"what does the {w} do?" for w in words[: args.queries]]
     return queries, passages
@@ -276,8 +328,10 @@ def bench_error(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         # the same fp32 encodings, rounded to the storage dtype, under a reranker sharing the backend
         store = MemoryStore()
         rr = Reranker(fp32.backend, store=store)
-        store.put_many(rr.namespace, {k: PooledPassage(e.vectors.to(DTYPES[name]), e.counts, e.ratio)
-                                      for k, e in zip(keys, entries)})
+        store.put_many(
+            rr.namespace,
+            {k: PooledPassage(e.vectors.to(DTYPES[name]), e.counts, e.ratio) for k, e in zip(keys, entries)},
+        )
         variants[name] = rr
     rows = []
     for ratio in args.ratios:
@@ -287,17 +341,31 @@ def bench_error(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             dm = [abs(a - b) for qa, qb in zip(ref_m, m) for a, b in zip(qa, qb)]
             ds = [abs(_sigmoid(a) - _sigmoid(b)) for qa, qb in zip(ref_m, m) for a, b in zip(qa, qb)]
             ref = [a for q in ref_m for a in q]
-            rows.append({"ratio": ratio, "dtype": name,
-                         "max_abs_score_diff": max(ds), "mean_abs_score_diff": statistics.mean(ds),
-                         "max_abs_margin_diff": max(dm), "mean_abs_margin_diff": statistics.mean(dm),
-                         "fp32_margin_abs_mean": statistics.mean(abs(a) for a in ref),
-                         "fp32_score_range": [_sigmoid(min(ref)), _sigmoid(max(ref))]})
-            print(f"[error] r={ratio:2d} {name:9s} max|dscore| {max(ds):.2e} max|dmargin| {max(dm):.2e}",
-                  file=sys.stderr)
+            rows.append(
+                {
+                    "ratio": ratio,
+                    "dtype": name,
+                    "max_abs_score_diff": max(ds),
+                    "mean_abs_score_diff": statistics.mean(ds),
+                    "max_abs_margin_diff": max(dm),
+                    "mean_abs_margin_diff": statistics.mean(dm),
+                    "fp32_margin_abs_mean": statistics.mean(abs(a) for a in ref),
+                    "fp32_score_range": [_sigmoid(min(ref)), _sigmoid(max(ref))],
+                }
+            )
+            print(
+                f"[error] r={ratio:2d} {name:9s} max|dscore| {max(ds):.2e} max|dmargin| {max(dm):.2e}", file=sys.stderr
+            )
         assert all(rr.counters["encoded_passages"] == 0 for rr in variants.values())
-    return {"checkpoint": "random Nano-shaped T5Gemma 2 (seed 0), Gemma 3 tokenizer, fp32 compute",
-            "queries": len(queries), "passages": len(passages), "passage_tokens_mean": statistics.mean(n_tokens),
-            "max_abs_stored_value": max_abs, "float16_max": 65504.0, "rows": rows}
+    return {
+        "checkpoint": "random Nano-shaped T5Gemma 2 (seed 0), Gemma 3 tokenizer, fp32 compute",
+        "queries": len(queries),
+        "passages": len(passages),
+        "passage_tokens_mean": statistics.mean(n_tokens),
+        "max_abs_stored_value": max_abs,
+        "float16_max": 65504.0,
+        "rows": rows,
+    }
 
 
 def _sigmoid(x: float) -> float:
@@ -340,14 +408,25 @@ def bench_second_process(args: argparse.Namespace, work: Path) -> dict[str, Any]
     scores = [rr.score(q, passages) for q in queries]
     score_s = time.perf_counter() - t0
     rr.close()
-    out = subprocess.run([sys.executable, "-c", SECOND, str(ckpt), url, json.dumps(queries), json.dumps(passages)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SECOND, str(ckpt), url, json.dumps(queries), json.dumps(passages)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     second = json.loads(out.stdout.strip().splitlines()[-1])
     diff = max(abs(a - b) for qa, qb in zip(scores, second["scores"]) for a, b in zip(qa, qb))
-    result = {"queries": len(queries), "passages": len(passages), "first_encode_s": round(encode_s, 2),
-              "first_score_s": round(score_s, 2), "second_score_s": round(second["score_s"], 2),
-              "second_encoder_calls": second["encoder_calls"], "max_abs_score_diff": diff,
-              "second_store_hits": second["stats"]["hits"], "second_store_misses": second["stats"]["misses"]}
+    result = {
+        "queries": len(queries),
+        "passages": len(passages),
+        "first_encode_s": round(encode_s, 2),
+        "first_score_s": round(score_s, 2),
+        "second_score_s": round(second["score_s"], 2),
+        "second_encoder_calls": second["encoder_calls"],
+        "max_abs_score_diff": diff,
+        "second_store_hits": second["stats"]["hits"],
+        "second_store_misses": second["stats"]["misses"],
+    }
     print(f"[second-process] {result}", file=sys.stderr)
     return result
 
@@ -365,58 +444,86 @@ def _run_line(section: dict[str, Any]) -> list[str]:
 
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
-    lines = ["# Passage-store benchmark", "",
-             f"Generated by `benchmarks/bench_store.py` on {env['date']} ({env['machine']}, {env['cpus']} CPUs, "
-             f"torch {env['torch']}, Python {env['python']}, SQLite {env['sqlite']}, "
-             f"redis-server {env['redis_server']}).",
-             "Each section names the command that produced it (sections can be rerun on their own).",
-             "Timings depend on the machine and on what else runs on it: compare rows of one run, not runs.", ""]
+    lines = [
+        "# Passage-store benchmark",
+        "",
+        f"Generated by `benchmarks/bench_store.py` on {env['date']} ({env['machine']}, {env['cpus']} CPUs, "
+        f"torch {env['torch']}, Python {env['python']}, SQLite {env['sqlite']}, "
+        f"redis-server {env['redis_server']}).",
+        "Each section names the command that produced it (sections can be rerun on their own).",
+        "Timings depend on the machine and on what else runs on it: compare rows of one run, not runs.",
+        "",
+    ]
     if "bytes" in results:
         b = results["bytes"]
-        lines += [f"## Bytes per passage ({b['tokens']} tokens, d = {b['dim']}, header {b['header_bytes']} B)", "",
-                  *_run_line(b),
-                  "| ratio | dtype | windows | payload ceil(n/r)·d·itemsize | encoded | = payload + header "
-                  "| SQLite file / entry | Redis MEMORY USAGE |",
-                  "|---:|---|---:|---:|---:|:-:|---:|---:|"]
+        lines += [
+            f"## Bytes per passage ({b['tokens']} tokens, d = {b['dim']}, header {b['header_bytes']} B)",
+            "",
+            *_run_line(b),
+            "| ratio | dtype | windows | payload ceil(n/r)·d·itemsize | encoded | = payload + header "
+            "| SQLite file / entry | Redis MEMORY USAGE |",
+            "|---:|---|---:|---:|---:|:-:|---:|---:|",
+        ]
         for r in b["rows"]:
             in_redis = r.get("redis_bytes_per_entry")
-            lines.append(f"| {r['ratio']} | {r['dtype']} | {r['windows']} | {r['payload_bytes']:,} | "
-                         f"{r['encoded_bytes']:,} | "
-                         f"{'yes' if r['matches_formula'] else '**NO**'} | {r['sqlite_bytes_per_entry']:,.0f} | "
-                         f"{'n/a' if in_redis is None else format(in_redis, ',')} |")
+            lines.append(
+                f"| {r['ratio']} | {r['dtype']} | {r['windows']} | {r['payload_bytes']:,} | "
+                f"{r['encoded_bytes']:,} | "
+                f"{'yes' if r['matches_formula'] else '**NO**'} | {r['sqlite_bytes_per_entry']:,.0f} | "
+                f"{'n/a' if in_redis is None else format(in_redis, ',')} |"
+            )
         lines.append("")
     if "latency" in results:
         lat = results["latency"]
-        lines += [f"## Fetch {lat['fetch']} random entries from {lat['entries']:,} ({lat['repeats']} draws)", "",
-                  *_run_line(lat),
-                  f"Each entry: {lat['windows']} windows x {lat['dim']} in {lat['dtype']} = {lat['entry_bytes']:,} B. "
-                  f"{lat['note']}.", "",
-                  "| backend | median ms | p95 ms | min ms | fill s | stats() ms |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## Fetch {lat['fetch']} random entries from {lat['entries']:,} ({lat['repeats']} draws)",
+            "",
+            *_run_line(lat),
+            f"Each entry: {lat['windows']} windows x {lat['dim']} in {lat['dtype']} = {lat['entry_bytes']:,} B. "
+            f"{lat['note']}.",
+            "",
+            "| backend | median ms | p95 ms | min ms | fill s | stats() ms |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for r in lat["rows"]:
-            lines.append(f"| {r['backend']} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} | {r['min_ms']:.2f} | "
-                         f"{r['fill_seconds']:.1f} | {r.get('stats_ms', float('nan')):.1f} |")
+            lines.append(
+                f"| {r['backend']} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} | {r['min_ms']:.2f} | "
+                f"{r['fill_seconds']:.1f} | {r.get('stats_ms', float('nan')):.1f} |"
+            )
         lines.append("")
     if "error" in results:
         e = results["error"]
-        lines += ["## Score error of the storage dtype vs float32 storage", "", *_run_line(e),
-                  f"{e['checkpoint']}; {e['queries']} queries x {e['passages']} passages "
-                  f"(mean {e['passage_tokens_mean']:.0f} tokens); "
-                  f"largest stored |value| {e['max_abs_stored_value']:.2f}.", "",
-                  "| ratio | storage | max abs score diff | mean abs score diff | max abs margin diff "
-                  "| mean abs fp32 margin |",
-                  "|---:|---|---:|---:|---:|---:|"]
+        lines += [
+            "## Score error of the storage dtype vs float32 storage",
+            "",
+            *_run_line(e),
+            f"{e['checkpoint']}; {e['queries']} queries x {e['passages']} passages "
+            f"(mean {e['passage_tokens_mean']:.0f} tokens); "
+            f"largest stored |value| {e['max_abs_stored_value']:.2f}.",
+            "",
+            "| ratio | storage | max abs score diff | mean abs score diff | max abs margin diff "
+            "| mean abs fp32 margin |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
         for r in e["rows"]:
-            lines.append(f"| {r['ratio']} | {r['dtype']} | {r['max_abs_score_diff']:.2e} | "
-                         f"{r['mean_abs_score_diff']:.2e} | "
-                         f"{r['max_abs_margin_diff']:.2e} | {r['fp32_margin_abs_mean']:.2f} |")
+            lines.append(
+                f"| {r['ratio']} | {r['dtype']} | {r['max_abs_score_diff']:.2e} | "
+                f"{r['mean_abs_score_diff']:.2e} | "
+                f"{r['max_abs_margin_diff']:.2e} | {r['fp32_margin_abs_mean']:.2f} |"
+            )
         lines.append("")
     if "second_process" in results:
         s = results["second_process"]
-        lines += ["## A second process reranking what the first encoded (SQLite, Nano shape)", "", *_run_line(s),
-                  f"{s['queries']} queries x {s['passages']} passages. First process: encode {s['first_encode_s']} s, "
-                  f"score {s['first_score_s']} s. Second process: score {s['second_score_s']} s with "
-                  f"**{s['second_encoder_calls']} encoder calls**, {s['second_store_hits']} store hits / "
-                  f"{s['second_store_misses']} misses, max |score difference| {s['max_abs_score_diff']:.1e}.", ""]
+        lines += [
+            "## A second process reranking what the first encoded (SQLite, Nano shape)",
+            "",
+            *_run_line(s),
+            f"{s['queries']} queries x {s['passages']} passages. First process: encode {s['first_encode_s']} s, "
+            f"score {s['first_score_s']} s. Second process: score {s['second_score_s']} s with "
+            f"**{s['second_encoder_calls']} encoder calls**, {s['second_store_hits']} store hits / "
+            f"{s['second_store_misses']} misses, max |score difference| {s['max_abs_score_diff']:.1e}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -426,16 +533,25 @@ def environment() -> dict[str, Any]:
     redis_version = "n/a"
     if shutil.which("redis-server"):
         redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
-    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
-            "redis_server": redis_version.removeprefix("v="),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "redis_server": redis_version.removeprefix("v="),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="bytes,latency,error,second-process",
-                    help="comma-separated: bytes, latency, error, second-process")
+    ap.add_argument(
+        "--sections",
+        default="bytes,latency,error,second-process",
+        help="comma-separated: bytes, latency, error, second-process",
+    )
     ap.add_argument("--tokens", type=int, default=1024, help="passage tokens for the bytes section")
     ap.add_argument("--entries", type=int, default=100_000, help="entries in each store for the latency section")
     ap.add_argument("--fetch", type=int, default=100, help="entries per fetch")
@@ -466,12 +582,19 @@ def main() -> None:
     previous = out / "store.json"
     if previous.exists():  # keep sections not rerun this time
         results = {**json.loads(previous.read_text()), "environment": results["environment"]}
-    runners = {"bytes": bench_bytes, "latency": bench_latency, "error": bench_error,
-               "second-process": bench_second_process}
+    runners = {
+        "bytes": bench_bytes,
+        "latency": bench_latency,
+        "error": bench_error,
+        "second-process": bench_second_process,
+    }
     for section in sections:
         result = runners[section](args, work)
-        result["run"] = {"date": results["environment"]["date"], "command": results["environment"]["command"],
-                         "load_average_1min": round(os.getloadavg()[0], 2)}
+        result["run"] = {
+            "date": results["environment"]["date"],
+            "command": results["environment"]["command"],
+            "load_average_1min": round(os.getloadavg()[0], 2),
+        }
         results[section.replace("-", "_")] = result
     (out / "store.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "store.md").write_text(markdown(results) + "\n")

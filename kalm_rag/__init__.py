@@ -12,7 +12,6 @@ from kalm_rag.errors import (
 )
 from kalm_rag.store import PassageStore, PooledPassage
 
-
 __all__ = [
     "InvalidInputError",
     "KalmError",

@@ -92,7 +92,8 @@ def shared_store(store: PassageStore | str | None = None) -> PassageStore:
 
 def store_url(store: PassageStore | str | None) -> str | None:
     """The URL of ``store``: the string itself, or the URL a store object was opened from by
-    :func:`shared_store`; ``None`` for a store object built some other way (it has no portable form)."""
+    :func:`shared_store`; ``None`` for a store object built some other way (it has no portable form).
+    """
     if store is None:
         return DEFAULT_STORE_URL
     if isinstance(store, str):

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -39,7 +39,10 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def cli(
     version: Annotated[
-        bool, typer.Option("--version", metavar="", callback=_print_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option(
+            "--version", metavar="", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """FBNL reranking (KaLM-Reranker-V1) with a cached-passage store.
@@ -48,12 +51,15 @@ def cli(
     Set KALM_RAG_DEBUG=1 to see full tracebacks.
     """
 
+
 ModelOption = Annotated[
     str, typer.Option("--model", "-m", envvar="KALM_RAG_MODEL", help="kalm-mini, a checkpoint folder or a hub id.")
 ]
 StoreOption = Annotated[
-    Optional[str],
-    typer.Option("--store", envvar="KALM_RAG_STORE", help="Store URL: memory://, sqlite:///path.db, redis://host:port/0."),
+    str | None,
+    typer.Option(
+        "--store", envvar="KALM_RAG_STORE", help="Store URL: memory://, sqlite:///path.db, redis://host:port/0."
+    ),
 ]
 RatioOption = Annotated[int, typer.Option("--ratio", "-r", min=1, max=32, help="MEP pooling ratio (1..32).")]
 
@@ -67,7 +73,7 @@ def _error(message: str) -> NoReturn:
 def _read_requests(path: Path) -> list[dict[str, Any]]:
     """Read ``{"query": str, "passages": [str | {"id", "text"}], "top_k"?: int}`` lines."""
     requests = []
-    with (sys.stdin if str(path) == "-" else path.open(encoding="utf-8")) as fh:
+    with sys.stdin if str(path) == "-" else path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -101,12 +107,12 @@ def rerank(
     model: ModelOption = "kalm-mini",
     store: StoreOption = None,
     ratio: RatioOption = 4,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Keep the best K per query.")] = None,
-    instruction: Annotated[Optional[str], typer.Option(help="Task instruction (default: the official one).")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="Keep the best K per query.")] = None,
+    instruction: Annotated[str | None, typer.Option(help="Task instruction (default: the official one).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: CUDA when available).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32 or bfloat16.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSONL here (default: stdout).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA when available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write JSONL here (default: stdout).")] = None,
 ) -> None:
     """Rerank passages from a JSONL file: one {"query", "passages"} request per line.
 
@@ -116,7 +122,9 @@ def rerank(
 
     try:
         requests = _read_requests(input)
-        rr = Reranker.from_pretrained(model, store=store, ratio=ratio, device=device, dtype=dtype, batch_size=batch_size)
+        rr = Reranker.from_pretrained(
+            model, store=store, ratio=ratio, device=device, dtype=dtype, batch_size=batch_size
+        )
         out = output.open("w", encoding="utf-8") if output else sys.stdout
         try:
             for n, req in enumerate(requests, start=1):
@@ -182,20 +190,30 @@ def demo(
 
 
 BENCH_SHAPES = ("tiny", "nano", "small")
+BENCH_WORKDIR = user_cache_dir() / "bench"
 
 
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option(help="Folder for bench.md, bench.json and the plots (nothing is written elsewhere).",
-                                      file_okay=False)],
-    tokenizer: Annotated[Optional[Path], typer.Option(
-        help="Gemma 3 tokenizer folder (tokenizer.json[.gz]), e.g. ../shared/models/gemma3-tokenizer; needed by the "
-             "nano and small shapes (tiny trains its own).")] = None,
-    workdir: Annotated[Path, typer.Option(help="Where the random checkpoint is built and reused.")] = user_cache_dir() / "bench",
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder for bench.md, bench.json and the plots (nothing is written elsewhere).", file_okay=False
+        ),
+    ],
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Gemma 3 tokenizer folder (tokenizer.json[.gz]), e.g. ../shared/models/gemma3-tokenizer; needed by "
+            "the "
+            "nano and small shapes (tiny trains its own)."
+        ),
+    ] = None,
+    workdir: Annotated[Path, typer.Option(help="Where the random checkpoint is built and reused.")] = BENCH_WORKDIR,
     shape: Annotated[str, typer.Option(help="Model shape: nano or small (tiny for a smoke run).")] = "nano",
     n: Annotated[int, typer.Option(min=1, help="Passages per query for the efficiency measure.")] = 100,
     n_official: Annotated[int, typer.Option(min=1, help="Passages per query against the official recipe.")] = 16,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's).")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measure (the median is kept).")] = 3,
     quick: Annotated[bool, typer.Option(metavar="", help="Small sweeps (N up to 100, lengths up to 512).")] = False,
     plots: Annotated[bool, typer.Option(metavar="", help="Draw the latency plots (needs kalm-rag[bench]).")] = True,
@@ -208,15 +226,27 @@ def bench(
     if shape not in BENCH_SHAPES:
         _error(f"--shape must be one of {', '.join(BENCH_SHAPES)}, got {shape!r}")
     if tokenizer is None and shape != "tiny":
-        _error(f"the {shape} shape needs the Gemma 3 tokenizer: pass --tokenizer (e.g. ../shared/models/gemma3-tokenizer)")
+        _error(
+            f"the {shape} shape needs the Gemma 3 tokenizer: pass --tokenizer (e.g. ../shared/models/gemma3-tokenizer)"
+        )
     if tokenizer is not None and not any((tokenizer / f).is_file() for f in ("tokenizer.json", "tokenizer.json.gz")):
         _error(f"--tokenizer {tokenizer} is not a tokenizer folder (no tokenizer.json or tokenizer.json.gz there)")
     if plots and importlib.util.find_spec("matplotlib") is None:
         _error('the plots need matplotlib: pip install "kalm-rag[bench]" (or pass --no-plots)')
     from kalm_rag.bench.suite import BenchConfig, run_suite
 
-    cfg = BenchConfig(tokenizer=tokenizer, workdir=workdir, out_dir=out, shape=shape, n=n, n_official=n_official,
-                      threads=threads, repeats=repeats, plots=plots, log=lambda msg: typer.echo(msg, err=True))
+    cfg = BenchConfig(
+        tokenizer=tokenizer,
+        workdir=workdir,
+        out_dir=out,
+        shape=shape,
+        n=n,
+        n_official=n_official,
+        threads=threads,
+        repeats=repeats,
+        plots=plots,
+        log=lambda msg: typer.echo(msg, err=True),
+    )
     if quick:
         cfg.n_sweep, cfg.length_sweep, cfg.long_tokens = (10, 30, 100), (128, 256, 512), 512
     try:

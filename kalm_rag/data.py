@@ -78,7 +78,9 @@ def read_csv(
     convert = pa_csv.ConvertOptions(
         column_types=dict.fromkeys(names, pa.string()), include_columns=list(columns) if columns else None
     )
-    with pa_csv.open_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter), convert_options=convert) as reader:
+    with pa_csv.open_csv(
+        path, parse_options=pa_csv.ParseOptions(delimiter=delimiter), convert_options=convert
+    ) as reader:
         for batch in reader:
             yield from batch.to_pylist()
 
@@ -187,11 +189,14 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
 def load_beir(folder: str | Path, split: str = "test", *, name: str | None = None) -> BeirDataset:
     """Load a BEIR folder (the queries kept are those with judgements in ``split``)."""
     folder = Path(folder)
-    corpus = {str(r["_id"]): passage_text(r.get("title"), r.get("text")) for r in read_jsonl(_first_existing(folder, "corpus"))}
+    corpus = {
+        str(r["_id"]): passage_text(r.get("title"), r.get("text"))
+        for r in read_jsonl(_first_existing(folder, "corpus"))
+    }
     all_queries = {str(r["_id"]): r["text"] for r in read_jsonl(_first_existing(folder, "queries"))}
     qrels = read_qrels(folder / "qrels" / f"{split}.tsv")
     queries = {q: all_queries[q] for q in qrels if q in all_queries}
-    candidates = None
+    candidates: dict[str, list[str]] | None = None
     if (folder / "candidates.tsv").is_file():
         candidates = {}
         with open(folder / "candidates.tsv", encoding="utf-8") as fh:

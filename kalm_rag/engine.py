@@ -63,7 +63,8 @@ class Reranker:
     Example:
         >>> rr = Reranker.from_pretrained("path/to/KaLM-Reranker-V1-Nano")  # doctest: +SKIP
         >>> rr.encode(["Paris is the capital of France.", "Bananas are yellow."])  # doctest: +SKIP
-        >>> rr.rerank("capital of France?", ["Bananas are yellow.", "Paris is the capital of France."])  # doctest: +SKIP
+        >>> passages = ["Bananas are yellow.", "Paris is the capital of France."]
+        >>> rr.rerank("capital of France?", passages)  # doctest: +SKIP
         [RankedPassage(index=1, score=0.98, text='Paris is ...'), RankedPassage(index=0, score=0.01, ...)]
     """
 
@@ -95,7 +96,8 @@ class Reranker:
         self.max_passage_tokens = check_positive_int(max_passage_tokens, "max_passage_tokens")
         self.instruction = DEFAULT_INSTRUCTION if instruction is None else check_text(instruction, "instruction")
         self.system_instruction = (
-            DEFAULT_SYSTEM_INSTRUCTION if system_instruction is None
+            DEFAULT_SYSTEM_INSTRUCTION
+            if system_instruction is None
             else check_text(system_instruction, "system_instruction")
         )
         if storage_dtype not in STORAGE_DTYPES:
@@ -123,7 +125,7 @@ class Reranker:
         base_ratio: int = 1,
         storage_dtype: str = "float32",
         show_progress_bar: bool | None = None,
-    ) -> "Reranker":
+    ) -> Reranker:
         """Load a KaLM-Reranker-V1 checkpoint (local folder or hub id) as a reranker.
 
         Args:
@@ -146,9 +148,17 @@ class Reranker:
         torch_dtype = _resolve_dtype(dtype, torch_device)
         backend = load_backend(name_or_path, device=torch_device, dtype=torch_dtype)
         return cls(
-            backend, store=store, ratio=ratio, batch_size=batch_size, max_query_tokens=max_query_tokens,
-            max_passage_tokens=max_passage_tokens, instruction=instruction, system_instruction=system_instruction,
-            base_ratio=base_ratio, storage_dtype=storage_dtype, show_progress_bar=show_progress_bar,
+            backend,
+            store=store,
+            ratio=ratio,
+            batch_size=batch_size,
+            max_query_tokens=max_query_tokens,
+            max_passage_tokens=max_passage_tokens,
+            instruction=instruction,
+            system_instruction=system_instruction,
+            base_ratio=base_ratio,
+            storage_dtype=storage_dtype,
+            show_progress_bar=show_progress_bar,
         )
 
     # ----- identity --------------------------------------------------------------------------------
@@ -187,14 +197,21 @@ class Reranker:
             self._encode_into_store(missing, show_progress_bar=show_progress_bar)
         return len(missing)
 
-    def _encode_into_store(self, texts_by_key: dict[str, str], *, show_progress_bar: bool | None) -> dict[str, PooledPassage]:
+    def _encode_into_store(
+        self, texts_by_key: dict[str, str], *, show_progress_bar: bool | None
+    ) -> dict[str, PooledPassage]:
         """Run the encoder over ``texts_by_key`` (longest first), pool, store and return the entries."""
         keys = list(texts_by_key)
         token_ids = self.backend.tokenize_passages([texts_by_key[k] for k in keys], self.max_passage_tokens)
         order = sorted(range(len(keys)), key=lambda i: -len(token_ids[i]))
         entries: dict[str, PooledPassage] = {}
-        bar = tqdm(total=len(keys), desc="Encoding passages", unit="passage",
-                   disable=not self._progress_enabled(show_progress_bar, len(keys)))
+        bar = tqdm(
+            total=len(keys),
+            desc="Encoding passages",
+            unit="passage",
+            disable=not self._progress_enabled(show_progress_bar, len(keys)),
+        )
+
         def encode_batch(batch: list[int]) -> None:
             ids, mask = right_pad([token_ids[i] for i in batch], self.backend.pad_token_id)
             hidden = self.backend.encode(ids, mask)  # (B, n, d)
@@ -359,13 +376,16 @@ class Reranker:
     def _margins(self, query: str, texts: list[str], *, instruction: str, ratio: int) -> torch.Tensor:
         """Margins ``(N,)`` of one query against ``texts``: store lookups, exact re-pooling, decoder."""
         prompt = self.backend.prompt_ids(
-            query, instruction=instruction, system_instruction=self.system_instruction,
+            query,
+            instruction=instruction,
+            system_instruction=self.system_instruction,
             max_query_tokens=self.max_query_tokens,
         )
         pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in self._pooled(texts)]
         order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
         margins = torch.empty(len(pooled), dtype=torch.float32)
         prompt_ids = torch.tensor(prompt, dtype=torch.long)
+
         def score_batch(batch: list[int]) -> None:
             vectors, mask = right_pad_vectors([pooled[i] for i in batch], self.backend.dtype)  # (B, W, d), (B, W)
             B = len(batch)
@@ -388,7 +408,7 @@ class Reranker:
         """
         start = 0
         while start < len(order):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             try:
                 fn(batch)
             except torch.OutOfMemoryError:
@@ -451,4 +471,3 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if resolved not in (torch.float32, torch.bfloat16):
         raise InvalidInputError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     return resolved
-

@@ -28,7 +28,8 @@ def right_pad_vectors(
     vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(n_i, d)`` tensors into ``(B, n, d)`` (zeros after each end, in ``dtype``, default the first's)
-    and a ``(B, n)`` 0/1 mask."""
+    and a ``(B, n)`` 0/1 mask.
+    """
     n = max(v.shape[0] for v in vectors)
     d = vectors[0].shape[1]
     out = torch.zeros((len(vectors), n, d), dtype=dtype or vectors[0].dtype)  # (B, n, d)

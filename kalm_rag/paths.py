@@ -13,7 +13,8 @@ def user_cache_dir() -> Path:
 
 def default_cache_dir() -> Path:
     """Where training and evaluation keep encodings and runs: ``$KALM_RAG_CACHE``, else the user cache folder
-    (``$XDG_CACHE_HOME/kalm-rag/kalm-mini``, by default ``~/.cache/kalm-rag/kalm-mini``)."""
+    (``$XDG_CACHE_HOME/kalm-rag/kalm-mini``, by default ``~/.cache/kalm-rag/kalm-mini``).
+    """
     if os.environ.get("KALM_RAG_CACHE"):
         return Path(os.environ["KALM_RAG_CACHE"]).expanduser()
     return user_cache_dir() / "kalm-mini"

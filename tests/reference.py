@@ -10,25 +10,36 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 SYSTEM = (
-    'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
     'Note that the answer can only be "yes" or "no".'
 )
 INSTRUCTION = "Given a query, retrieve documents that answer the query."
 
 
 def official_margin(
-    model, tokenizer, query: str, passage: str, *, ratio: int, instruction: str = INSTRUCTION,
-    system: str = SYSTEM, max_query_tokens: int = 512, max_passage_tokens: int = 1024,
+    model,
+    tokenizer,
+    query: str,
+    passage: str,
+    *,
+    ratio: int,
+    instruction: str = INSTRUCTION,
+    system: str = SYSTEM,
+    max_query_tokens: int = 512,
+    max_passage_tokens: int = 1024,
 ) -> float:
     """z_yes - z_no for one (query, passage) pair: no batching, no cache, full LM-head logits."""
     with torch.no_grad():
         enc = tokenizer(
-            "<Document>: " + passage, add_special_tokens=False, truncation=True,
-            max_length=max_passage_tokens, return_tensors="pt",
+            "<Document>: " + passage,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_passage_tokens,
+            return_tensors="pt",
         )
         states = model.get_encoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
         n = states.shape[1]
-        windows = [states[0, start:start + ratio].mean(dim=0) for start in range(0, n, ratio)]
+        windows = [states[0, start : start + ratio].mean(dim=0) for start in range(0, n, ratio)]
         pooled = torch.stack(windows).unsqueeze(0)  # (1, ceil(n/r), d)
 
         q_ids = tokenizer.encode(query, add_special_tokens=False)[:max_query_tokens]

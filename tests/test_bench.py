@@ -32,15 +32,25 @@ def test_dtype_error_measures_differences():
 
 def test_suite_smoke_run_on_a_tiny_shape(tiny_checkpoint, tmp_path):
     cfg = BenchConfig(
-        tokenizer=tiny_checkpoint, workdir=tmp_path / "work", out_dir=tmp_path / "out", shape="tiny",
-        n=6, n_official=4, tokens=40, long_tokens=80, n_sweep=(2, 4), length_sweep=(32, 64), ratio_sweep=(1, 8),
-        repeats=1, log=lambda msg: None,
+        tokenizer=tiny_checkpoint,
+        workdir=tmp_path / "work",
+        out_dir=tmp_path / "out",
+        shape="tiny",
+        n=6,
+        n_official=4,
+        tokens=40,
+        long_tokens=80,
+        n_sweep=(2, 4),
+        length_sweep=(32, 64),
+        ratio_sweep=(1, 8),
+        repeats=1,
+        log=lambda msg: None,
     )
     res = run_suite(cfg)
     for dtype in ("float32", "bfloat16"):
         block = res[dtype]
         assert block["official_40"]["speedup"] > 0 and block["cross_encoder"]["speedup"] > 0
-        assert block["matmul_gflops"] > 0 and 0 < block["efficiency_executed"]
+        assert block["matmul_gflops"] > 0 and block["efficiency_executed"] > 0
     assert res["float32"]["official_40"]["max_abs_margin_diff"] < 1e-4
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert saved["prompt_tokens"] == res["prompt_tokens"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kalm_rag import InvalidInputError, ModelLoadError, NumericalError, RankedPassage, Reranker
-from kalm_rag.store import MemoryStore
 from kalm_rag.bench.checkpoints import make_tiny_tokenizer
+from kalm_rag.store import MemoryStore
 
 QUERY = "What is the capital of France?"
 PASSAGES = ["Paris is the capital of France.", "Bananas are yellow.", "The Seine flows through Paris. " * 4]

@@ -1,8 +1,9 @@
 """Every tutorial notebook in notebooks/ executes without an error (nbclient, a fresh kernel each).
 
 The notebooks run on the model named by ``KALM_RAG_MODEL`` (default: the embedded kalm-mini); this test
-does not set it, so CI runs them on kalm-mini. Each notebook runs in its own temporary working
-directory, so the stores, BEIR files and YAML it writes never land in the repository. Offline: the
+does not set it, so CI runs them on kalm-mini. Each notebook writes its stores, BEIR files and YAML into a
+temporary folder of its own (``WORK``); the test runs it from an empty working directory and checks that
+it is still empty afterwards, so running a notebook by hand leaves nothing in the repository. Offline: the
 kernel inherits ``HF_HUB_OFFLINE=1``, Haystack's telemetry switched off and ``OMP_NUM_THREADS=1``.
 """
 
@@ -52,3 +53,5 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
         client.execute()
     except nbclient.exceptions.CellExecutionError as exc:
         pytest.fail(f"{path.name} failed:\n{exc}", pytrace=False)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not left, f"{path.name} wrote {left} into its working directory"

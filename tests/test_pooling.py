@@ -10,7 +10,7 @@ from kalm_rag.pooling import mep_pool, repool
 
 def naive_pool(states: torch.Tensor, n_real: int, ratio: int) -> torch.Tensor:
     real = states[:n_real]
-    return torch.stack([real[s:s + ratio].mean(dim=0) for s in range(0, n_real, ratio)])
+    return torch.stack([real[s : s + ratio].mean(dim=0) for s in range(0, n_real, ratio)])
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 3, 4, 7, 8, 32])

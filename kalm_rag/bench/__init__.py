@@ -1,2 +1,3 @@
 """Developer tooling, never imported by the engine: the kalm-rag bench suite (suite) and the random
-checkpoints that the suite, the tests and benchmarks/ build (checkpoints)."""
+checkpoints that the suite, the tests and benchmarks/ build (checkpoints).
+"""

@@ -25,7 +25,11 @@ _CORPUS = [
     "Python is a programming language that lets you work quickly and integrate systems.",
     "A reranker scores query and passage pairs; the best passages come first.",
     "What is the tallest mountain on Earth? Mount Everest rises 8849 metres above sea level.",
-    "yes", "no", "yes no", "Yes", "No",
+    "yes",
+    "no",
+    "yes no",
+    "Yes",
+    "No",
 ]
 
 
@@ -76,8 +80,13 @@ def copy_gemma_tokenizer(src_dir: str | Path, out_dir: str | Path) -> Path:
 def text_config_for_shape(shape: str, vocab_size: int) -> dict[str, Any]:
     if shape == "tiny":
         return dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=16,
             # a small window so that sliding layers really slide over the ~60-token prompt
             sliding_window=8,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
@@ -91,8 +100,14 @@ def text_config_for_shape(shape: str, vocab_size: int) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown shape {shape!r}; expected tiny, nano or small")
     return dict(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=512,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=512,
         layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
         rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
@@ -102,7 +117,11 @@ def text_config_for_shape(shape: str, vocab_size: int) -> dict[str, Any]:
 
 
 def make_random_t5gemma2(
-    out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, shape: str = "tiny", seed: int = 0,
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    shape: str = "tiny",
+    seed: int = 0,
     dtype: str = "float32",
 ) -> Path:
     """Write a random ``T5Gemma2ForConditionalGeneration`` checkpoint with its tokenizer; return its folder.
@@ -128,13 +147,30 @@ def make_random_t5gemma2(
     if shape == "tiny":
         vocab_size = ((vocab_size + 63) // 64) * 64
     text = text_config_for_shape(shape, vocab_size)
-    special = dict(vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id)
-    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=28, patch_size=14)
+    special = dict(
+        vocab_size=vocab_size,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
     config = T5Gemma2Config(
-        encoder=dict(text_config={**text, **special}, vision_config=vision, mm_tokens_per_image=4,
-                     boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 2, image_token_index=vocab_size - 1),
+        encoder=dict(
+            text_config={**text, **special},
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            boi_token_index=vocab_size - 3,
+            eoi_token_index=vocab_size - 2,
+            image_token_index=vocab_size - 1,
+        ),
         decoder={**text, **special},
         image_token_index=vocab_size - 1,
         **special,

@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,71 @@ from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, for
 from kalm_rag.store import MemoryStore
 
 QUERY = "What is the effect of river water temperature on protein stability in cells?"
-_WORDS = (
-    "the of and to in is was for on that with as by at from his an were are which this be or had not first "
-    "one their its new after but who they has have been two her all other more also can into time year only "
-    "city river water energy cell protein study patients results method data model system between during"
-).split()
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "or",
+    "had",
+    "not",
+    "first",
+    "one",
+    "their",
+    "its",
+    "new",
+    "after",
+    "but",
+    "who",
+    "they",
+    "has",
+    "have",
+    "been",
+    "two",
+    "her",
+    "all",
+    "other",
+    "more",
+    "also",
+    "can",
+    "into",
+    "time",
+    "year",
+    "only",
+    "city",
+    "river",
+    "water",
+    "energy",
+    "cell",
+    "protein",
+    "study",
+    "patients",
+    "results",
+    "method",
+    "data",
+    "model",
+    "system",
+    "between",
+    "during",
+]
 
 
 @dataclass
@@ -109,14 +170,24 @@ def peak_rss_mib() -> float:
 @torch.inference_mode()
 def official_recipe(model: Any, tokenizer: Any, query: str, passages: list[str], ratio: int) -> torch.Tensor:
     """The official recipe: one padded batch, the encoder every call, MEP, decoder with full logits."""
-    enc = tokenizer([format_passage(p) for p in passages], add_special_tokens=False, padding=True,
-                    truncation=True, max_length=1024, return_tensors="pt")
+    enc = tokenizer(
+        [format_passage(p) for p in passages],
+        add_special_tokens=False,
+        padding=True,
+        truncation=True,
+        max_length=1024,
+        return_tensors="pt",
+    )
     states = model.get_encoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
     pooled, counts = mep_pool(states, enc.attention_mask, ratio)
     prompt = format_prompt(query, instruction=DEFAULT_INSTRUCTION, system_instruction=DEFAULT_SYSTEM_INSTRUCTION)
     dec = tokenizer([prompt] * len(passages), add_special_tokens=False, return_tensors="pt")
-    logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=pooled), attention_mask=(counts > 0).long(),
-                   decoder_input_ids=dec.input_ids, use_cache=False).logits  # (N, T, V)
+    logits = model(
+        encoder_outputs=BaseModelOutput(last_hidden_state=pooled),
+        attention_mask=(counts > 0).long(),
+        decoder_input_ids=dec.input_ids,
+        use_cache=False,
+    ).logits  # (N, T, V)
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     return (logits[:, -1, yes] - logits[:, -1, no]).float()
 
@@ -126,9 +197,14 @@ def build_cross_encoder(shape: str, tokenizer: Any, dtype: torch.dtype) -> Any:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     text = text_config_for_shape(shape, len(tokenizer))
-    config = Gemma3TextConfig(**text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return Gemma3ForCausalLM(config).to(dtype).eval()
+    config = Gemma3TextConfig(
+        **text,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return Gemma3ForCausalLM(config).to(dtype).eval()  # type: ignore[arg-type]  # transformers types .to() oddly
 
 
 @torch.inference_mode()
@@ -138,8 +214,14 @@ def cross_encoder_margins(model: Any, tokenizer: Any, query: str, passages: list
     rows = model.get_output_embeddings().weight[[yes, no]].float()  # (2, d)
     out = []
     for start in range(0, len(passages), batch_size):
-        texts = [format_prompt(f"{query}\n<Document>: {p}", instruction=DEFAULT_INSTRUCTION,
-                               system_instruction=DEFAULT_SYSTEM_INSTRUCTION) for p in passages[start:start + batch_size]]
+        texts = [
+            format_prompt(
+                f"{query}\n<Document>: {p}",
+                instruction=DEFAULT_INSTRUCTION,
+                system_instruction=DEFAULT_SYSTEM_INSTRUCTION,
+            )
+            for p in passages[start : start + batch_size]
+        ]
         enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         hidden = model.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
         last = hidden[torch.arange(hidden.shape[0]), enc.attention_mask.sum(1) - 1].float()
@@ -159,8 +241,14 @@ def decoder_flops(model: Any, prompt_tokens: int, windows: int, n: int) -> dict[
     runs the output projection and MLP for the last position only, plus the passages' k/v projections.
     """
     cfg = model.config.decoder
-    d, H, Hkv, hd, inter, L = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                               cfg.intermediate_size, cfg.num_hidden_layers)
+    d, H, Hkv, hd, inter, L = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+    )
     decoder = model.get_decoder()
     params = sum(p.numel() for name, p in decoder.named_parameters() if "embed_tokens" not in name)
     T, W = prompt_tokens, windows
@@ -202,19 +290,26 @@ def run_suite(cfg: BenchConfig) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     res = cfg.results
     res["machine"] = {
-        "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "shape": cfg.shape,
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "shape": cfg.shape,
     }
     passages = make_passages(tokenizer, max(cfg.n, cfg.n_official), cfg.tokens)
-    prompt_tokens = len(tokenizer(format_prompt(QUERY, instruction=DEFAULT_INSTRUCTION,
-                                                system_instruction=DEFAULT_SYSTEM_INSTRUCTION),
-                                  add_special_tokens=False)["input_ids"])
+    prompt_tokens = len(
+        tokenizer(
+            format_prompt(QUERY, instruction=DEFAULT_INSTRUCTION, system_instruction=DEFAULT_SYSTEM_INSTRUCTION),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
     res["prompt_tokens"] = prompt_tokens
     for dtype_name in cfg.dtypes:
         dtype = getattr(torch, dtype_name)
         cfg.log(f"[{dtype_name}] loading")
-        rr = Reranker.from_pretrained(ckpt, dtype=dtype_name, ratio=cfg.ratio, batch_size=cfg.batch_size,
-                                      store=MemoryStore(max_bytes=8 << 30))
+        rr = Reranker.from_pretrained(
+            ckpt, dtype=dtype_name, ratio=cfg.ratio, batch_size=cfg.batch_size, store=MemoryStore(max_bytes=8 << 30)
+        )
         model = AutoModelForSeq2SeqLM.from_pretrained(ckpt, dtype=dtype).eval()
         res[dtype_name] = _dtype_block(cfg, rr, model, tokenizer, passages, prompt_tokens, dtype)
         res[dtype_name]["peak_rss_mib"] = peak_rss_mib()
@@ -228,8 +323,15 @@ def run_suite(cfg: BenchConfig) -> dict[str, Any]:
     return res
 
 
-def _dtype_block(cfg: BenchConfig, rr: Reranker, model: Any, tokenizer: Any, passages: list[str],
-                 prompt_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+def _dtype_block(
+    cfg: BenchConfig,
+    rr: Reranker,
+    model: Any,
+    tokenizer: Any,
+    passages: list[str],
+    prompt_tokens: int,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     warm = passages[: cfg.n]
     # pre-encoding throughput vs the raw encoder forward over the same batches
@@ -244,27 +346,39 @@ def _dtype_block(cfg: BenchConfig, rr: Reranker, model: Any, tokenizer: Any, pas
     windows = -(-cfg.tokens // cfg.ratio)
     flops = decoder_flops(model, prompt_tokens, windows, len(warm))
     rate = matmul_rate(model, prompt_tokens * cfg.batch_size, dtype, cfg.repeats)
-    out.update({
-        "warm_n": len(warm), "warm_s": t_warm, "warm_ms_per_passage": 1e3 * t_warm / len(warm),
-        "gflops_formula": flops["formula"] / t_warm / 1e9, "gflops_executed": flops["executed"] / t_warm / 1e9,
-        "matmul_gflops": rate, "decoder_params": flops["decoder_params"],
-    })
+    out.update(
+        {
+            "warm_n": len(warm),
+            "warm_s": t_warm,
+            "warm_ms_per_passage": 1e3 * t_warm / len(warm),
+            "gflops_formula": flops["formula"] / t_warm / 1e9,
+            "gflops_executed": flops["executed"] / t_warm / 1e9,
+            "matmul_gflops": rate,
+            "decoder_params": flops["decoder_params"],
+        }
+    )
     out["efficiency_formula"] = out["gflops_formula"] / rate
     out["efficiency_executed"] = out["gflops_executed"] / rate
-    cfg.log(f"  warm N={len(warm)}: {t_warm:.2f}s, {out['gflops_executed']:.0f} GFLOP/s executed "
-            f"({out['gflops_formula']:.0f} by formula) vs matmul {rate:.0f} -> {out['efficiency_executed']:.0%}")
+    cfg.log(
+        f"  warm N={len(warm)}: {t_warm:.2f}s, {out['gflops_executed']:.0f} GFLOP/s executed "
+        f"({out['gflops_formula']:.0f} by formula) vs matmul {rate:.0f} -> {out['efficiency_executed']:.0%}"
+    )
 
     # versus the official recipe, per query, at the short and the long passage length
     for tokens in (cfg.tokens, cfg.long_tokens):
         ps = make_passages(tokenizer, cfg.n_official, tokens, seed=tokens)
         rr.encode(ps)
-        t_fbnl = median_time(lambda: rr.score(QUERY, ps), cfg.repeats)
-        t_off = median_time(lambda: official_recipe(model, tokenizer, QUERY, ps, cfg.ratio), max(1, cfg.repeats - 1),
-                            warmup=False)
+        t_fbnl = median_time(partial(rr.score, QUERY, ps), cfg.repeats)
+        t_off = median_time(
+            partial(official_recipe, model, tokenizer, QUERY, ps, cfg.ratio), max(1, cfg.repeats - 1), warmup=False
+        )
         got = torch.tensor(rr.score(QUERY, ps, return_margin=True))
         ref = official_recipe(model, tokenizer, QUERY, ps, cfg.ratio)
         out[f"official_{tokens}"] = {
-            "n": len(ps), "warm_s": t_fbnl, "official_s": t_off, "speedup": t_off / t_fbnl,
+            "n": len(ps),
+            "warm_s": t_fbnl,
+            "official_s": t_off,
+            "speedup": t_off / t_fbnl,
             "max_abs_margin_diff": float((got - ref).abs().max()),
         }
         cfg.log(f"  vs official @{tokens} tokens, N={len(ps)}: {t_off:.2f}s / {t_fbnl:.2f}s = {t_off / t_fbnl:.1f}x")
@@ -272,8 +386,11 @@ def _dtype_block(cfg: BenchConfig, rr: Reranker, model: Any, tokenizer: Any, pas
     # versus a same-size cross-encoder reading prompt + passage
     ce = build_cross_encoder(cfg.shape, tokenizer, dtype)
     ps = passages[: cfg.n_official]
-    t_ce = median_time(lambda: cross_encoder_margins(ce, tokenizer, QUERY, ps, cfg.batch_size), max(1, cfg.repeats - 1),
-                       warmup=False)
+    t_ce = median_time(
+        partial(cross_encoder_margins, ce, tokenizer, QUERY, ps, cfg.batch_size),
+        max(1, cfg.repeats - 1),
+        warmup=False,
+    )
     t_fbnl = median_time(lambda: rr.score(QUERY, ps), cfg.repeats)
     out["cross_encoder"] = {"n": len(ps), "cross_encoder_s": t_ce, "warm_s": t_fbnl, "speedup": t_ce / t_fbnl}
     out["margins"] = rr.score(QUERY, warm, return_margin=True)  # for the bf16-vs-fp32 error
@@ -296,8 +413,10 @@ def dtype_error(reference: list[float], other: list[float]) -> dict[str, float]:
     top10_oth = set(oth.argsort(descending=True)[:10].tolist())
     ranks = torch.stack([ref.argsort().argsort().float(), oth.argsort().argsort().float()])
     return {
-        "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
-        "max_abs_over_std": float(diff.max() / ref.std()), "spearman": float(torch.corrcoef(ranks)[0, 1]),
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "max_abs_over_std": float(diff.max() / ref.std()),
+        "spearman": float(torch.corrcoef(ranks)[0, 1]),
         "top10_overlap": len(top10_ref & top10_oth) / 10,
         "prob_max_abs": float((torch.sigmoid(ref) - torch.sigmoid(oth)).abs().max()),
     }
@@ -308,17 +427,17 @@ def _sweeps(cfg: BenchConfig, rr: Reranker, tokenizer: Any) -> dict[str, Any]:
     pool = make_passages(tokenizer, max(cfg.n_sweep), cfg.tokens, seed=7)
     rr.encode(pool)
     for n in cfg.n_sweep:
-        t = median_time(lambda: rr.score(QUERY, pool[:n]), 1 if n >= 300 else cfg.repeats)
+        t = median_time(partial(rr.score, QUERY, pool[:n]), 1 if n >= 300 else cfg.repeats)
         sweeps["n"].append({"n": n, "s": t})
         cfg.log(f"  sweep N={n}: {t:.2f}s")
     for tokens in cfg.length_sweep:
         ps = make_passages(tokenizer, cfg.n, tokens, seed=100 + tokens)
         rr.encode(ps)
-        t = median_time(lambda: rr.score(QUERY, ps), cfg.repeats)
+        t = median_time(partial(rr.score, QUERY, ps), cfg.repeats)
         sweeps["length"].append({"tokens": tokens, "s": t})
         cfg.log(f"  sweep length={tokens}: {t:.2f}s")
     for r in cfg.ratio_sweep:
-        t = median_time(lambda: rr.score(QUERY, pool[: cfg.n], ratio=r), cfg.repeats)
+        t = median_time(partial(rr.score, QUERY, pool[: cfg.n], ratio=r), cfg.repeats)
         sweeps["ratio"].append({"ratio": r, "s": t})
         cfg.log(f"  sweep ratio={r}: {t:.2f}s")
     return sweeps
@@ -328,8 +447,12 @@ def _sweeps(cfg: BenchConfig, rr: Reranker, tokenizer: Any) -> dict[str, Any]:
 def _raw_encoder_time(model: Any, tokenizer: Any, passages: list[str], batch_size: int) -> float:
     start = time.perf_counter()
     for i in range(0, len(passages), batch_size):
-        enc = tokenizer([format_passage(p) for p in passages[i:i + batch_size]], add_special_tokens=False,
-                        padding=True, return_tensors="pt")
+        enc = tokenizer(
+            [format_passage(p) for p in passages[i : i + batch_size]],
+            add_special_tokens=False,
+            padding=True,
+            return_tensors="pt",
+        )
         model.get_encoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
     return time.perf_counter() - start
 
@@ -385,52 +508,100 @@ def _write(cfg: BenchConfig, res: dict[str, Any]) -> None:
 def render_markdown(cfg: BenchConfig, res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
-        "# Online scoring benchmark (`kalm-rag bench`)", "",
+        "# Online scoring benchmark (`kalm-rag bench`)",
+        "",
         f"Machine: {m['cpu']}, {m['threads']} torch threads, torch {m['torch']}. Model: {m['shape']}-shaped "
         f"T5Gemma 2 with random weights; prompt {res['prompt_tokens']} tokens; MEP ratio {cfg.ratio}; "
-        f"passages of {cfg.tokens} tokens unless stated; medians of {cfg.repeats} runs.", "",
-        "| measure | " + " | ".join(cfg.dtypes) + " |", "|---|" + "---|" * len(cfg.dtypes),
+        f"passages of {cfg.tokens} tokens unless stated; medians of {cfg.repeats} runs.",
+        "",
+        "| measure | " + " | ".join(cfg.dtypes) + " |",
+        "|---|" + "---|" * len(cfg.dtypes),
     ]
 
     def row(label: str, fn: Callable[[dict[str, Any]], str]) -> None:
         lines.append(f"| {label} | " + " | ".join(fn(res[d]) for d in cfg.dtypes) + " |")
 
-    row(f"warm store, N={cfg.n}: time per query", lambda b: f"{b['warm_s']:.2f} s ({b['warm_ms_per_passage']:.1f} ms/passage)")
-    row("achieved GFLOP/s (executed / issue formula)", lambda b: f"{b['gflops_executed']:.0f} / {b['gflops_formula']:.0f}")
+    row(
+        f"warm store, N={cfg.n}: time per query",
+        lambda b: f"{b['warm_s']:.2f} s ({b['warm_ms_per_passage']:.1f} ms/passage)",
+    )
+    row(
+        "achieved GFLOP/s (executed / issue formula)",
+        lambda b: f"{b['gflops_executed']:.0f} / {b['gflops_formula']:.0f}",
+    )
     row("matrix-product rate, decoder shapes", lambda b: f"{b['matmul_gflops']:.0f} GFLOP/s")
-    row("**efficiency** (executed / formula)", lambda b: f"**{b['efficiency_executed']:.0%}** / {b['efficiency_formula']:.0%}")
+    row(
+        "**efficiency** (executed / formula)",
+        lambda b: f"**{b['efficiency_executed']:.0%}** / {b['efficiency_formula']:.0%}",
+    )
     for tokens in (cfg.tokens, cfg.long_tokens):
-        row(f"official recipe vs warm, {tokens}-token passages (N={cfg.n_official})",
-            lambda b, t=tokens: f"{b[f'official_{t}']['official_s']:.2f} s vs {b[f'official_{t}']['warm_s']:.2f} s = "
-                                f"**{b[f'official_{t}']['speedup']:.1f}x**")
-        row(f"max abs margin diff vs official, {tokens} tokens", lambda b, t=tokens: f"{b[f'official_{t}']['max_abs_margin_diff']:.1e}")
-    row(f"same-size cross-encoder vs warm (N={cfg.n_official})",
-        lambda b: f"{b['cross_encoder']['cross_encoder_s']:.2f} s vs {b['cross_encoder']['warm_s']:.2f} s = "
-                  f"**{b['cross_encoder']['speedup']:.1f}x**")
-    row(f"cascade (N at r=32, top-20 at r=2) vs single pass r=2",
-        lambda b: f"{b['cascade']['cascade_s']:.2f} s vs {b['cascade']['single_r2_s']:.2f} s = {b['cascade']['speedup']:.1f}x")
-    row("pre-encoding vs raw encoder forward", lambda b: f"{b['encode_passages_per_s']:.1f} vs {b['raw_encoder_passages_per_s']:.1f} passages/s")
+        row(
+            f"official recipe vs warm, {tokens}-token passages (N={cfg.n_official})",
+            partial(_official_cell, key=f"official_{tokens}"),
+        )
+        row(
+            f"max abs margin diff vs official, {tokens} tokens",
+            partial(_margin_diff_cell, key=f"official_{tokens}"),
+        )
+    row(
+        f"same-size cross-encoder vs warm (N={cfg.n_official})",
+        lambda b: (
+            f"{b['cross_encoder']['cross_encoder_s']:.2f} s vs {b['cross_encoder']['warm_s']:.2f} s = "
+            f"**{b['cross_encoder']['speedup']:.1f}x**"
+        ),
+    )
+    row(
+        "cascade (N at r=32, top-20 at r=2) vs single pass r=2",
+        lambda b: (
+            f"{b['cascade']['cascade_s']:.2f} s vs {b['cascade']['single_r2_s']:.2f} s = {b['cascade']['speedup']:.1f}x"
+        ),
+    )
+    row(
+        "pre-encoding vs raw encoder forward",
+        lambda b: f"{b['encode_passages_per_s']:.1f} vs {b['raw_encoder_passages_per_s']:.1f} passages/s",
+    )
     row("peak RSS after this block", lambda b: f"{b['peak_rss_mib']:.0f} MiB")
     if "bf16_vs_fp32" in res:
         e = res["bf16_vs_fp32"]
-        lines += ["", f"bf16 vs fp32 on the same {cfg.n} passages: max |margin diff| {e['max_abs']:.3g} "
-                      f"(mean {e['mean_abs']:.3g}; {e['max_abs_over_std']:.2f} x the margins' std), max |P(yes) diff| "
-                      f"{e['prob_max_abs']:.3g}, Spearman {e['spearman']:.4f}, top-10 overlap {e['top10_overlap']:.0%}."]
+        lines += [
+            "",
+            f"bf16 vs fp32 on the same {cfg.n} passages: max |margin diff| {e['max_abs']:.3g} "
+            f"(mean {e['mean_abs']:.3g}; {e['max_abs_over_std']:.2f} x the margins' std), max |P(yes) diff| "
+            f"{e['prob_max_abs']:.3g}, Spearman {e['spearman']:.4f}, top-10 overlap {e['top10_overlap']:.0%}.",
+        ]
     if "sweeps" in res:
         s = res["sweeps"]
-        lines += ["", f"## Latency sweeps ({s['dtype']}, warm store)", "",
-                  "| N | " + " | ".join(str(x["n"]) for x in s["n"]) + " |", "|---|" + "---|" * len(s["n"]),
-                  "| s/query | " + " | ".join(f"{x['s']:.2f}" for x in s["n"]) + " |", "",
-                  f"| passage tokens (N={cfg.n}) | " + " | ".join(str(x["tokens"]) for x in s["length"]) + " |",
-                  "|---|" + "---|" * len(s["length"]),
-                  "| s/query | " + " | ".join(f"{x['s']:.2f}" for x in s["length"]) + " |", "",
-                  f"| ratio (N={cfg.n}) | " + " | ".join(str(x["ratio"]) for x in s["ratio"]) + " |",
-                  "|---|" + "---|" * len(s["ratio"]),
-                  "| s/query | " + " | ".join(f"{x['s']:.2f}" for x in s["ratio"]) + " |"]
+        lines += [
+            "",
+            f"## Latency sweeps ({s['dtype']}, warm store)",
+            "",
+            "| N | " + " | ".join(str(x["n"]) for x in s["n"]) + " |",
+            "|---|" + "---|" * len(s["n"]),
+            "| s/query | " + " | ".join(f"{x['s']:.2f}" for x in s["n"]) + " |",
+            "",
+            f"| passage tokens (N={cfg.n}) | " + " | ".join(str(x["tokens"]) for x in s["length"]) + " |",
+            "|---|" + "---|" * len(s["length"]),
+            "| s/query | " + " | ".join(f"{x['s']:.2f}" for x in s["length"]) + " |",
+            "",
+            f"| ratio (N={cfg.n}) | " + " | ".join(str(x["ratio"]) for x in s["ratio"]) + " |",
+            "|---|" + "---|" * len(s["ratio"]),
+            "| s/query | " + " | ".join(f"{x['s']:.2f}" for x in s["ratio"]) + " |",
+        ]
         if cfg.plots:
-            lines += ["", "![latency vs N](latency_vs_n.png) ![latency vs length](latency_vs_length.png) "
-                          "![latency vs ratio](latency_vs_ratio.png) ![comparison](comparison.png)"]
+            lines += [
+                "",
+                "![latency vs N](latency_vs_n.png) ![latency vs length](latency_vs_length.png) "
+                "![latency vs ratio](latency_vs_ratio.png) ![comparison](comparison.png)",
+            ]
     return "\n".join(lines) + "\n"
+
+
+def _official_cell(b: dict[str, Any], *, key: str) -> str:
+    return f"{b[key]['official_s']:.2f} s vs {b[key]['warm_s']:.2f} s = **{b[key]['speedup']:.1f}x**"
+
+
+def _margin_diff_cell(b: dict[str, Any], *, key: str) -> str:
+    return f"{b[key]['max_abs_margin_diff']:.1e}"
 
 
 def _plots(cfg: BenchConfig, res: dict[str, Any]) -> None:
@@ -464,9 +635,11 @@ def _plots(cfg: BenchConfig, res: dict[str, Any]) -> None:
     labels, values = [], []
     for d in cfg.dtypes:
         b = res[d]
-        for name, v in ((f"FBNL warm\n{d}", b[f"official_{cfg.tokens}"]["warm_s"]),
-                        (f"official\n{d}", b[f"official_{cfg.tokens}"]["official_s"]),
-                        (f"cross-enc.\n{d}", b["cross_encoder"]["cross_encoder_s"])):
+        for name, v in (
+            (f"FBNL warm\n{d}", b[f"official_{cfg.tokens}"]["warm_s"]),
+            (f"official\n{d}", b[f"official_{cfg.tokens}"]["official_s"]),
+            (f"cross-enc.\n{d}", b["cross_encoder"]["cross_encoder_s"]),
+        ):
             labels.append(name)
             values.append(v)
     ax.bar(labels, values, color=["tab:green", "tab:red", "tab:orange"] * len(cfg.dtypes))

@@ -30,11 +30,13 @@ class MiniReranker:
 
     @torch.inference_mode()
     def __call__(self, query: str, passages: list[str]) -> list[float]:
-        prompt = self.backend.prompt_ids(query, instruction=DEFAULT_INSTRUCTION, system_instruction="", max_query_tokens=512)
+        prompt = self.backend.prompt_ids(
+            query, instruction=DEFAULT_INSTRUCTION, system_instruction="", max_query_tokens=512
+        )
         cut = prompt.index(self.backend.sep_id) + 1
         out: list[float] = []
         for s in range(0, len(passages), self.batch_size):
-            chunk = passages[s:s + self.batch_size]
+            chunk = passages[s : s + self.batch_size]
             h, m = self.cache.padded(chunk)
             pooled, counts = mep_pool(h, m, self.ratio)  # (B, W, d), (B, W)
             logits = self.backend.forward_scores(prompt[:cut], [prompt[cut:]] * len(chunk), pooled, (counts > 0).long())
@@ -43,7 +45,7 @@ class MiniReranker:
 
 
 class CosineReranker:
-    """all-MiniLM-L6-v2 as a bi-encoder: cosine of mean-pooled, normalised embeddings (sentence-transformers' recipe)."""
+    """all-MiniLM-L6-v2 as a bi-encoder: cosine of mean-pooled, normalised embeddings (sentence-transformers')."""
 
     name = "all-MiniLM-L6-v2 cosine"
 
@@ -79,14 +81,16 @@ class CrossEncoderReranker:
 
         from kalm_rag.models.mini import MiniConfig
 
-        self.bert, self.tokenizer = MiniBackend.load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
+        self.bert, self.tokenizer = MiniBackend.load_encoder(
+            MiniConfig(), device=torch.device("cpu"), dtype=torch.float32
+        )
         cfg = json.loads((Path(checkpoint) / "config.json").read_text())
         self.max_length = int(cfg.get("max_length", 320))
         weights = Path(checkpoint) / "model.safetensors"
         self.identity = "minilm-cross-encoder-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
         state = load_file(str(weights))
         self.bert.load_state_dict({k.removeprefix("bert."): v for k, v in state.items() if k.startswith("bert.")})
-        self.head = torch.nn.Linear(self.bert.config.hidden_size, 1)
+        self.head = torch.nn.Linear(self.bert.config.hidden_size, 1)  # type: ignore[arg-type]  # BertConfig.hidden_size: int
         self.head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
         self.bert.eval()
         self.batch_size = batch_size
@@ -95,8 +99,14 @@ class CrossEncoderReranker:
     def __call__(self, query: str, passages: list[str]) -> list[float]:
         out: list[float] = []
         for s in range(0, len(passages), self.batch_size):
-            chunk = passages[s:s + self.batch_size]
-            enc = self.tokenizer([query] * len(chunk), chunk, truncation="only_second", max_length=self.max_length,
-                                 padding=True, return_tensors="pt")
+            chunk = passages[s : s + self.batch_size]
+            enc = self.tokenizer(
+                [query] * len(chunk),
+                chunk,
+                truncation="only_second",
+                max_length=self.max_length,
+                padding=True,
+                return_tensors="pt",
+            )
             out += self.head(self.bert(**enc).last_hidden_state[:, 0]).squeeze(-1).tolist()
         return out

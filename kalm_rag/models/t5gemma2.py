@@ -71,7 +71,7 @@ class T5Gemma2Backend(FBNLBackend):
     @classmethod
     def from_pretrained(
         cls, name_or_path: str | os.PathLike[str], *, device: torch.device, dtype: torch.dtype
-    ) -> "T5Gemma2Backend":
+    ) -> T5Gemma2Backend:
         """Load a checkpoint from a local directory or a hub id, refusing anything but ``t5gemma2``."""
         from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -277,15 +277,22 @@ class LeanT5Gemma2Decoder:
         q_rows, k_rows = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
         inter = mlp.gate_proj.weight.shape[0]
         attn.q_proj.weight = nn.Parameter(qkv[:q_rows], requires_grad=False)
-        attn.k_proj.weight = nn.Parameter(qkv[q_rows:q_rows + k_rows], requires_grad=False)
-        attn.v_proj.weight = nn.Parameter(qkv[q_rows + k_rows:], requires_grad=False)
+        attn.k_proj.weight = nn.Parameter(qkv[q_rows : q_rows + k_rows], requires_grad=False)
+        attn.v_proj.weight = nn.Parameter(qkv[q_rows + k_rows :], requires_grad=False)
         mlp.gate_proj.weight = nn.Parameter(gate_up[:inter], requires_grad=False)
         mlp.up_proj.weight = nn.Parameter(gate_up[inter:], requires_grad=False)
         return {
-            "qkv": qkv, "kv": qkv[q_rows:], "o": attn.o_proj.weight, "gate_up": gate_up, "down": mlp.down_proj.weight,
-            "q_norm": _norm_scale(attn.q_norm), "k_norm": _norm_scale(attn.k_norm),
-            "pre_attn": _norm_scale(layer.pre_self_attn_layernorm), "post_attn": _norm_scale(layer.post_self_attn_layernorm),
-            "pre_ff": _norm_scale(layer.pre_feedforward_layernorm), "post_ff": _norm_scale(layer.post_feedforward_layernorm),
+            "qkv": qkv,
+            "kv": qkv[q_rows:],
+            "o": attn.o_proj.weight,
+            "gate_up": gate_up,
+            "down": mlp.down_proj.weight,
+            "q_norm": _norm_scale(attn.q_norm),
+            "k_norm": _norm_scale(attn.k_norm),
+            "pre_attn": _norm_scale(layer.pre_self_attn_layernorm),
+            "post_attn": _norm_scale(layer.post_self_attn_layernorm),
+            "pre_ff": _norm_scale(layer.pre_feedforward_layernorm),
+            "post_ff": _norm_scale(layer.post_feedforward_layernorm),
         }
 
     def _masks(self, T: int, passage_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -357,7 +364,8 @@ def _lean_layer(
         x: prompt states ``(Bx, T, d)``; ``Bx`` is 1 before the first attention (shared), else ``B``.
         passages: pooled passage vectors ``(B, W, d)``.
         mask: boolean merged mask ``(B, 1, T, T + W)``.
-        cos, sin: RoPE tables ``(1, T, hd)``.
+        cos: RoPE cosine table ``(1, T, hd)``.
+        sin: RoPE sine table ``(1, T, hd)``.
         w: the layer's fused weights and norm scales.
         shape: ``(H, Hkv, hd)``.
         scaling: attention scale.
@@ -373,15 +381,15 @@ def _lean_layer(
     h = _rms_norm(x, w["pre_attn"], eps)
     qkv = h @ w["qkv"].T  # (Bx, T, (H + 2 Hkv) hd)
     q = qkv[..., : H * hd].view(Bx, T, H, hd)
-    k = qkv[..., H * hd: (H + Hkv) * hd].view(Bx, T, Hkv, hd)
-    v = qkv[..., (H + Hkv) * hd:].view(Bx, T, Hkv, hd).transpose(1, 2)  # (Bx, Hkv, T, hd)
+    k = qkv[..., H * hd : (H + Hkv) * hd].view(Bx, T, Hkv, hd)
+    v = qkv[..., (H + Hkv) * hd :].view(Bx, T, Hkv, hd).transpose(1, 2)  # (Bx, Hkv, T, hd)
     q = _rms_norm(q, w["q_norm"], eps).transpose(1, 2)  # (Bx, H, T, hd)
     k = _rms_norm(k, w["k_norm"], eps).transpose(1, 2)  # (Bx, Hkv, T, hd)
     q, k = _apply_rope(q, k, cos, sin)
 
     pkv = passages @ w["kv"].T  # (B, W, 2 Hkv hd): passages get the k/v projections and k-norm, no RoPE
     pk = _rms_norm(pkv[..., : Hkv * hd].view(B, W, Hkv, hd), w["k_norm"], eps).transpose(1, 2)  # (B, Hkv, W, hd)
-    pv = pkv[..., Hkv * hd:].view(B, W, Hkv, hd).transpose(1, 2)  # (B, Hkv, W, hd)
+    pv = pkv[..., Hkv * hd :].view(B, W, Hkv, hd).transpose(1, 2)  # (B, Hkv, W, hd)
     keys = torch.cat([k.expand(B, -1, -1, -1), pk], dim=2)  # (B, Hkv, T + W, hd)
     values = torch.cat([v.expand(B, -1, -1, -1), pv], dim=2)
     if last:  # only the last position is read: skip the other queries' work
@@ -398,7 +406,9 @@ def _lean_layer(
     return x + _rms_norm(mlp @ w["down"].T, w["post_ff"], eps)
 
 
-def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding on ``(B, H, T, hd)`` queries/keys with ``(1, T, hd)`` cos/sin."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, T, hd)
 

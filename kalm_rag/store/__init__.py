@@ -33,7 +33,7 @@ def parse_bytes(text: str | int) -> int:
         return text
     s = text.strip().upper().replace(" ", "")
     number = s.rstrip("KMGIB")
-    unit = s[len(number):]
+    unit = s[len(number) :]
     if unit not in _UNITS or not number:
         raise ValueError(f"cannot parse a size from {text!r}; use e.g. 2GB, 512MiB or 1000000")
     return int(float(number) * _UNITS[unit])
@@ -79,12 +79,20 @@ def open_store(url: str | None = None, **options: Any) -> PassageStore:
     if parsed.scheme in ("redis", "rediss", "unix"):
         from kalm_rag.store.redis import RedisStore
 
-        ours = {"prefix": str, "ttl": float, "socket_timeout": float, "connect_timeout": float,
-                "retry_after": float, "memory_tier": parse_bytes}
+        ours: dict[str, Callable[[str], Any]] = {
+            "prefix": str,
+            "ttl": float,
+            "socket_timeout": float,
+            "connect_timeout": float,
+            "retry_after": float,
+            "memory_tier": parse_bytes,
+        }
         tier = _take(query, options, ours).pop("memory_tier", 0)
         rest = urlencode(query)  # redis-py's own parameters (health_check_interval, ssl_*, ...)
         return _with_tier(RedisStore(urlunparse(parsed._replace(query=rest)), **options), tier)
-    raise ValueError(f"unknown store URL scheme {parsed.scheme!r} in {url!r}; expected memory://, sqlite:/// or redis://")
+    raise ValueError(
+        f"unknown store URL scheme {parsed.scheme!r} in {url!r}; expected memory://, sqlite:/// or redis://"
+    )
 
 
 def _take(query: dict[str, str], options: dict[str, Any], parsers: dict[str, Callable[[str], Any]]) -> dict[str, Any]:

@@ -38,10 +38,12 @@ class PooledPassage:
 
     @property
     def num_windows(self) -> int:
+        """Number of pooled windows ``W``."""
         return int(self.vectors.shape[0])
 
     @property
     def num_tokens(self) -> int:
+        """Number of real tokens the windows pool."""
         return int(self.counts.sum())
 
     @property
@@ -57,7 +59,7 @@ class PassageStore(ABC):
     """
 
     @staticmethod
-    def open(url: str | None = None, **options: Any) -> "PassageStore":
+    def open(url: str | None = None, **options: Any) -> PassageStore:
         """Open a store from a URL (``memory://``, ``sqlite:///path``, ``redis://host:port/db``)."""
         from kalm_rag.store import open_store
 
@@ -90,16 +92,17 @@ class PassageStore(ABC):
     @abstractmethod
     def stats(self) -> dict[str, int]:
         """Counters: at least ``entries``, ``bytes``, ``hits``, ``misses`` (and ``corrupt``: values found
-        damaged or misplaced, dropped and reported as misses)."""
+        damaged or misplaced, dropped and reported as misses).
+        """
 
     def healthy(self) -> bool:
         """Whether the backend is reachable right now (always true for embedded stores)."""
         return True
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (a no-op default on purpose: in-memory stores have nothing to release)
         """Release connections and files (a no-op for in-memory stores)."""
 
-    def __enter__(self) -> "PassageStore":
+    def __enter__(self) -> PassageStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -162,8 +162,17 @@ def encode_entry(namespace: str, key: str, entry: PooledPassage) -> bytes:
     if explicit:
         payload += _tensor_bytes(counts.to(torch.int32), "<i4")
     prefix = _PREFIX.pack(
-        MAGIC, FORMAT_VERSION, code, FLAG_EXPLICIT_COUNTS if explicit else 0, ratio, W, d,
-        int(counts.sum()), _digest(namespace), _digest(key), 0,
+        MAGIC,
+        FORMAT_VERSION,
+        code,
+        FLAG_EXPLICIT_COUNTS if explicit else 0,
+        ratio,
+        W,
+        d,
+        int(counts.sum()),
+        _digest(namespace),
+        _digest(key),
+        0,
     )
     return b"".join((prefix, _checksum(prefix, payload), payload))
 
@@ -190,7 +199,7 @@ def decode_entry(blob: bytes | bytearray | memoryview, *, namespace: str, key: s
     if len(view) != expected:
         raise CorruptEntryError(f"value is {len(view)} bytes, its header says {expected}")
     payload = view[HEADER_SIZE:]
-    if _checksum(view[: _PREFIX.size], payload) != view[_PREFIX.size:HEADER_SIZE]:
+    if _checksum(view[: _PREFIX.size], payload) != view[_PREFIX.size : HEADER_SIZE]:
         raise CorruptEntryError("checksum mismatch")
     # the checksum also covers these digests, so a mismatch here is a misplaced value, not bit rot
     if ns_digest != _digest(namespace):

@@ -5,7 +5,9 @@ Key layout (namespace and key are percent-encoded, so neither can contain ``:`` 
     {prefix}:{namespace}:p:{key}   -> codec bytes of one entry (a plain string value, optional TTL)
 
 (Versions before 0.2 also kept a hash ``{prefix}:{namespace}:ids`` of caller ids; nothing reads it any more,
-and ``clear`` removes it with the namespace.) ``get_many`` is one ``MGET``; ``put_many`` and ``contains_many`` are one pipeline each. ``iter_keys``,
+and ``clear`` removes it with the namespace.)
+
+``get_many`` is one ``MGET``; ``put_many`` and ``contains_many`` are one pipeline each. ``iter_keys``,
 ``clear`` and ``stats`` walk the keys with ``SCAN`` (O(entries), meant for maintenance, not the hot path).
 
 The store is a cache, so an unreachable server must not stop scoring: while Redis is down, reads are
@@ -24,7 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar, cast
 from urllib.parse import quote, unquote
 
 from kalm_rag.errors import MissingDependencyError, StoreError
@@ -90,7 +92,9 @@ class RedisStore(PassageStore):
         self.retry_after = float(retry_after)
         # one retry on a fresh connection: a server restart between two calls is then invisible
         self._client = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 1),
         )
         self._scan_sizes = self._client.register_script(_SCAN_SIZES)
@@ -130,7 +134,10 @@ class RedisStore(PassageStore):
                 logger.warning(
                     "Redis passage store %s is unreachable during %s (%s); scoring goes on without it "
                     "(passages are re-encoded, writes skipped) and retries every %gs",
-                    _redact(self.url), action, exc, self.retry_after,
+                    _redact(self.url),
+                    action,
+                    exc,
+                    self.retry_after,
                 )
             return fallback
         except redis.RedisError as exc:  # the server answered with an error (out of memory, read-only replica)
@@ -139,8 +146,9 @@ class RedisStore(PassageStore):
                 first = type(exc) not in self._refusals
                 self._refusals.add(type(exc))
             if first:
-                logger.warning("Redis passage store %s refused %s (%s); going on without it",
-                               _redact(self.url), action, exc)
+                logger.warning(
+                    "Redis passage store %s refused %s (%s); going on without it", _redact(self.url), action, exc
+                )
             return fallback
         if self._down or self._refusals:
             with self._lock:
@@ -174,7 +182,9 @@ class RedisStore(PassageStore):
         if not keys:
             return []
         names = [self._entry_key(namespace, key) for key in keys]
-        blobs: list[bytes | None] = self._degrade("get_many", lambda: self._client.mget(names), [None] * len(keys))
+        # a client without decode_responses returns bytes (redis-py types the reply as bytes | str)
+        missing: list[bytes | None] = [None] * len(keys)
+        blobs = self._degrade("get_many", lambda: cast(list[bytes | None], self._client.mget(names)), missing)
         out: list[PooledPassage | None] = []
         corrupt: list[str] = []
         for key, name, blob in zip(keys, names, blobs):
@@ -247,13 +257,14 @@ class RedisStore(PassageStore):
         """Keys of ``namespace`` (``SCAN`` order; a key written during the walk may or may not appear)."""
         head = f"{self._ns(namespace)}:p:"
         names = self._strict("iter_keys", lambda: list(self._client.scan_iter(match=head + "*", count=_SCAN_COUNT)))
-        return iter([unquote(name.decode()[len(head):]) for name in names])
+        return iter([unquote(name.decode()[len(head) :]) for name in names])
 
     def stats(self) -> dict[str, int]:
         """Counters of this process, plus ``entries``/``bytes`` of every namespace under the prefix.
 
         ``entries`` and ``bytes`` walk the keys (O(entries)); they are -1 while the server is unreachable.
         """
+
         def sizes() -> tuple[int, int]:
             cursor, entries, nbytes = b"0", 0, 0
             while True:

@@ -144,7 +144,7 @@ class SQLiteStore(PassageStore):
         """Rows of ``sql`` (with ``{marks}`` for an IN list) over ``values`` in chunks."""
         conn = self._conn()
         for start in range(0, len(values), _CHUNK):
-            chunk = values[start:start + _CHUNK]
+            chunk = values[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
             with self._errors("read"):
                 rows = conn.execute(sql.format(marks=marks), (namespace, *chunk)).fetchall()
@@ -198,8 +198,14 @@ class SQLiteStore(PassageStore):
             )
 
     def contains_many(self, namespace: str, keys: Sequence[str]) -> list[bool]:
-        found = {row[0] for row in self._select(
-            "SELECT key FROM passages WHERE namespace = ? AND key IN ({marks})", namespace, list(dict.fromkeys(keys)))}
+        found = {
+            row[0]
+            for row in self._select(
+                "SELECT key FROM passages WHERE namespace = ? AND key IN ({marks})",
+                namespace,
+                list(dict.fromkeys(keys)),
+            )
+        }
         return [key in found for key in keys]
 
     def delete_many(self, namespace: str, keys: Sequence[str]) -> int:
@@ -207,7 +213,7 @@ class SQLiteStore(PassageStore):
         deleted = 0
         with self._write() as conn:
             for start in range(0, len(unique), _CHUNK):
-                chunk = unique[start:start + _CHUNK]
+                chunk = unique[start : start + _CHUNK]
                 cursor = conn.execute(
                     f"DELETE FROM passages WHERE namespace = ? AND key IN ({','.join('?' * len(chunk))})",
                     (namespace, *chunk),
@@ -227,10 +233,13 @@ class SQLiteStore(PassageStore):
         last = ""
         while True:
             with self._errors("read"):
-                page = [row[0] for row in self._conn().execute(
-                    "SELECT key FROM passages WHERE namespace = ? AND key > ? ORDER BY key LIMIT ?",
-                    (namespace, last, _PAGE),
-                )]
+                page = [
+                    row[0]
+                    for row in self._conn().execute(
+                        "SELECT key FROM passages WHERE namespace = ? AND key > ? ORDER BY key LIMIT ?",
+                        (namespace, last, _PAGE),
+                    )
+                ]
             yield from page
             if len(page) < _PAGE:
                 return

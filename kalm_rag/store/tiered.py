@@ -69,10 +69,15 @@ class TieredStore(PassageStore):
         # every request reaches the front; only its misses reach the back
         out["hits"] = front["hits"] + back["hits"]
         out["misses"] = back["misses"]
-        out.update({
-            "memory_entries": front["entries"], "memory_bytes": front["bytes"], "memory_max_bytes": front["max_bytes"],
-            "memory_hits": front["hits"], "memory_evictions": front["evictions"],
-        })
+        out.update(
+            {
+                "memory_entries": front["entries"],
+                "memory_bytes": front["bytes"],
+                "memory_max_bytes": front["max_bytes"],
+                "memory_hits": front["hits"],
+                "memory_evictions": front["evictions"],
+            }
+        )
         return out
 
     def healthy(self) -> bool:

@@ -66,7 +66,7 @@ class EncodingCache:
     def get(self, text: str) -> torch.Tensor:
         """Token states ``(n, d)`` fp32 of one cached passage."""
         shard, start, length = self._index[self.key(text)]
-        return torch.from_numpy(np.asarray(self._array(shard)[start:start + length], dtype=np.float32))
+        return torch.from_numpy(np.asarray(self._array(shard)[start : start + length], dtype=np.float32))
 
     def padded(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states of cached ``texts``, right-padded: ``(B, n, d)`` fp32 and mask ``(B, n)``."""
@@ -85,12 +85,12 @@ class EncodingCache:
             return 0
         bar = tqdm(total=len(missing), desc=desc, unit="passage", mininterval=5)
         for s in range(0, len(missing), self.shard_size):
-            chunk = missing[s:s + self.shard_size]
+            chunk = missing[s : s + self.shard_size]
             ids = self.backend.tokenize_passages(chunk, self.max_tokens)
             order = sorted(range(len(chunk)), key=lambda i: -len(ids[i]))
-            states: list[np.ndarray | None] = [None] * len(chunk)
+            states: list[np.ndarray] = [np.empty(0)] * len(chunk)  # each filled below
             for b in range(0, len(order), batch_size):
-                batch = order[b:b + batch_size]
+                batch = order[b : b + batch_size]
                 x, m = right_pad([ids[i] for i in batch], self.backend.pad_token_id)  # (B, n)
                 h = self.backend.encode(x, m).float().cpu().numpy()  # (B, n, d)
                 for row, i in enumerate(batch):
@@ -100,7 +100,8 @@ class EncodingCache:
             shard = f"shard-{self._next_shard:05d}-{os.getpid()}"
             self._next_shard += 1
             flat = np.concatenate(states, axis=0)  # (N_tokens, d)
-            index, start = {}, 0
+            index: dict[str, list[int]] = {}
+            start = 0
             for t, st in zip(chunk, states):
                 index[self.key(t)] = [start, int(st.shape[0])]
                 start += int(st.shape[0])
@@ -109,7 +110,7 @@ class EncodingCache:
             os.replace(tmp, self.root / f"{shard}.npy")
             (self.root / f"{shard}.json.tmp").write_text(json.dumps(index))
             os.replace(self.root / f"{shard}.json.tmp", self.root / f"{shard}.json")
-            for k, (st, ln) in index.items():
-                self._index[k] = (shard, st, ln)
+            for k, (first, length) in index.items():
+                self._index[k] = (shard, first, length)
         bar.close()
         return len(missing)

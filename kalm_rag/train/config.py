@@ -9,7 +9,8 @@ from typing import Any
 @dataclass
 class TrainConfig:
     """One training run's settings. The defaults are kalm-mini 0.3's recipe (``kalm-rag train mini`` uses them);
-    :meth:`cross_encoder` gives the cross-encoder baseline's."""
+    :meth:`cross_encoder` gives the cross-encoder baseline's.
+    """
 
     steps: int = 1800
     groups_per_step: int = 4
@@ -23,8 +24,9 @@ class TrainConfig:
     new_module_lr: float = 1e-3  # adapters and head start from scratch
     warmup: int = 30
     weight_decay: float = 0.01
-    source_weights: dict[str, float] = field(default_factory=lambda: {
-        "scifact": 0.25, "nfcorpus": 0.25, "wikiqa": 0.2, "medquad": 0.1, "wiki": 0.2})
+    source_weights: dict[str, float] = field(
+        default_factory=lambda: {"scifact": 0.25, "nfcorpus": 0.25, "wikiqa": 0.2, "medquad": 0.1, "wiki": 0.2}
+    )
     eval_every: int = 300
     dev_ratio: int = 4
     dev_max_queries: int | None = 40  # per source
@@ -36,6 +38,7 @@ class TrainConfig:
     @classmethod
     def cross_encoder(cls, **overrides: Any) -> TrainConfig:
         """The cross-encoder baseline's recipe: no ratios, fewer steps, a smaller dev set (it is ~30x slower)."""
-        recipe: dict[str, Any] = dict(steps=1200, ratios=[], extra_ratios=[], eval_every=100, dev_max_queries=20,
-                                      dev_candidates=20)
+        recipe: dict[str, Any] = dict(
+            steps=1200, ratios=[], extra_ratios=[], eval_every=100, dev_max_queries=20, dev_candidates=20
+        )
         return cls(**{**recipe, **overrides})

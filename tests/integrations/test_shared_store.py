@@ -1,6 +1,6 @@
 """One store for all three frameworks: what one framework's indexing piece encodes, every ranker finds.
 
-Also the framework-free layer the adapters share (``kalm_rag_adapters``): stores by URL, models by
+Also the framework-free layer the adapters share (``kalm_rag.adapters``): stores by URL, models by
 configuration, and the ranking rule.
 """
 
@@ -14,10 +14,9 @@ from langchain_core.documents import Document as LangChainDocument
 from llama_index.core.ingestion import IngestionPipeline
 from llama_index.core.schema import NodeWithScore, TextNode
 
-import kalm_rag_adapters
 from haystack_integrations.components.rankers.kalm import KaLMPassageEncoder as HaystackEncoder
 from haystack_integrations.components.rankers.kalm import KaLMRanker
-from kalm_rag import Reranker
+from kalm_rag import Reranker, adapters
 from kalm_rag.store import MemoryStore
 from langchain_kalm import KaLMPassageEncoder as LangChainEncoder
 from langchain_kalm import KaLMRerank as LangChainRerank
@@ -74,7 +73,9 @@ def rank_with_haystack(checkpoint, store) -> tuple[Reranker, list[tuple[str, flo
 
 
 ENCODERS = {
-    "langchain": encode_with_langchain, "llama_index": encode_with_llama_index, "haystack": encode_with_haystack,
+    "langchain": encode_with_langchain,
+    "llama_index": encode_with_llama_index,
+    "haystack": encode_with_haystack,
 }
 RANKERS = {"langchain": rank_with_langchain, "llama_index": rank_with_llama_index, "haystack": rank_with_haystack}
 
@@ -93,8 +94,9 @@ def test_documents_encoded_by_one_framework_are_cache_hits_in_every_other(kalm_c
         assert rr.counters["encoded_passages"] == (len(CORPUS) if rr is encoding_rr else 0), name
         assert store.stats()["entries"] == len(CORPUS), name
 
-    expected = engine_ranking(Reranker.from_pretrained(kalm_checkpoint, store=store), QUERY,
-                              [text for _, text, _ in CORPUS], top_k=TOP)
+    expected = engine_ranking(
+        Reranker.from_pretrained(kalm_checkpoint, store=store), QUERY, [text for _, text, _ in CORPUS], top_k=TOP
+    )
     for name, got in rankings.items():
         assert [text for text, _ in got] == [text for text, _ in expected], name
         assert [score for _, score in got] == pytest.approx([score for _, score in expected], abs=1e-6), name
@@ -106,59 +108,58 @@ def test_the_same_url_gives_the_same_store_in_every_framework(kalm_checkpoint):
     llama_index = LlamaIndexRerank(model=str(kalm_checkpoint), store=url)
     haystack = KaLMRanker(model=str(kalm_checkpoint), store=url)
     stores = {id(c.get_reranker().store) for c in (langchain, llama_index, haystack)}
-    assert stores == {id(kalm_rag_adapters.shared_store(url))}
+    assert stores == {id(adapters.shared_store(url))}
     # and the same model: one copy in memory for all three
     assert langchain.get_reranker() is llama_index.get_reranker() is haystack.get_reranker()
 
 
 def test_shared_store_and_store_url():
-    a = kalm_rag_adapters.shared_store("memory://?max_bytes=1MiB")
-    assert kalm_rag_adapters.shared_store("memory://?max_bytes=1MiB") is a
-    assert kalm_rag_adapters.shared_store(None) is kalm_rag_adapters.shared_store("memory://")
-    assert kalm_rag_adapters.store_url(a) == "memory://?max_bytes=1MiB"
+    a = adapters.shared_store("memory://?max_bytes=1MiB")
+    assert adapters.shared_store("memory://?max_bytes=1MiB") is a
+    assert adapters.shared_store(None) is adapters.shared_store("memory://")
+    assert adapters.store_url(a) == "memory://?max_bytes=1MiB"
     own = MemoryStore()
-    assert kalm_rag_adapters.shared_store(own) is own and kalm_rag_adapters.store_url(own) is None
+    assert adapters.shared_store(own) is own and adapters.store_url(own) is None
     with pytest.raises(ValueError, match="unknown store URL scheme"):
-        kalm_rag_adapters.shared_store("nosuch://x")
+        adapters.shared_store("nosuch://x")
     with pytest.raises(ValueError, match="store must be a PassageStore or a store URL"):
-        kalm_rag_adapters.shared_store(42)
+        adapters.shared_store(42)
 
 
 def test_shared_reranker_is_per_configuration_and_released_when_unused(kalm_checkpoint):
     store = MemoryStore()
-    a = kalm_rag_adapters.shared_reranker(kalm_checkpoint, store=store)
-    assert kalm_rag_adapters.shared_reranker(str(kalm_checkpoint), store=store) is a
-    assert kalm_rag_adapters.shared_reranker(kalm_checkpoint, store=MemoryStore()) is not a
-    assert kalm_rag_adapters.shared_reranker(kalm_checkpoint, store=store, batch_size=4) is not a
+    a = adapters.shared_reranker(kalm_checkpoint, store=store)
+    assert adapters.shared_reranker(str(kalm_checkpoint), store=store) is a
+    assert adapters.shared_reranker(kalm_checkpoint, store=MemoryStore()) is not a
+    assert adapters.shared_reranker(kalm_checkpoint, store=store, batch_size=4) is not a
     first_id = id(a)
     del a
     gc.collect()
-    assert not any(id(rr) == first_id for rr in kalm_rag_adapters._rerankers.values())
+    assert not any(id(rr) == first_id for rr in adapters._rerankers.values())
 
 
 def test_ranking_rule(reranker):
     texts = [CORPUS[0][1], None, CORPUS[2][1], "   ", CORPUS[7][1]]
-    ranked = kalm_rag_adapters.rank(reranker, QUERY, texts)
+    ranked = adapters.rank(reranker, QUERY, texts)
     engine = reranker.rerank(QUERY, [texts[0], texts[2], texts[4]])
     positions = [0, 2, 4]
     assert [(r.index, r.score) for r in ranked[:3]] == [(positions[e.index], e.score) for e in engine]
     assert [(r.index, r.score) for r in ranked[3:]] == [(1, 0.0), (3, 0.0)]  # no text: last, in input order
-    assert kalm_rag_adapters.rank(reranker, QUERY, texts, top=2) == ranked[:2]
+    assert adapters.rank(reranker, QUERY, texts, top=2) == ranked[:2]
     cut = ranked[1].score
-    assert kalm_rag_adapters.rank(reranker, QUERY, texts, score_threshold=cut) == [r for r in ranked if r.score >= cut]
-    assert kalm_rag_adapters.rank(reranker, QUERY, [None, ""]) == [
-        kalm_rag_adapters.Ranked(0, 0.0), kalm_rag_adapters.Ranked(1, 0.0)
-    ]
-    assert kalm_rag_adapters.encode(reranker, [None, " "]) == 0
+    assert adapters.rank(reranker, QUERY, texts, score_threshold=cut) == [r for r in ranked if r.score >= cut]
+    assert adapters.rank(reranker, QUERY, [None, ""]) == [adapters.Ranked(0, 0.0), adapters.Ranked(1, 0.0)]
+    assert adapters.encode(reranker, [None, " "]) == 0
 
 
 def test_conventional_import_paths_coexist_with_the_frameworks_namespaces():
     import haystack_integrations
-    import haystack_integrations.components.rankers.kalm as haystack_kalm
     import llama_index
     import llama_index.core
-    import llama_index.postprocessor.kalm_rerank as llama_index_kalm
     from llama_index.core.postprocessor import SentenceTransformerRerank  # noqa: F401
+
+    import haystack_integrations.components.rankers.kalm as haystack_kalm
+    import llama_index.postprocessor.kalm_rerank as llama_index_kalm
 
     assert llama_index_kalm.KaLMRerank and haystack_kalm.KaLMRanker and llama_index.core.VectorStoreIndex
     # namespace packages shared with the frameworks' own packages: no __init__.py of ours there

@@ -11,8 +11,14 @@ import pytest
 from kalm_rag.data import BeirDataset
 from kalm_rag.eval.run import metrics, read_run, rerank_all
 
-DS = BeirDataset("toy", {"d1": "alpha", "d2": "beta", "d3": "gamma"}, {"q1": "alpha?", "q2": "beta?"},
-                 {"q1": {"d1": 1}, "q2": {"d2": 1}}, None, ["d1", "d2", "d3"])
+DS = BeirDataset(
+    "toy",
+    {"d1": "alpha", "d2": "beta", "d3": "gamma"},
+    {"q1": "alpha?", "q2": "beta?"},
+    {"q1": {"d1": 1}, "q2": {"d2": 1}},
+    None,
+    ["d1", "d2", "d3"],
+)
 CANDS = {"q1": ["d1", "d2", "d3"], "q2": ["d1", "d2", "d3"]}
 
 
@@ -62,8 +68,10 @@ def test_metrics_equal_a_hand_computed_reference() -> None:
     # q2: grade d5=1, ranked 11th behind ten unjudged documents: nDCG@10 = 0 and RR@10 = 0 (RR would be 1/11)
     # q3: judged, absent from the run: counts as 0; q4: no positive judgement: left out of the mean
     qrels = {"q1": {"d1": 2, "d2": 1, "d9": 0}, "q2": {"d5": 1}, "q3": {"d1": 1}, "q4": {"d1": 0}}
-    run = {"q1": {"d3": 3.0, "d1": 2.0, "d2": 1.0},
-           "q2": {**{f"x{i:02d}": 10.0 - i / 100 for i in range(10)}, "d5": 0.5}}
+    run = {
+        "q1": {"d3": 3.0, "d1": 2.0, "d2": 1.0},
+        "q2": {**{f"x{i:02d}": 10.0 - i / 100 for i in range(10)}, "d5": 0.5},
+    }
     ndcg_q1 = (2 / math.log2(3) + 1 / math.log2(4)) / (2 / math.log2(2) + 1 / math.log2(3))
     got = metrics(qrels, run)
     assert got["ndcg@10"] == pytest.approx(ndcg_q1 / 3, abs=1e-6)

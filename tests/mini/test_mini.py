@@ -134,164 +134,167 @@ def test_scores_do_not_depend_on_batch_composition(rr: Reranker) -> None:
 # Neither set is training data; both were used to compare candidate checkpoints.
 CASES = [
     (
-        'What is the capital of France?',
-        'Paris is the capital and largest city of France, on the river Seine.',
+        "What is the capital of France?",
+        "Paris is the capital and largest city of France, on the river Seine.",
         [
-            'France is famous for its cheese, and its capital hosts many museums.',
-            'The capital of Australia is Canberra, not Sydney.',
-            'Lyon is a French city known for its cuisine and its capital role in the silk trade.',
+            "France is famous for its cheese, and its capital hosts many museums.",
+            "The capital of Australia is Canberra, not Sydney.",
+            "Lyon is a French city known for its cuisine and its capital role in the silk trade.",
         ],
     ),
     (
-        'How do plants make their food?',
-        'Photosynthesis lets plants turn light, water and carbon dioxide into glucose and oxygen.',
+        "How do plants make their food?",
+        "Photosynthesis lets plants turn light, water and carbon dioxide into glucose and oxygen.",
         [
-            'Plants in a garden need water and food to grow well.',
-            'Many animals eat plants as their main food.',
+            "Plants in a garden need water and food to grow well.",
+            "Many animals eat plants as their main food.",
         ],
     ),
     (
-        'Who wrote Romeo and Juliet?',
-        'Romeo and Juliet is a tragedy written by William Shakespeare early in his career.',
+        "Who wrote Romeo and Juliet?",
+        "Romeo and Juliet is a tragedy written by William Shakespeare early in his career.",
         [
-            'Romeo and Juliet have been staged in many cities and films.',
-            'Juliet is a common name for girls in English-speaking countries.',
+            "Romeo and Juliet have been staged in many cities and films.",
+            "Juliet is a common name for girls in English-speaking countries.",
         ],
     ),
     (
-        'How many legs does a spider have?',
-        'Spiders are arachnids with eight legs and a body in two segments.',
+        "How many legs does a spider have?",
+        "Spiders are arachnids with eight legs and a body in two segments.",
         [
-            'A spider spins its web from silk made in its body.',
-            'Most tables and chairs have four legs.',
+            "A spider spins its web from silk made in its body.",
+            "Most tables and chairs have four legs.",
         ],
     ),
     (
-        'Who painted the Mona Lisa?',
-        'Leonardo da Vinci painted the Mona Lisa in the early sixteenth century.',
+        "Who painted the Mona Lisa?",
+        "Leonardo da Vinci painted the Mona Lisa in the early sixteenth century.",
         [
-            'The Mona Lisa hangs in the Louvre in Paris and draws millions of visitors.',
-            'Lisa painted her kitchen a bright yellow last summer.',
+            "The Mona Lisa hangs in the Louvre in Paris and draws millions of visitors.",
+            "Lisa painted her kitchen a bright yellow last summer.",
         ],
     ),
     (
-        'At what temperature does water boil at sea level?',
-        'At sea level, pure water boils at 100 degrees Celsius, or 212 degrees Fahrenheit.',
+        "At what temperature does water boil at sea level?",
+        "At sea level, pure water boils at 100 degrees Celsius, or 212 degrees Fahrenheit.",
         [
-            'Sea water is salty and covers most of the surface of the Earth.',
-            'Drinking enough water matters more when the temperature is high.',
+            "Sea water is salty and covers most of the surface of the Earth.",
+            "Drinking enough water matters more when the temperature is high.",
         ],
     ),
     (
-        'What gas do people breathe out?',
-        'When we exhale, our lungs release carbon dioxide made by our cells.',
+        "What gas do people breathe out?",
+        "When we exhale, our lungs release carbon dioxide made by our cells.",
         [
-            'Many people heat their homes with natural gas.',
-            'People breathe faster when they run up the stairs.',
+            "Many people heat their homes with natural gas.",
+            "People breathe faster when they run up the stairs.",
         ],
     ),
     (
-        'What is the largest planet in the Solar System?',
-        'Jupiter is the biggest planet in the Solar System, more than twice as massive as all the others combined.',
+        "What is the largest planet in the Solar System?",
+        "Jupiter is the biggest planet in the Solar System, more than twice as massive as all the others combined.",
         [
-            'The Solar System formed about 4.6 billion years ago from a cloud of gas.',
-            'Pluto was called the ninth planet until 2006.',
+            "The Solar System formed about 4.6 billion years ago from a cloud of gas.",
+            "Pluto was called the ninth planet until 2006.",
         ],
     ),
     (
-        'Who was the first person to walk on the Moon?',
-        'Neil Armstrong became the first human to step onto the lunar surface in July 1969.',
+        "Who was the first person to walk on the Moon?",
+        "Neil Armstrong became the first human to step onto the lunar surface in July 1969.",
         [
-            'The Moon is the only natural satellite of the Earth.',
+            "The Moon is the only natural satellite of the Earth.",
             "Walking every day is good for a person's health.",
         ],
     ),
     (
-        'Why is the sky blue?',
-        'Air molecules scatter short blue wavelengths of sunlight much more than red ones, so the daytime sky looks blue.',
+        "Why is the sky blue?",
+        "Air molecules scatter short blue wavelengths of sunlight much more than red ones, so the daytime "
+        "sky looks blue.",
         [
-            'Blue is a popular colour for sports team shirts.',
-            'The sky was full of dark clouds before the storm.',
+            "Blue is a popular colour for sports team shirts.",
+            "The sky was full of dark clouds before the storm.",
         ],
     ),
     (
-        'What is the chemical symbol for gold?',
-        'The chemical symbol for gold is Au, from the Latin word aurum.',
+        "What is the chemical symbol for gold?",
+        "The chemical symbol for gold is Au, from the Latin word aurum.",
         [
-            'Gold medals are given to the winners of Olympic events.',
-            'Many chemical elements are named after the scientists who found them.',
+            "Gold medals are given to the winners of Olympic events.",
+            "Many chemical elements are named after the scientists who found them.",
         ],
     ),
     (
-        'How many continents are there?',
-        'Geographers usually count seven continents: Africa, Antarctica, Asia, Australia, Europe, North America and South America.',
+        "How many continents are there?",
+        "Geographers usually count seven continents: Africa, Antarctica, Asia, Australia, Europe, North "
+        "America and South America.",
         [
-            'The continent of Africa has more than fifty countries.',
-            'There are many ways to count the number of stars in the sky.',
+            "The continent of Africa has more than fifty countries.",
+            "There are many ways to count the number of stars in the sky.",
         ],
     ),
     (
-        'Who invented the telephone?',
-        'Alexander Graham Bell was awarded the first patent for the telephone in 1876.',
+        "Who invented the telephone?",
+        "Alexander Graham Bell was awarded the first patent for the telephone in 1876.",
         [
-            'Most people now carry a mobile telephone wherever they go.',
-            'The telephone rang three times before anyone answered.',
+            "Most people now carry a mobile telephone wherever they go.",
+            "The telephone rang three times before anyone answered.",
         ],
     ),
     (
-        'What is the longest river in the world?',
-        'The Nile, flowing about 6,650 kilometres through north-eastern Africa, is usually named the longest river in the world.',
+        "What is the longest river in the world?",
+        "The Nile, flowing about 6,650 kilometres through north-eastern Africa, is usually named the longest "
+        "river in the world.",
         [
-            'Rivers provide water for farming and drinking in many parts of the world.',
+            "Rivers provide water for farming and drinking in many parts of the world.",
             "The world's longest bridge crosses a river in China.",
         ],
     ),
     (
-        'What do bees make?',
-        'Honey bees collect nectar from flowers and turn it into honey, which they store in wax combs.',
+        "What do bees make?",
+        "Honey bees collect nectar from flowers and turn it into honey, which they store in wax combs.",
         [
-            'Bees are insects with six legs and four wings.',
-            'Some people are afraid of bees because their stings hurt.',
+            "Bees are insects with six legs and four wings.",
+            "Some people are afraid of bees because their stings hurt.",
         ],
     ),
     (
-        'When did World War II end?',
-        'World War II ended in 1945, with Germany surrendering in May and Japan in September.',
+        "When did World War II end?",
+        "World War II ended in 1945, with Germany surrendering in May and Japan in September.",
         [
-            'World War I began in 1914 after the assassination of Archduke Franz Ferdinand.',
-            'The end of the war brought many soldiers home to their families.',
+            "World War I began in 1914 after the assassination of Archduke Franz Ferdinand.",
+            "The end of the war brought many soldiers home to their families.",
         ],
     ),
     (
-        'What is the freezing point of water?',
-        'Pure water freezes at 0 degrees Celsius, which is 32 degrees Fahrenheit.',
+        "What is the freezing point of water?",
+        "Pure water freezes at 0 degrees Celsius, which is 32 degrees Fahrenheit.",
         [
             "Water covers about seventy percent of the Earth's surface.",
-            'A freezer keeps food cold so that it lasts longer.',
+            "A freezer keeps food cold so that it lasts longer.",
         ],
     ),
     (
-        'What is the hardest natural substance?',
-        'Diamond is the hardest naturally occurring material, rating 10 on the Mohs scale.',
+        "What is the hardest natural substance?",
+        "Diamond is the hardest naturally occurring material, rating 10 on the Mohs scale.",
         [
-            'Natural light is better for growing indoor plants.',
-            'It is hard to find work in some small towns.',
+            "Natural light is better for growing indoor plants.",
+            "It is hard to find work in some small towns.",
         ],
     ),
     (
-        'Which organ pumps blood through the body?',
-        'The heart is a muscular organ that pumps blood through the blood vessels of the body.',
+        "Which organ pumps blood through the body?",
+        "The heart is a muscular organ that pumps blood through the blood vessels of the body.",
         [
-            'Blood donors give about half a litre of blood at a time.',
-            'The organ in the church was built in the eighteenth century.',
+            "Blood donors give about half a litre of blood at a time.",
+            "The organ in the church was built in the eighteenth century.",
         ],
     ),
     (
-        'What language is spoken in Brazil?',
-        'Portuguese is the official and most widely spoken language of Brazil.',
+        "What language is spoken in Brazil?",
+        "Portuguese is the official and most widely spoken language of Brazil.",
         [
-            'Brazil is the largest country in South America.',
-            'Learning a second language helps children at school.',
+            "Brazil is the largest country in South America.",
+            "Learning a second language helps children at school.",
         ],
     ),
 ]
@@ -303,7 +306,11 @@ def case_params() -> list:
     params = []
     for query, answer, distractors in CASES:
         for ratio in (1, 4, 16):
-            marks = [pytest.mark.xfail(strict=False, reason="known miss of the shipped kalm-mini")] if (query, ratio) in KNOWN_MISSES else []
+            marks = (
+                [pytest.mark.xfail(strict=False, reason="known miss of the shipped kalm-mini")]
+                if (query, ratio) in KNOWN_MISSES
+                else []
+            )
             params.append(pytest.param(query, answer, distractors, ratio, marks=marks, id=f"{query}-r{ratio}"))
     return params
 

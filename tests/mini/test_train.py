@@ -6,9 +6,9 @@ The teacher is checked against plain transformers (all-MiniLM-L6-v2 with mean po
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -23,17 +23,33 @@ from kalm_rag.train.data import DevQuery, Example, TrainingData, wiki_examples, 
 from kalm_rag.train.trainer import BiEncoderTeacher, MiniTask, TrainConfig, group_loss, train
 
 ARTICLES = {
-    "Photosynthesis": ("Photosynthesis", "Biological process that converts light into chemical energy", "Biology and health sciences",
-                       "Photosynthesis is the process by which plants, algae and some bacteria turn light, water and "
-                       "carbon dioxide into glucose and oxygen."),
-    "Herbivore": ("Herbivore", "Animal that eats plants", "Biology and health sciences",
-                  "A herbivore is an animal anatomically and physiologically adapted to eating plant material, for "
-                  "example foliage, for the main component of its diet. Photosynthesis in plants feeds them indirectly."),
-    "Mercury (planet)": ("Mercury (planet)", "Smallest planet in the Solar System", "Physical sciences",
-                         "Mercury is the first planet from the Sun and the smallest in the Solar System, orbiting in 88 days."),
-    "Marie Curie": ("Marie Curie", "Physicist and chemist (1867-1934)", "People",
-                    "Marie Curie was a Polish and naturalised-French physicist and chemist who conducted pioneering research "
-                    "on radioactivity and won two Nobel Prizes."),
+    "Photosynthesis": (
+        "Photosynthesis",
+        "Biological process that converts light into chemical energy",
+        "Biology and health sciences",
+        "Photosynthesis is the process by which plants, algae and some bacteria turn light, water and "
+        "carbon dioxide into glucose and oxygen.",
+    ),
+    "Herbivore": (
+        "Herbivore",
+        "Animal that eats plants",
+        "Biology and health sciences",
+        "A herbivore is an animal anatomically and physiologically adapted to eating plant material, for "
+        "example foliage, for the main component of its diet. Photosynthesis in plants feeds them indirectly.",
+    ),
+    "Mercury (planet)": (
+        "Mercury (planet)",
+        "Smallest planet in the Solar System",
+        "Physical sciences",
+        "Mercury is the first planet from the Sun and the smallest in the Solar System, orbiting in 88 days.",
+    ),
+    "Marie Curie": (
+        "Marie Curie",
+        "Physicist and chemist (1867-1934)",
+        "People",
+        "Marie Curie was a Polish and naturalised-French physicist and chemist who conducted pioneering research "
+        "on radioactivity and won two Nobel Prizes.",
+    ),
 }
 
 
@@ -44,8 +60,14 @@ def backend() -> MiniBackend:
 
 
 def write_summaries(path: Path) -> Path:
-    path.write_text(json.dumps({k: {"title": t, "description": d, "topic": topic, "extract": e}
-                                for k, (t, d, topic, e) in ARTICLES.items()}))
+    path.write_text(
+        json.dumps(
+            {
+                k: {"title": t, "description": d, "topic": topic, "extract": e}
+                for k, (t, d, topic, e) in ARTICLES.items()
+            }
+        )
+    )
     return path
 
 
@@ -60,8 +82,13 @@ def test_distillation_term_vanishes_when_the_student_matches_the_teacher() -> No
 
 def test_wiki_queries_name_or_describe_the_subject() -> None:
     assert wiki_queries("Mercury (planet)", "Smallest planet in the Solar System", "Physical sciences") == [
-        "What is Mercury?", "Smallest planet in the Solar System"]
-    assert wiki_queries("Marie Curie", "physicist and chemist", "People") == ["Who was Marie Curie?", "Physicist and chemist"]
+        "What is Mercury?",
+        "Smallest planet in the Solar System",
+    ]
+    assert wiki_queries("Marie Curie", "physicist and chemist", "People") == [
+        "Who was Marie Curie?",
+        "Physicist and chemist",
+    ]
     assert wiki_queries("Hat", "", "Everyday life") == ["What is Hat?"]
 
 
@@ -108,17 +135,39 @@ def test_teacher_is_minilm_cosine(backend: MiniBackend, tmp_path: Path) -> None:
 
 def test_a_short_run_trains_saves_and_loads(backend: MiniBackend, tmp_path: Path) -> None:
     texts = [v[3] for v in ARTICLES.values()]
-    examples = [Example(q, [texts[i]], [t for j, t in enumerate(texts) if j != i], "wiki")
-                for i, q in enumerate(["How do plants make food?", "What do herbivores eat?",
-                                       "Which planet is closest to the Sun?", "Who discovered radioactivity?"])]
+    examples = [
+        Example(q, [texts[i]], [t for j, t in enumerate(texts) if j != i], "wiki")
+        for i, q in enumerate(
+            [
+                "How do plants make food?",
+                "What do herbivores eat?",
+                "Which planet is closest to the Sun?",
+                "Who discovered radioactivity?",
+            ]
+        )
+    ]
     dev = [DevQuery("Which planet is smallest?", texts, [0, 0, 1, 0], "wiki")]
     cache = EncodingCache(tmp_path / "cache", backend)
     cache.ensure(texts)
-    cfg = TrainConfig(steps=3, groups_per_step=2, negatives=2, random_negatives=1, ratios=[4], extra_ratios=[1, 16], warmup=1,
-                      eval_every=3, source_weights={"wiki": 1.0})
+    cfg = TrainConfig(
+        steps=3,
+        groups_per_step=2,
+        negatives=2,
+        random_negatives=1,
+        ratios=[4],
+        extra_ratios=[1, 16],
+        warmup=1,
+        eval_every=3,
+        source_weights={"wiki": 1.0},
+    )
     before = {k: v.clone() for k, v in backend.decoder.state_dict().items()}
-    summary = train(MiniTask(backend, cache, cfg), TrainingData(examples, dev), cfg, tmp_path / "run",
-                    BiEncoderTeacher(backend, cache, scale=cfg.teacher_scale))
+    summary = train(
+        MiniTask(backend, cache, cfg),
+        TrainingData(examples, dev),
+        cfg,
+        tmp_path / "run",
+        BiEncoderTeacher(backend, cache, scale=cfg.teacher_scale),
+    )
     assert summary["steps_run"] == 3 and 0.0 <= summary["best_dev_ndcg10"] <= 1.0
     assert any(not torch.equal(before[k], v) for k, v in backend.decoder.state_dict().items())
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -135,7 +184,9 @@ def test_distillation_needs_a_teacher(backend: MiniBackend, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("passage_summary", "relevance"), [(False, False), (True, False), (True, True)])
-def test_fused_inference_path_equals_the_training_path(backend: MiniBackend, passage_summary: bool, relevance: bool) -> None:
+def test_fused_inference_path_equals_the_training_path(
+    backend: MiniBackend, passage_summary: bool, relevance: bool
+) -> None:
     dec = copy.deepcopy(backend.decoder).eval()
     if relevance:
         torch.manual_seed(5)
@@ -148,7 +199,9 @@ def test_fused_inference_path_equals_the_training_path(backend: MiniBackend, pas
     q_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
     with torch.no_grad():
         before = dec(h_instr, h_query, q_mask, passages, mask)  # fills the fused-weights cache
-    with torch.no_grad():  # perturb the adapters so that the fold is not trivially the identity (and the cache is stale)
+    with (
+        torch.no_grad()
+    ):  # perturb the adapters so that the fold is not trivially the identity (and the cache is stale)
         for adapter in dec.adapters:
             adapter.norm.weight.add_(0.3 * torch.randn(adapter.norm.weight.shape, generator=g))
             adapter.norm.bias.add_(0.3 * torch.randn(adapter.norm.bias.shape, generator=g))
@@ -177,16 +230,25 @@ def test_summary_window_is_the_mean_of_the_passage_at_every_ratio() -> None:
         assert torch.equal(with_summary[:, 1:], vectors) and torch.equal(summary_mask[:, 1:], windows)
 
 
-@pytest.mark.parametrize(("query_input", "head_pooling", "passage_summary"),
-                         [("encoder", "mean", False), ("embeddings", "last", False), ("encoder", "mean", True)])
+@pytest.mark.parametrize(
+    ("query_input", "head_pooling", "passage_summary"),
+    [("encoder", "mean", False), ("embeddings", "last", False), ("encoder", "mean", True)],
+)
 def test_both_query_inputs_read_the_passage(query_input: str, head_pooling: str, passage_summary: bool) -> None:
     torch.manual_seed(0)
-    cfg = MiniConfig(num_layers=1, init_layers=[5] if query_input == "encoder" else [0], query_input=query_input,
-                     head_pooling=head_pooling, passage_summary=passage_summary)
+    cfg = MiniConfig(
+        num_layers=1,
+        init_layers=[5] if query_input == "encoder" else [0],
+        query_input=query_input,
+        head_pooling=head_pooling,
+        passage_summary=passage_summary,
+    )
     fresh = MiniBackend.fresh(cfg)
     with torch.no_grad():
         fresh.decoder.head.weight.normal_(0.0, 1.0)  # a visible head, so that passage effects show in the logit
-    prompt = fresh.prompt_ids("Which planet is smallest?", instruction="Rank.", system_instruction="", max_query_tokens=32)
+    prompt = fresh.prompt_ids(
+        "Which planet is smallest?", instruction="Rank.", system_instruction="", max_query_tokens=32
+    )
     cut = prompt.index(fresh.sep_id) + 1
     texts = [ARTICLES["Mercury (planet)"][3], ARTICLES["Marie Curie"][3]]
     ids = fresh.tokenize_passages(texts, 256)
@@ -215,7 +277,11 @@ def test_source_weights_option() -> None:
     from kalm_rag.train.command import _source_weights
 
     weights = _source_weights("wiki=0.5, scifact=0")
-    assert weights["wiki"] == 0.5 and weights["scifact"] == 0.0 and weights["nfcorpus"] == TrainConfig().source_weights["nfcorpus"]
+    assert (
+        weights["wiki"] == 0.5
+        and weights["scifact"] == 0.0
+        and weights["nfcorpus"] == TrainConfig().source_weights["nfcorpus"]
+    )
     with pytest.raises(typer.BadParameter):
         _source_weights("wiki")
 
@@ -224,8 +290,10 @@ def test_groups_mix_hard_and_random_negatives() -> None:
     from kalm_rag.train.trainer import GroupSampler
 
     pool = [f"other passage {i}" for i in range(50)]
-    examples = [Example("q", ["the answer"], ["hard 1", "hard 2", "hard 3", "hard 4"], "src"),
-                Example("q2", ["answer 2"], pool, "src")]
+    examples = [
+        Example("q", ["the answer"], ["hard 1", "hard 2", "hard 3", "hard 4"], "src"),
+        Example("q2", ["answer 2"], pool, "src"),
+    ]
     cfg = TrainConfig(negatives=5, random_negatives=2, source_weights={"src": 1.0})
     sampler = GroupSampler(examples, cfg)
     for _ in range(30):
@@ -250,10 +318,13 @@ def test_default_cache_dir_is_outside_the_repository(monkeypatch: pytest.MonkeyP
 
 
 def test_relevance_attention_starts_as_the_mass_off_the_sink() -> None:
-    """At its start the layer's output is ``mass * value_bias``, ``mass = sum_w e^{tau cos} / (e^s + sum_w e^{tau cos})``."""
+    """At its start the layer's output is ``mass * value_bias``,
+    ``mass = sum_w e^{tau cos} / (e^s + sum_w e^{tau cos})``."""
     from kalm_rag.models.mini import RelevanceAttention
 
-    cfg = MiniConfig(query_input="encoder", relevance_attention=True, relevance_temperature_init=7.0, relevance_sink_init=3.0)
+    cfg = MiniConfig(
+        query_input="encoder", relevance_attention=True, relevance_temperature_init=7.0, relevance_sink_init=3.0
+    )
     layer = RelevanceAttention(cfg)
     bias = torch.randn(384)
     with torch.no_grad():
@@ -265,15 +336,26 @@ def test_relevance_attention_starts_as_the_mass_off_the_sink() -> None:
         out = layer(x, p, mask)  # (2, 3, d)
     for b in range(2):
         for t in range(3):
-            sims = [float(torch.dot(x[b, t], p[b, w]) / (x[b, t].norm() * p[b, w].norm())) for w in range(4) if mask[b, w]]
+            sims = [
+                float(torch.dot(x[b, t], p[b, w]) / (x[b, t].norm() * p[b, w].norm())) for w in range(4) if mask[b, w]
+            ]
             mass = sum(math.exp(7.0 * c) for c in sims) / (math.exp(3.0) + sum(math.exp(7.0 * c) for c in sims))
             assert torch.allclose(out[b, t], mass * bias, atol=1e-5), (b, t)
 
 
 def test_relevance_attention_prefers_the_passage_that_holds_the_query() -> None:
     torch.manual_seed(0)
-    fresh = MiniBackend.fresh(MiniConfig(num_layers=1, init_layers=[5], query_input="encoder", head_pooling="mean",
-                                         dropout=0.0, passage_summary=True, relevance_attention=True))
+    fresh = MiniBackend.fresh(
+        MiniConfig(
+            num_layers=1,
+            init_layers=[5],
+            query_input="encoder",
+            head_pooling="mean",
+            dropout=0.0,
+            passage_summary=True,
+            relevance_attention=True,
+        )
+    )
     g = torch.Generator().manual_seed(4)
     h_instr, h_query = torch.randn(1, 4, 384, generator=g), torch.randn(1, 5, 384, generator=g)
     unrelated = torch.randn(1, 8, 384, generator=g)
@@ -289,8 +371,15 @@ def test_relevance_attention_prefers_the_passage_that_holds_the_query() -> None:
 
 def test_relevance_checkpoint_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    cfg = MiniConfig(num_layers=1, init_layers=[5], query_input="encoder", head_pooling="mean", passage_summary=True,
-                     relevance_attention=True, relevance_heads=2)
+    cfg = MiniConfig(
+        num_layers=1,
+        init_layers=[5],
+        query_input="encoder",
+        head_pooling="mean",
+        passage_summary=True,
+        relevance_attention=True,
+        relevance_heads=2,
+    )
     fresh = MiniBackend.fresh(cfg)
     fresh.decoder.eval()  # a fresh decoder is in training mode (dropout)
     with torch.no_grad():

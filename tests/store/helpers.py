@@ -11,8 +11,9 @@ import torch
 from kalm_rag.store import PooledPassage
 
 
-def make_entry(seed: int, *, n_tokens: int = 13, ratio: int = 4, dim: int = 8,
-               dtype: torch.dtype = torch.float32) -> PooledPassage:
+def make_entry(
+    seed: int, *, n_tokens: int = 13, ratio: int = 4, dim: int = 8, dtype: torch.dtype = torch.float32
+) -> PooledPassage:
     """A deterministic entry of ``ceil(n_tokens / ratio)`` MEP windows (the same seed gives the same entry)."""
     W = -(-n_tokens // ratio)
     vectors = torch.randn(W, dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -22,8 +23,14 @@ def make_entry(seed: int, *, n_tokens: int = 13, ratio: int = 4, dim: int = 8,
 
 
 def same_entry(a: PooledPassage | None, b: PooledPassage | None) -> bool:
-    return (a is not None and b is not None and a.ratio == b.ratio and a.vectors.dtype == b.vectors.dtype
-            and torch.equal(a.vectors, b.vectors) and torch.equal(a.counts, b.counts))
+    return (
+        a is not None
+        and b is not None
+        and a.ratio == b.ratio
+        and a.vectors.dtype == b.vectors.dtype
+        and torch.equal(a.vectors, b.vectors)
+        and torch.equal(a.counts, b.counts)
+    )
 
 
 def redis_available() -> bool:

@@ -78,7 +78,7 @@ def test_iter_keys_pages_through_many_keys(store_factory, backend):
     keys = keys_of(2500)
     entry = make_entry(0, n_tokens=2, ratio=4, dim=2)
     for start in range(0, len(keys), 500):
-        store.put_many(NS, {k: entry for k in keys[start:start + 500]})
+        store.put_many(NS, {k: entry for k in keys[start : start + 500]})
     assert sorted(store.iter_keys(NS)) == sorted(keys)
     assert store.stats()["entries"] == 2500
     assert sum(store.contains_many(NS, keys)) == 2500

@@ -87,7 +87,7 @@ def test_a_value_of_another_namespace_or_key_is_refused():
 
 def _reseal(blob: bytearray) -> None:
     """Recompute the checksum of an edited value, as a buggy or hostile writer would."""
-    blob[HEADER_SIZE - 4:HEADER_SIZE] = codec._checksum(bytes(blob[:HEADER_SIZE - 4]), bytes(blob[HEADER_SIZE:]))
+    blob[HEADER_SIZE - 4 : HEADER_SIZE] = codec._checksum(bytes(blob[: HEADER_SIZE - 4]), bytes(blob[HEADER_SIZE:]))
 
 
 def test_a_future_format_version_is_refused_even_with_a_valid_checksum():
@@ -110,13 +110,16 @@ def test_corrupt_entry_error_is_a_store_error():
     assert issubclass(CorruptEntryError, StoreError)
 
 
-@pytest.mark.parametrize("entry, message", [
-    (PooledPassage(torch.zeros(2, 3, 4), torch.ones(2, dtype=torch.int32), 1), "must be \\(W, d\\)"),
-    (PooledPassage(torch.zeros(2, 3), torch.ones(3, dtype=torch.int32), 1), "counts must be"),
-    (PooledPassage(torch.zeros(2, 3), torch.tensor([1, 0], dtype=torch.int32), 1), ">= 1"),
-    (PooledPassage(torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, dtype=torch.int32), 1), "dtype"),
-    (PooledPassage(torch.zeros(2, 3), torch.ones(2, dtype=torch.int32), 0), "ratio"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (PooledPassage(torch.zeros(2, 3, 4), torch.ones(2, dtype=torch.int32), 1), "must be \\(W, d\\)"),
+        (PooledPassage(torch.zeros(2, 3), torch.ones(3, dtype=torch.int32), 1), "counts must be"),
+        (PooledPassage(torch.zeros(2, 3), torch.tensor([1, 0], dtype=torch.int32), 1), ">= 1"),
+        (PooledPassage(torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, dtype=torch.int32), 1), "dtype"),
+        (PooledPassage(torch.zeros(2, 3), torch.ones(2, dtype=torch.int32), 0), "ratio"),
+    ],
+)
 def test_malformed_entries_are_refused_when_written(entry, message):
     with pytest.raises(StoreError, match=message):
         encode_entry(NS, KEY, entry)

@@ -61,8 +61,9 @@ def test_a_corrupt_stored_value_is_recomputed_not_served(backend, sqlite_url, re
     key = passage_key(PASSAGES[2])
     if kind == "sqlite":
         with rr.store._write() as conn:
-            conn.execute("UPDATE passages SET value = substr(value, 1, 100) || x'00' || substr(value, 102) "
-                         "WHERE key = ?", (key,))
+            conn.execute(
+                "UPDATE passages SET value = substr(value, 1, 100) || x'00' || substr(value, 102) WHERE key = ?", (key,)
+            )
     else:
         raw = rr.store._client
         name = rr.store._entry_key(rr.namespace, key)
@@ -144,7 +145,9 @@ def test_a_second_process_scores_what_the_first_encoded_without_the_encoder(
         first.close()
     out = subprocess.run(
         [sys.executable, "-c", SECOND_PROCESS, str(tiny_checkpoint), QUERY, json.dumps(PASSAGES), *urls],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -192,8 +195,12 @@ def _margin_pooled_from_scratch(rr: Reranker, passage: str, ratio: int) -> float
     """The margin with the passage encoded and MEP-pooled at ``ratio`` directly (no store, no re-pooling)."""
     hidden, mask = _encoder_states(rr, passage)
     pooled, _ = mep_pool(hidden, mask, ratio)  # (1, W, d)
-    prompt = rr.backend.prompt_ids(QUERY, instruction=DEFAULT_INSTRUCTION,
-                                   system_instruction=DEFAULT_SYSTEM_INSTRUCTION, max_query_tokens=rr.max_query_tokens)
+    prompt = rr.backend.prompt_ids(
+        QUERY,
+        instruction=DEFAULT_INSTRUCTION,
+        system_instruction=DEFAULT_SYSTEM_INSTRUCTION,
+        max_query_tokens=rr.max_query_tokens,
+    )
     prompt_ids = torch.tensor([prompt])
     window_mask = torch.ones(pooled.shape[:2], dtype=torch.long)
     return float(rr.backend.margins(prompt_ids, torch.tensor([len(prompt)]), pooled, window_mask)[0])

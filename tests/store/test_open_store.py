@@ -60,15 +60,18 @@ def test_redis_url_and_parameters_without_connecting():
     store.close()
 
 
-@pytest.mark.parametrize("url, message", [
-    ("postgres://x/y", "unknown store URL scheme"),
-    ("sqlite://host/p.db", "sqlite:///relative.db"),
-    ("sqlite://", "sqlite:///relative.db"),
-    ("memory://?max_bytes=lots", "max_bytes"),
-    ("memory://?colour=red", "unknown parameter"),
-    ("sqlite:///p.db?wal=off", "unknown parameter"),
-    ("redis://localhost/0?prefix=a*b", "prefix"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("postgres://x/y", "unknown store URL scheme"),
+        ("sqlite://host/p.db", "sqlite:///relative.db"),
+        ("sqlite://", "sqlite:///relative.db"),
+        ("memory://?max_bytes=lots", "max_bytes"),
+        ("memory://?colour=red", "unknown parameter"),
+        ("sqlite:///p.db?wal=off", "unknown parameter"),
+        ("redis://localhost/0?prefix=a*b", "prefix"),
+    ],
+)
 def test_bad_urls_are_refused_with_the_reason(url, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=message):

@@ -207,10 +207,9 @@ def test_a_busy_writer_times_out_with_a_clear_error_while_reads_go_on(db):
 
 def test_a_write_interrupted_by_keyboard_interrupt_rolls_back(db):
     store = SQLiteStore(db)
-    with pytest.raises(KeyboardInterrupt):
-        with store._write() as conn:
-            conn.execute("INSERT INTO passages (namespace, key, nbytes, created, value) VALUES ('ns', 'x', 1, 0, x'')")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), store._write() as conn:
+        conn.execute("INSERT INTO passages (namespace, key, nbytes, created, value) VALUES ('ns', 'x', 1, 0, x'')")
+        raise KeyboardInterrupt
     assert store.contains_many("ns", ["x"]) == [False]
     store.put_many("ns", {"y": make_entry(1)})  # no transaction left open
     assert store.contains_many("ns", ["y"]) == [True]

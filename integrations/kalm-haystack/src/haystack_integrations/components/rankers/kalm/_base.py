@@ -1,0 +1,66 @@
+"""What the Haystack ranker and encoder share: model and store settings, lazy loading, serialization."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from haystack.core.errors import SerializationError
+from haystack.utils import ComponentDevice
+
+from kalm_rag import InvalidInputError, PassageStore, Reranker
+from kalm_rag.adapters import RerankerHandle, store_url
+
+
+class KaLMComponentBase:
+    """Model, store, device and batch size of a KaLM component; the model loads in :meth:`warm_up`.
+
+    Components configured with the same model and store URL share one loaded model and one cache.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str | Path,
+        store: str | PassageStore,
+        device: ComponentDevice | str | None,
+        batch_size: int,
+    ) -> None:
+        if isinstance(device, str):
+            device = ComponentDevice.from_str(device)
+        if device is not None and not isinstance(device, ComponentDevice):
+            raise InvalidInputError(f"device must be a ComponentDevice, a device string or None, got {device!r}")
+        self.model = os.fspath(model)
+        self.store = store
+        self.device = device
+        self.batch_size = batch_size
+        # cheap: validates the settings, loads nothing
+        self._handle = RerankerHandle(
+            model=self.model,
+            store=store,
+            device=None if device is None else device.to_torch_str(),
+            batch_size=batch_size,
+        )
+
+    def warm_up(self) -> None:
+        """Load the model (or attach to the one already loaded for these settings). Idempotent."""
+        self._handle.get()
+
+    def get_reranker(self) -> Reranker:
+        """The ``kalm_rag.Reranker`` in use, loading the model on the first call."""
+        return self._handle.get()
+
+    def _base_init_parameters(self) -> dict[str, Any]:
+        url = store_url(self.store)
+        if url is None:
+            raise SerializationError(
+                f"{type(self).__name__} was given a {type(self.store).__name__} object, which has no portable form; "
+                "pass the store as a URL (e.g. store='sqlite:///passages.db') to make the component serializable"
+            )
+        return dict(
+            model=self.model,
+            store=url,
+            device=None if self.device is None else self.device.to_dict(),
+            batch_size=self.batch_size,
+        )

@@ -1,0 +1,87 @@
+"""``KaLMPassageEncoder``: the indexing half of the Haystack adapter.
+
+FBNL is fast only when passages are encoded before queries arrive. Put this component in the indexing
+pipeline before the ``DocumentWriter``; :class:`~.ranker.KaLMRanker` on the same model and store then finds
+the documents in the cache and runs only the decoder.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from haystack import Document, component, default_from_dict, default_to_dict
+from haystack.utils import ComponentDevice
+
+from haystack_integrations.components.rankers.kalm._base import KaLMComponentBase
+from kalm_rag import PassageStore
+from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, aencode, encode
+
+
+@component
+class KaLMPassageEncoder(KaLMComponentBase):
+    """Pre-encodes ``Document.content`` into the passage store and outputs the documents unchanged.
+
+    ### Usage example
+
+    ```python
+    from haystack import Pipeline
+    from haystack.components.writers import DocumentWriter
+    from haystack.document_stores.in_memory import InMemoryDocumentStore
+    from haystack_integrations.components.rankers.kalm import KaLMPassageEncoder
+
+    indexing = Pipeline()
+    indexing.add_component("kalm", KaLMPassageEncoder(model="KaLM-Embedding/KaLM-Reranker-V1-Nano"))
+    indexing.add_component("writer", DocumentWriter(document_store=InMemoryDocumentStore()))
+    indexing.connect("kalm.documents", "writer.documents")
+    ```
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str | Path = DEFAULT_MODEL,
+        store: str | PassageStore = DEFAULT_STORE_URL,
+        device: ComponentDevice | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        """Create a KaLMPassageEncoder; the model is loaded by :meth:`warm_up` (or the first run), not here.
+
+        :param model:
+            Checkpoint folder, hub id or ``"kalm-mini"``; must match the ranker's.
+        :param store:
+            Passage store URL or object; must be the ranker's store.
+        :param device:
+            The device to run on; ``None``: CUDA when available, else CPU.
+        :param batch_size:
+            Passages per encoder batch.
+        """
+        # explicit base call: @component rebuilds the class, which breaks zero-argument super()
+        KaLMComponentBase.__init__(self, model=model, store=store, device=device, batch_size=batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialize the component to a dictionary of basic types."""
+        return default_to_dict(self, **self._base_init_parameters())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KaLMPassageEncoder":
+        """Deserialize the component from a dictionary."""
+        return default_from_dict(cls, data)
+
+    @component.output_types(documents=list[Document])
+    def run(self, documents: list[Document]) -> dict[str, list[Document]]:
+        """Encode the documents not yet in the store.
+
+        :param documents:
+            Documents to pre-encode; those without ``content`` are skipped.
+        :returns:
+            ``documents``: the input documents, unchanged.
+        """
+        if documents:
+            encode(self.get_reranker(), [d.content for d in documents])
+        return {"documents": documents}
+
+    @component.output_types(documents=list[Document])
+    async def run_async(self, documents: list[Document]) -> dict[str, list[Document]]:
+        """Async :meth:`run`: encoding runs on the reranker's worker thread, never the event loop."""
+        if documents:
+            await aencode(await self._handle.aget(), [d.content for d in documents])
+        return {"documents": documents}

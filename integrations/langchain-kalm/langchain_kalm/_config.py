@@ -1,0 +1,39 @@
+"""Fields shared by the LangChain compressor and encoder: which reranker, on which store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from kalm_rag import PassageStore, Reranker
+from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, RerankerHandle, handle_from_fields
+
+
+class KaLMEngineConfig(BaseModel):
+    """Either a ready ``reranker``, or ``model`` + ``store`` (+ ``device``, ``batch_size``) to load one.
+
+    Adapters configured with the same model and store URL share one loaded model and one cache.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    reranker: Reranker | None = Field(default=None, exclude=True)
+    """A ready ``kalm_rag.Reranker`` (its store is used); mutually exclusive with the loading fields."""
+    model: str = DEFAULT_MODEL
+    """Checkpoint folder, hub id (``KaLM-Embedding/KaLM-Reranker-V1-Nano``) or ``"kalm-mini"``."""
+    store: PassageStore | str = Field(default=DEFAULT_STORE_URL, exclude=True)
+    """Passage store object or URL (``memory://``, ``sqlite:///path``, ``redis://host:port/db``)."""
+    device: str | None = None
+    """Torch device (``cpu``, ``cuda``); ``None``: CUDA when available."""
+    batch_size: int = 32
+    """Passages per encoder or decoder batch."""
+
+    _handle: RerankerHandle = PrivateAttr()
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._handle = handle_from_fields(self, self.model_fields_set)
+
+    def get_reranker(self) -> Reranker:
+        """The ``kalm_rag.Reranker`` in use, loading the model on the first call."""
+        return self._handle.get()

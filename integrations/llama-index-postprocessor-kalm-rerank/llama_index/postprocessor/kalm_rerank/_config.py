@@ -1,0 +1,54 @@
+"""Fields shared by the LlamaIndex postprocessor and encoder: which reranker, on which store, and the
+passage text of a node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llama_index.core.bridge.pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer
+from llama_index.core.schema import BaseNode, MetadataMode
+
+from kalm_rag import PassageStore, Reranker
+from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, RerankerHandle, handle_from_fields, store_url
+
+
+def node_text(node: BaseNode) -> str:
+    """The passage text of a node: its content without metadata (the same text in every framework)."""
+    return node.get_content(metadata_mode=MetadataMode.NONE)
+
+
+class KaLMEngineConfig(BaseModel):
+    """Either a ready ``reranker``, or ``model`` + ``store`` (+ ``device``, ``batch_size``) to load one.
+
+    Components configured with the same model and store URL share one loaded model and one cache.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    reranker: Reranker | None = Field(
+        default=None, description="A ready kalm_rag.Reranker; mutually exclusive with model/store/device/batch_size."
+    )
+    model: str = Field(default=DEFAULT_MODEL, description="Checkpoint folder, hub id or 'kalm-mini'.")
+    store: PassageStore | str = Field(
+        default=DEFAULT_STORE_URL, description="Passage store object or URL (memory://, sqlite:///path, redis://...)."
+    )
+    device: str | None = Field(default=None, description="Torch device; None: CUDA when available.")
+    batch_size: int = Field(default=32, description="Passages per encoder or decoder batch.")
+
+    _handle: RerankerHandle = PrivateAttr()
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._handle = handle_from_fields(self, self.model_fields_set)
+
+    @field_serializer("reranker")
+    def _serialize_reranker(self, reranker: Reranker | None) -> str | None:
+        return None if reranker is None else reranker.namespace  # e.g. "t5gemma2:<settings digest>"
+
+    @field_serializer("store")
+    def _serialize_store(self, store: PassageStore | str) -> str:
+        return store_url(store) or f"<{type(store).__name__} at {id(store):#x}>"
+
+    def get_reranker(self) -> Reranker:
+        """The ``kalm_rag.Reranker`` in use, loading the model on the first call."""
+        return self._handle.get()

@@ -1,0 +1,50 @@
+"""``KaLMPassageEncoder``: the indexing half of the LlamaIndex adapter.
+
+FBNL is fast only when passages are encoded before queries arrive. Put this component last in an
+``IngestionPipeline``'s transformations (after the splitter); :class:`~.base.KaLMRerank` on the same model
+and store then finds the nodes in the cache and runs only the decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core.schema import BaseNode, TransformComponent
+
+from kalm_rag.adapters import aencode, encode
+from llama_index.postprocessor.kalm_rerank._config import KaLMEngineConfig, node_text
+
+
+class KaLMPassageEncoder(KaLMEngineConfig, TransformComponent):
+    """Pre-encode nodes' text into the passage store; the nodes pass through unchanged.
+
+    Note that ``IngestionPipeline``'s own cache skips every transformation for nodes it has seen; such
+    nodes are then encoded on their first rerank instead (same result, paid at query time).
+
+    Example:
+        >>> from llama_index.core.ingestion import IngestionPipeline  # doctest: +SKIP
+        >>> from llama_index.core.node_parser import SentenceSplitter  # doctest: +SKIP
+        >>> pipeline = IngestionPipeline(transformations=[  # doctest: +SKIP
+        ...     SentenceSplitter(), KaLMPassageEncoder(model="KaLM-Embedding/KaLM-Reranker-V1-Nano"), embed_model])
+        >>> nodes = pipeline.run(documents=documents)  # doctest: +SKIP
+    """
+
+    @classmethod
+    def class_name(cls) -> str:
+        """The name LlamaIndex serializes this component under."""
+        return "KaLMPassageEncoder"
+
+    def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        """Encode the nodes not yet in the store and return them as they came."""
+        nodes = list(nodes)
+        if nodes:
+            encode(self.get_reranker(), [node_text(n) for n in nodes])
+        return nodes
+
+    async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        """Async :meth:`__call__`: encoding runs on the reranker's worker thread, never the event loop."""
+        nodes = list(nodes)
+        if nodes:
+            await aencode(await self._handle.aget(), [node_text(n) for n in nodes])
+        return nodes
