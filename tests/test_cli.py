@@ -87,3 +87,34 @@ def test_report_writing_commands_need_an_explicit_destination():
     for argv in (["bench"], ["eval", "report"], ["train", "export", "."]):
         result = runner.invoke(app, argv)
         assert result.exit_code == 2 and "Missing option" in result.output, argv
+
+
+def test_train_mini_defaults_are_train_config_and_the_shipped_recipe():
+    import typer
+
+    from kalm_rag.train.config import TrainConfig
+
+    group = typer.main.get_command(app)
+    defaults = {p.name: p.default for p in group.commands["train"].commands["mini"].params}
+    cfg = TrainConfig()
+    for name in (
+        "steps",
+        "groups_per_step",
+        "negatives",
+        "random_negatives",
+        "dev_candidates",
+        "distill",
+        "lr",
+        "new_module_lr",
+        "warmup",
+        "eval_every",
+        "dev_max_queries",
+        "max_minutes",
+        "seed",
+    ):
+        assert defaults[name] == getattr(cfg, name), name
+    assert defaults["ratios"] == "4,16" and defaults["extra_ratios"] == "1,2,8,32"
+    assert (cfg.steps, cfg.lr, cfg.new_module_lr, cfg.warmup, cfg.eval_every) == (1800, 1e-4, 1e-3, 30, 300)
+    assert (cfg.ratios, cfg.extra_ratios, cfg.dev_candidates, cfg.dev_max_queries) == ([4, 16], [1, 2, 8, 32], 100, 40)
+    ce = {p.name: p.default for p in group.commands["train"].commands["cross-encoder"].params}
+    assert ce["steps"] == TrainConfig.cross_encoder().steps == 1200 and TrainConfig.cross_encoder().ratios == []
