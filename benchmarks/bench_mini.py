@@ -84,7 +84,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from kalm_rag import Reranker
-    from kalm_rag.models.mini import MiniBackend, MiniConfig
+    from kalm_rag.models.mini import MiniConfig
+    from kalm_rag.models.mini.backend import load_encoder
 
     rr = Reranker.from_pretrained(args.model, device="cpu", dtype="float32", batch_size=args.passages)
     texts = passages(args.passages, args.tokens, rr.backend.tokenizer)
@@ -112,7 +113,7 @@ def main() -> None:
         from kalm_rag.eval.rerankers import CrossEncoderReranker
 
         ce = CrossEncoderReranker.__new__(CrossEncoderReranker)
-        ce.bert, ce.tokenizer = MiniBackend.load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
+        ce.bert, ce.tokenizer = load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
         ce.head = torch.nn.Linear(384, 1)
         ce.max_length, ce.batch_size = 320, args.passages
     results["cross-encoder ms"] = median_ms(lambda: ce(query, texts), max(3, args.repeats // 3))

@@ -171,7 +171,7 @@ class Reranker:
 
         settings = {
             "family": self.backend.family,
-            "weights": self.backend.weights_id,
+            "weights": self.backend.passage_encoder_id,
             "prefix": PASSAGE_PREFIX,
             "max_passage_tokens": self.max_passage_tokens,
             "base_ratio": self.base_ratio,
@@ -384,13 +384,10 @@ class Reranker:
         pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in self._pooled(texts)]
         order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
         margins = torch.empty(len(pooled), dtype=torch.float32)
-        prompt_ids = torch.tensor(prompt, dtype=torch.long)
 
         def score_batch(batch: list[int]) -> None:
             vectors, mask = right_pad_vectors([pooled[i] for i in batch], self.backend.dtype)  # (B, W, d), (B, W)
-            B = len(batch)
-            lengths = torch.full((B,), len(prompt), dtype=torch.long)
-            margins[batch] = self.backend.margins(prompt_ids.expand(B, -1), lengths, vectors, mask)
+            margins[batch] = self.backend.margins(prompt, vectors, mask)
 
         self._for_each_batch(order, score_batch)
         if not torch.isfinite(margins).all():

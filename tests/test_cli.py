@@ -84,7 +84,7 @@ def test_bench_reports_a_missing_tokenizer_in_one_line_and_leaves_nothing(tmp_pa
 
 
 def test_report_writing_commands_need_an_explicit_destination():
-    for argv in (["bench"], ["eval", "report"], ["train", "export", "."]):
+    for argv in (["bench"], ["eval", "run", "."], ["train", "export", "."]):
         result = runner.invoke(app, argv)
         assert result.exit_code == 2 and "Missing option" in result.output, argv
 
@@ -111,10 +111,13 @@ def test_train_mini_defaults_are_train_config_and_the_shipped_recipe():
         "dev_max_queries",
         "max_minutes",
         "seed",
+        "echo_probability",
     ):
         assert defaults[name] == getattr(cfg, name), name
-    assert defaults["ratios"] == "4,16" and defaults["extra_ratios"] == "1,2,8,32"
-    assert (cfg.steps, cfg.lr, cfg.new_module_lr, cfg.warmup, cfg.eval_every) == (1800, 1e-4, 1e-3, 30, 300)
-    assert (cfg.ratios, cfg.extra_ratios, cfg.dev_candidates, cfg.dev_max_queries) == ([4, 16], [1, 2, 8, 32], 100, 40)
+    assert defaults["ratios"] == "1,4" and defaults["extra_ratios"] == "2,8,16,32"
+    # the recipe of the shipped kalm-mini 1.0 (its training.json records the same values)
+    assert (cfg.steps, cfg.lr, cfg.new_module_lr, cfg.warmup, cfg.eval_every) == (2000, 1e-4, 1e-3, 100, 250)
+    assert (cfg.ratios, cfg.extra_ratios, cfg.dev_candidates, cfg.dev_max_queries) == ([1, 4], [2, 8, 16, 32], 100, 100)
+    assert cfg.source_weights == {"squad": 0.6, "medquad": 0.25, "wiki": 0.15}
     ce = {p.name: p.default for p in group.commands["train"].commands["cross-encoder"].params}
     assert ce["steps"] == TrainConfig.cross_encoder().steps == 1200 and TrainConfig.cross_encoder().ratios == []

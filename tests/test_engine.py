@@ -155,7 +155,7 @@ def test_a_tokenizer_without_single_token_yes_no_is_refused(tiny_checkpoint, tmp
 
 def test_non_finite_margins_raise_naming_the_dtype(tiny_checkpoint):
     rr = Reranker.from_pretrained(tiny_checkpoint)
-    rr.backend.margins = lambda *args, **kwargs: torch.full((args[0].shape[0],), float("nan"))
+    rr.backend.margins = lambda prompt, vectors, mask: torch.full((vectors.shape[0],), float("nan"))
     with pytest.raises(NumericalError, match="float32"):
         rr.score(QUERY, PASSAGES)
 
@@ -237,11 +237,11 @@ def test_out_of_memory_halves_the_batch_and_keeps_finished_work(tiny_checkpoint)
     real_margins = rr.backend.margins
     batch_sizes = []
 
-    def margins_with_small_memory(prompt_ids, *args):
-        batch_sizes.append(prompt_ids.shape[0])
-        if prompt_ids.shape[0] > 3:
+    def margins_with_small_memory(prompt_ids, passage_vectors, passage_mask):
+        batch_sizes.append(passage_vectors.shape[0])
+        if passage_vectors.shape[0] > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_margins(prompt_ids, *args)
+        return real_margins(prompt_ids, passage_vectors, passage_mask)
 
     rr.backend.margins = margins_with_small_memory
     assert rr.score(QUERY, passages) == pytest.approx(want, abs=1e-5)

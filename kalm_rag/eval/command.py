@@ -1,13 +1,13 @@
-"""Rerank BEIR-format test sets and report nDCG@10, MRR@10, Recall@100 and latency.
+"""Rerank BEIR-format test sets with any model through the Reranker API, next to BM25 and MiniLM cosine.
 
 Examples:
 \b
-    kalm-rag eval run ../shared/data/scifact ../shared/data/nfcorpus       # BM25, cosine, kalm-mini r=1,4,16
-    kalm-rag eval run ../shared/data/wikiqa/test --cross-encoder ~/.cache/kalm-rag/kalm-mini/runs/cross-encoder/best
-    kalm-rag eval report --out docs/benchmarks                             # eval.md + eval.json from all results
+    kalm-rag eval run ../shared/data/scifact ../shared/data/trec-dl-2019 --out runs/eval-mini
+    kalm-rag eval run ../shared/data/nfcorpus --model path/to/KaLM-Reranker-V1-Nano --ratios 4 --out runs/eval-nano
 
-A data set folder holds corpus.jsonl[.gz], queries.jsonl[.gz] and qrels/test.tsv; a candidates.tsv next to
-them replaces the BM25 first stage. Runs are resumable: scores and passage encodings are cached.
+A data set folder holds corpus.jsonl[.gz], queries.jsonl[.gz] and qrels/test.tsv; a first-stage run file
+(*.run.tsv) or a candidates.tsv next to them replaces the BM25 first stage. Passage encodings are kept in a
+SQLite store under the cache folder and scores per method are saved as they come, so a rerun is cheap.
 """
 
 from __future__ import annotations
@@ -27,162 +27,55 @@ CacheDir = Annotated[Path, typer.Option("--cache-dir", envvar="KALM_RAG_CACHE", 
 DEFAULT_CACHE = default_cache_dir()
 
 
-def _name(folder: Path) -> str:
-    return folder.parent.name if folder.name in ("test", "beir") else folder.name
-
-
 @app.command()
 def run(
-    datasets: Annotated[list[Path], typer.Argument(help="BEIR-format folders.", exists=True, file_okay=False)],
-    model: Annotated[str, typer.Option(help="kalm-mini or a kalm-mini checkpoint folder.")] = "kalm-mini",
-    ratios: Annotated[str, typer.Option(help="kalm-mini ratios to evaluate.")] = "1,4,16",
-    cross_encoder: Annotated[
-        Path | None, typer.Option(help="Cross-encoder checkpoint (kalm-rag train cross-encoder).")
-    ] = None,
-    ce_max_queries: Annotated[
-        int | None, typer.Option(help="Score only the first N queries with the (slow) cross-encoder.")
-    ] = None,
-    latency_queries: Annotated[int, typer.Option(min=1, help="Queries timed for the latency column.")] = 5,
+    datasets: Annotated[list[Path], typer.Argument(help="BEIR-format test folders.", exists=True, file_okay=False)],
+    out: Annotated[
+        Path, typer.Option(help="Folder for this run's eval.md, eval.json and per-method scores.", file_okay=False)
+    ],
+    model: Annotated[str, typer.Option(help="kalm-mini, a checkpoint folder or a hub id.")] = "kalm-mini",
+    ratios: Annotated[str, typer.Option(help="MEP ratios to score the model at.")] = "1,4,16",
+    cosine: Annotated[bool, typer.Option(help="Also rerank with all-MiniLM-L6-v2 cosine.")] = True,
+    max_queries: Annotated[int | None, typer.Option(min=1, help="Score only the first N queries of each set.")] = None,
     cache_dir: CacheDir = DEFAULT_CACHE,
-    methods: Annotated[
-        str, typer.Option(help="Which rerankers: all, or a comma list of cosine, cross-encoder, mini.")
-    ] = "all",
-    threads: Annotated[int | None, typer.Option(min=1)] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads.")] = None,
 ) -> None:
-    """Evaluate every reranker on each data set; results go to CACHE_DIR/eval/NAME/result.json.
+    """Score every data set with BM25 (the first stage), cosine and the model at each ratio; one table per run.
 
-    Rows of methods not run this time are kept from an earlier result.json of the same data set.
+    The model runs through Reranker.score, exactly as users call it (passages encoded once into a SQLite store
+    under CACHE_DIR/eval). Writes OUT/eval.md (nDCG@10 per set and method, with the average, and the
+    calibration of the model's scores at its default ratio) and OUT/eval.json.
     """
     import torch
 
-    from kalm_rag.eval.rerankers import CosineReranker, CrossEncoderReranker, MiniReranker
-    from kalm_rag.eval.run import engine_latency, evaluate_dataset, markdown_table
-    from kalm_rag.models.mini import MiniBackend
-    from kalm_rag.train.cache import EncodingCache
+    from kalm_rag.engine import Reranker
+    from kalm_rag.eval.rerankers import CosineScorer, RerankerScorer
+    from kalm_rag.eval.run import evaluate_set, load_eval_set, markdown_tables
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     if threads:
         torch.set_num_threads(threads)
-    backend = MiniBackend.from_pretrained(model, device=torch.device("cpu"), dtype=torch.float32)
-    cache = EncodingCache(cache_dir, backend)
-    wanted = {"cosine", "cross-encoder", "mini"} if methods == "all" else set(methods.split(","))
-    rerankers: dict = {}
-    latency: dict = {}
-    if "cosine" in wanted:
-        cos = CosineReranker(backend, cache)
-        rerankers[cos.name] = cos
-        latency[cos.name] = lambda qs, ps: _median([_time(lambda q=q, p=p: cos(q, p)) for q, p in zip(qs, ps)])
-    limits = {}
-    if cross_encoder is not None and "cross-encoder" in wanted:
-        ce = CrossEncoderReranker(cross_encoder)
-        rerankers[ce.name] = ce
-        limits[ce.name] = ce_max_queries
-        latency[ce.name] = lambda qs, ps: _median(_time_each(ce, qs[:3], ps[:3]))  # slow: 3 queries
-    for r in [int(x) for x in ratios.split(",")] if "mini" in wanted else []:
-        mr = MiniReranker(backend, cache, r)
-        rerankers[mr.name] = mr
-        latency[mr.name] = lambda qs, ps, r=r: engine_latency(backend, cache, qs, ps, r)
-    for folder in datasets:
-        name = _name(folder)
-        out_dir = cache_dir / "eval" / name
-        result = evaluate_dataset(
-            folder,
-            rerankers=rerankers,
-            backend=backend,
-            cache=cache,
-            out_dir=out_dir,
-            max_queries=limits,
-            latency_queries=latency_queries,
-            latency_fns=latency,
-        )
-        result["dataset"] = name
-        result["model"] = backend.weights_id
-        result["threads"] = torch.get_num_threads()
-        previous = out_dir / "result.json"
-        if previous.is_file():
-            done = {row["method"] for row in result["rows"]}
-            kept = [row for row in json.loads(previous.read_text())["rows"] if row["method"] not in done]
-            result["rows"] = result["rows"][:1] + [r for r in kept if r["method"] != "BM25"] + result["rows"][1:]
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
-        typer.echo(markdown_table(result))
-
-
-def _time(fn) -> float:
-    import time
-
-    fn()
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1000.0
-
-
-def _time_each(fn, queries: list[str], passages: list[list[str]]) -> list[float]:
-    import time
-
-    fn(queries[0], passages[0])  # warm-up once
-    out = []
-    for q, p in zip(queries, passages):
-        t = time.perf_counter()
-        fn(q, p)
-        out.append((time.perf_counter() - t) * 1000.0)
-    return out
-
-
-def _median(values: list[float]) -> float:
-    import statistics
-
-    return statistics.median(values)
-
-
-@app.command()
-def report(
-    out: Annotated[
-        Path,
-        typer.Option(help="Folder for eval.md and eval.json (e.g. docs/benchmarks of a checkout).", file_okay=False),
-    ],
-    cache_dir: CacheDir = DEFAULT_CACHE,
-    order: Annotated[
-        str, typer.Option(help="Data sets, in table order.")
-    ] = "scifact,nfcorpus,wikiqa,cranfield,medline_med",
-) -> None:
-    """Gather result.json files into eval.md + eval.json (one table per data set, plus averages)."""
-    from kalm_rag.eval.run import markdown_table
-
+    store_dir = cache_dir / "eval"
+    store_dir.mkdir(parents=True, exist_ok=True)
+    rr = Reranker.from_pretrained(
+        model, store=f"sqlite:///{(store_dir / 'passages.db').resolve()}?memory_tier=2GB", show_progress_bar=True
+    )
+    label = "kalm-mini" if model == "kalm-mini" else Path(model).name
+    ratio_list = [int(r) for r in ratios.split(",") if r.strip()]
+    scorers: list = [CosineScorer()] if cosine else []
+    scorers += [RerankerScorer(rr, r, label=label) for r in ratio_list]
     results = []
-    for name in order.split(","):
-        f = cache_dir / "eval" / name / "result.json"
-        if f.is_file():
-            results.append(json.loads(f.read_text()))
-    if not results:
-        typer.echo(f"Error: no results under {cache_dir / 'eval'} for {order}; run kalm-rag eval run first.", err=True)
-        raise typer.Exit(code=1)
+    for folder in datasets:
+        eval_set = load_eval_set(folder)
+        rr.encode(sorted({eval_set.ds.corpus[d] for docs in eval_set.candidates.values() for d in docs}))
+        results.append(evaluate_set(eval_set, scorers, out / eval_set.name, max_queries=max_queries))
+    default = rr.ratio if rr.ratio in ratio_list else ratio_list[0]
+    table = markdown_tables(
+        results, title=f"{label} ({rr.backend.weights_id})", calibration_method=f"{label} r={default}"
+    )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    parts = [
-        "# kalm-mini evaluation",
-        "",
-        "Generated by `kalm-rag eval report` from `kalm-rag eval run` results. Latency: median ms to score "
-        "one query against 100 BM25 candidates on this machine (2 shared CPU cores); kalm-mini through "
-        "`Reranker.score` with passages pre-encoded in the store, cosine with passage embeddings precomputed "
-        "(query encoding included), the cross-encoder reading every pair.",
-        "",
-    ]
-    parts += [markdown_table(r) for r in results]
-    main = [r for r in results if r["dataset"] in ("scifact", "nfcorpus", "wikiqa")]
-    if len(main) == 3:
-        methods = [row["method"] for row in main[0]["rows"]]
-        parts += [
-            "### Average nDCG@10 over SciFact, NFCorpus, WikiQA (the bars' sets)",
-            "",
-            "| method | avg nDCG@10 |",
-            "|---|---|",
-        ]
-        for m in methods:
-            vals = [next((row for row in r["rows"] if row["method"] == m), None) for r in main]
-            found = [v for v in vals if v is not None and "same_queries_ndcg@10" not in v]
-            if len(found) == len(vals):
-                parts.append(f"| {m} | {sum(v['ndcg@10'] for v in found) / 3:.4f} |")
-        parts.append("")
-    (out / "eval.md").write_text("\n".join(parts))
-    typer.echo((out / "eval.md").read_text())
+    (out / "eval.json").write_text(json.dumps({"model": rr.backend.weights_id, "results": results}, indent=2) + "\n")
+    (out / "eval.md").write_text(table)
+    typer.echo(table)
+    rr.close()

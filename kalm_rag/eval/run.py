@@ -1,23 +1,22 @@
-"""Evaluate rerankers on a BEIR folder: first stage, rerank, metrics (pytrec_eval), latency, tables.
+"""Evaluate rerankers on BEIR-format test sets: candidates, rerank, metrics (pytrec_eval), calibration, tables.
 
-Results per (data set, reranker) are kept under ``cache_dir/eval/<data set>/`` and written every few
-queries, so an interrupted run resumes where it stopped; passage encodings come from the same
-``EncodingCache`` as training.
+Scores per (data set, scorer) are kept under the run's folder and written every few queries, so an interrupted
+run resumes where it stopped; a file written by another scorer identity is never reused.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 import re
-import statistics
-import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from kalm_rag.data import BeirDataset, BM25Index, load_beir
@@ -30,26 +29,6 @@ Scorer = Callable[[str, list[str]], list[float]]
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def first_stage(ds: BeirDataset, k: int = 100) -> tuple[dict[str, dict[str, float]], dict[str, list[str]], str]:
-    """BM25 scores and candidates per query: BM25 top-``k``, or the data set's own ``candidates.tsv`` pools."""
-    index = BM25Index([ds.corpus[d] for d in ds.doc_ids])
-    qids = list(ds.queries)
-    depth = k if ds.candidates is None else min(len(ds.doc_ids), 1000)
-    top, scores = index.search([ds.queries[q] for q in qids], depth)
-    bm25: dict[str, dict[str, float]] = {}
-    cands: dict[str, list[str]] = {}
-    for qid, rows, sc in zip(qids, top, scores):
-        found = {ds.doc_ids[i]: float(s) for i, s in zip(rows, sc)}
-        if ds.candidates is None:
-            cands[qid] = [ds.doc_ids[i] for i in rows]
-            bm25[qid] = found
-        else:
-            cands[qid] = [d for d in ds.candidates.get(qid, []) if d in ds.corpus]
-            bm25[qid] = {d: found.get(d, 0.0) for d in cands[qid]}
-    source = "BM25 top-100 (bm25s)" if ds.candidates is None else "the data set's candidates.tsv pools"
-    return bm25, cands, source
 
 
 def recall_at(qrels: dict[str, dict[str, int]], cands: dict[str, list[str]], k: int = 100) -> float:
@@ -139,115 +118,166 @@ def rerank_all(
     return {q: run[q] for q in qids}
 
 
-def engine_latency(backend, cache, query_texts: list[str], passage_lists: list[list[str]], ratio: int) -> float:
-    """Median ms of ``Reranker.score`` for one query and its (pre-encoded, stored) candidates."""
-    from kalm_rag.engine import Reranker
-    from kalm_rag.pooling import mep_pool
-    from kalm_rag.store import MemoryStore, PooledPassage, passage_key
+@dataclass
+class EvalSet:
+    """A test set ready to rerank: its candidates per query, their first-stage scores, the judgements.
 
-    rr = Reranker(backend, store=MemoryStore(), batch_size=128, show_progress_bar=False)
-    entries = {}
-    for ps in passage_lists:
-        for p in ps:
-            if not p.strip():
-                continue
-            states = cache.get(p)
-            pooled, counts = mep_pool(states[None], torch.ones((1, states.shape[0]), dtype=torch.long), 1)
-            entries[passage_key(p)] = PooledPassage(pooled[0], counts[0], 1)
-    rr.store.put_many(rr.namespace, entries)
-    times = []
-    for q, ps in zip(query_texts, passage_lists):
-        ps = [p for p in ps if p.strip()]
-        rr.score(q, ps, ratio=ratio)  # warm-up on this query
-        t = time.perf_counter()
-        rr.score(q, ps, ratio=ratio)
-        times.append(time.perf_counter() - t)
-        assert rr.counters["encoded_passages"] == 0, "latency must not include passage encoding"
-    return statistics.median(times) * 1000.0
+    Attributes:
+        name: the data set's name.
+        ds: the BEIR data set (corpus, queries, qrels of the file named by ``qrels_file``).
+        candidates: query id -> candidate document ids, first-stage order.
+        first_stage: query id -> {document id: first-stage score}.
+        first_stage_name: what produced the candidates.
+        qrels_file: the judgement file used.
+        relevant_grade: the lowest grade that counts as relevant for the binary (calibration) measures.
+    """
+
+    name: str
+    ds: BeirDataset
+    candidates: dict[str, list[str]]
+    first_stage: dict[str, dict[str, float]]
+    first_stage_name: str
+    qrels_file: str
+    relevant_grade: int
 
 
-def evaluate_dataset(
-    folder: Path,
-    *,
-    rerankers: dict[str, Scorer],
-    backend,
-    cache,
-    out_dir: Path,
-    max_queries: dict[str, int | None] | None = None,
-    latency_queries: int = 10,
-    latency_fns: dict[str, Callable[[list[str], list[list[str]]], float]] | None = None,
-) -> dict:
-    """Every reranker on one data set: metrics table rows + latencies."""
-    ds = load_beir(folder, "test")
+def _read_run_file(path: Path) -> dict[str, dict[str, float]]:
+    """``query-id -> {corpus-id: score}`` of a TSV run (``query-id, corpus-id, rank, score``, header line)."""
+    run: dict[str, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as fh:
+        reader = csv.reader(fh, delimiter="\t")
+        header = next(reader)
+        score_col = header.index("score") if "score" in header else None
+        for row in reader:
+            if row:
+                docs = run.setdefault(row[0], {})
+                docs[row[1]] = float(row[score_col]) if score_col is not None else -float(len(docs))
+    return run
+
+
+def load_eval_set(folder: str | Path, *, depth: int = 100, name: str | None = None) -> EvalSet:
+    """A BEIR test folder with its candidates, in this order of preference.
+
+    1. a first-stage run file in the folder (``*.run.tsv``, e.g. TREC DL's ``bm25_top100.run.tsv``): its top
+       ``depth`` per query;
+    2. the data set's own pools (``candidates.tsv``, e.g. WikiQA's answer sentences), BM25-scored;
+    3. BM25 (bm25s) top ``depth`` over the whole corpus.
+
+    Judgements: ``qrels/test_full_official.tsv`` when present (TREC's official file, which also judges passages
+    outside the candidates), else ``qrels/test.tsv``.
+    """
+    folder = Path(folder)
+    name = name or (folder.parent.name if folder.name in ("test", "dev", "beir") else folder.name)
+    split = "test_full_official" if (folder / "qrels" / "test_full_official.tsv").is_file() else "test"
+    ds = load_beir(folder, split, name=name)
+    run_files = sorted(folder.glob("*.run.tsv"))
+    if run_files:
+        run = _read_run_file(run_files[0])
+        candidates = {}
+        for q in ds.queries:
+            ranked = sorted(run.get(q, {}).items(), key=lambda kv: -kv[1])
+            candidates[q] = [d for d, _ in ranked if d in ds.corpus][:depth]
+        first = {q: {d: run[q][d] for d in docs} for q, docs in candidates.items() if docs}
+        source = f"{run_files[0].name} (top {depth})"
+    else:
+        index = BM25Index([ds.corpus[d] for d in ds.doc_ids])
+        qids = list(ds.queries)
+        k = len(ds.doc_ids) if ds.candidates is not None else depth
+        top, scores = index.search([ds.queries[q] for q in qids], k)
+        candidates, first = {}, {}
+        for qid, rows, sc in zip(qids, top, scores):
+            found = {ds.doc_ids[i]: float(s) for i, s in zip(rows, sc)}
+            if ds.candidates is None:
+                candidates[qid] = [ds.doc_ids[i] for i in rows]
+            else:
+                candidates[qid] = [d for d in ds.candidates.get(qid, []) if d in ds.corpus]
+            first[qid] = {d: found.get(d, 0.0) for d in candidates[qid]}
+        source = f"BM25 top {depth} (bm25s)" if ds.candidates is None else "the data set's candidates.tsv pools"
+    grades = [g for rel in ds.qrels.values() for g in rel.values()]
+    relevant_grade = 2 if grades and max(grades) >= 3 else 1  # TREC's graded 0-3 scale: >= 2 is relevant
+    candidates = {q: docs for q, docs in candidates.items() if docs}
+    return EvalSet(name, ds, candidates, first, source, f"qrels/{split}.tsv", relevant_grade)
+
+
+def evaluate_set(eval_set: EvalSet, scorers: list[Any], out_dir: Path, *, max_queries: int | None = None) -> dict:
+    """First stage and every scorer on one set: nDCG@10 and MRR@10 per method, and calibration of model scores.
+
+    A scorer with a ``ratio`` attribute (a :class:`~kalm_rag.eval.rerankers.RerankerScorer`) returns logits;
+    their sigmoid is the engine's score, reported as expected calibration error and the precision/recall of the
+    0.5 threshold (relevant: grade >= ``eval_set.relevant_grade``; unjudged candidates count as irrelevant).
+    """
+    from kalm_rag.train.calibrate import calibration_report
+
+    ds = eval_set.ds
     out_dir.mkdir(parents=True, exist_ok=True)
-    bm25, cands, source = first_stage(ds, 100)
-    recall = recall_at(ds.qrels, cands, 100)
-    needed = sorted({ds.corpus[d] for q in cands for d in cands[q]})
-    cache.ensure(needed, desc=f"{ds.name}: encoding candidates")
-    rows: list[dict[str, Any]] = [
-        {"method": "BM25", **metrics(ds.qrels, bm25), "queries": len(bm25), "latency_ms": None}
-    ]
-    # latency set: BM25 top-100 of the first queries (WikiQA's own pools are ~10 passages, too small)
-    lat_ds = BeirDataset(ds.name, ds.corpus, ds.queries, ds.qrels, None, ds.doc_ids)
-    _, lat_cands, _ = first_stage(lat_ds, 100)
-    lat_q = list(ds.queries)[:latency_queries]
-    lat_passages = [[ds.corpus[d] for d in lat_cands[q]] for q in lat_q]
-    cache.ensure(sorted({p for ps in lat_passages for p in ps}), desc=f"{ds.name}: encoding latency set")
-    runs = {"BM25": bm25}
-    for name, scorer in rerankers.items():
-        limit = (max_queries or {}).get(name)
-        run = rerank_all(name, scorer, ds, cands, out_dir / f"{_slug(name)}.json", max_queries=limit)
-        runs[name] = run
-        row: dict[str, Any] = {
-            "method": name,
-            "identity": getattr(scorer, "identity", name),
-            **metrics({q: ds.qrels[q] for q in run}, run),
-            "queries": len(run),
-        }
-        fn = (latency_fns or {}).get(name)
-        if fn is not None:
-            row["latency_ms"] = fn(lat_q, lat_passages)
+    qids = [q for q in ds.queries if q in eval_set.candidates][:max_queries]
+    qrels = {q: ds.qrels[q] for q in qids}
+    rows: list[dict[str, Any]] = [{"method": "BM25", **metrics(qrels, {q: eval_set.first_stage[q] for q in qids})}]
+    for scorer in scorers:
+        run = rerank_all(
+            scorer.name, scorer, ds, {q: eval_set.candidates[q] for q in qids}, out_dir / f"{_slug(scorer.name)}.json"
+        )
+        row: dict[str, Any] = {"method": scorer.name, "identity": scorer.identity, **metrics(qrels, run)}
+        if hasattr(scorer, "ratio"):
+            probs, labels = [], []
+            for q in qids:
+                for d, z in run[q].items():
+                    probs.append(1.0 / (1.0 + math.exp(-z)))
+                    labels.append(int(ds.qrels[q].get(d, 0) >= eval_set.relevant_grade))
+            row["calibration"] = asdict(calibration_report(probs, labels))
         rows.append(row)
-        logger.info("%s %s", ds.name, row)
-    # a reranker scored on a subset of queries (the slow cross-encoder): every method on that same subset,
-    # including methods scored by an earlier invocation (their run files are in out_dir)
-    if (out_dir / "result.json").is_file():
-        for old in json.loads((out_dir / "result.json").read_text())["rows"]:
-            identity, scores = read_run(out_dir / f"{_slug(old['method'])}.json")
-            if old["method"] not in runs and identity is not None and identity == old.get("identity"):
-                runs[old["method"]] = scores
-    for row in rows:
-        run = runs[row["method"]]
-        if row["queries"] < len(runs["BM25"]):
-            sub_qrels = {q: ds.qrels[q] for q in run}
-            row["same_queries_ndcg@10"] = {
-                m: metrics(sub_qrels, {q: r[q] for q in run if q in r})["ndcg@10"]
-                for m, r in runs.items()
-                if all(q in r for q in run)
-            }
-    judged = sum(1 for rel in ds.qrels.values() if any(g > 0 for g in rel.values()))
-    return {"dataset": ds.name, "queries": judged, "first_stage": source, "recall@100": recall, "rows": rows}
+        logger.info("%s %s nDCG@10 %.4f", ds.name, scorer.name, row["ndcg@10"])
+    return {
+        "dataset": eval_set.name,
+        "queries": len(qrels),
+        "first_stage": eval_set.first_stage_name,
+        "qrels": eval_set.qrels_file,
+        "recall@100": recall_at(qrels, eval_set.candidates, 100),
+        "rows": rows,
+    }
 
 
-def markdown_table(result: dict) -> str:
+def markdown_tables(results: list[dict], *, title: str, calibration_method: str | None = None) -> str:
+    """One run's tables: nDCG@10 per data set and method (with the average), then calibration of one method."""
+    methods = [row["method"] for row in results[0]["rows"]]
     lines = [
-        f"### {result['dataset']} ({result['queries']} test queries with a relevant passage; "
-        f"candidates: {result['first_stage']}; "
-        f"first-stage Recall@100 = {result['recall@100']:.4f})",
+        f"### {title}",
         "",
-        "| method | nDCG@10 | MRR@10 | queries scored | median latency, 100 candidates (ms) |",
-        "|---|---|---|---|---|",
+        "| data set | queries | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
     ]
-    for r in result["rows"]:
-        lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.1f}"
-        note = " (first queries only, see below)" if "same_queries_ndcg@10" in r else ""
-        lines.append(f"| {r['method']}{note} | {r['ndcg@10']:.4f} | {r['mrr@10']:.4f} | {r['queries']} | {lat} |")
-    for r in result["rows"]:
-        if "same_queries_ndcg@10" in r:
-            same = ", ".join(f"{m} {v:.4f}" for m, v in r["same_queries_ndcg@10"].items())
-            lines += [
-                "",
-                f"{r['method']} scored only the first {r['queries']} queries; nDCG@10 of every method "
-                f"on those queries: {same}.",
-            ]
+    for res in results:
+        by = {row["method"]: row for row in res["rows"]}
+        cells = [f"{by[m]['ndcg@10']:.4f}" if m in by else "-" for m in methods]
+        lines.append(f"| {res['dataset']} | {res['queries']} | " + " | ".join(cells) + " |")
+    avg = [
+        sum(next(r["ndcg@10"] for r in res["rows"] if r["method"] == m) for res in results) / len(results)
+        for m in methods
+    ]
+    lines.append("| **average** | | " + " | ".join(f"**{v:.4f}**" for v in avg) + " |")
+    lines += [
+        "",
+        "nDCG@10; candidates and judgements per data set: "
+        + "; ".join(f"{r['dataset']}: {r['first_stage']}, {r['qrels']}" for r in results)
+        + ".",
+    ]
+    if calibration_method:
+        lines += [
+            "",
+            f"#### Calibration of {calibration_method} (score = P(yes))",
+            "",
+            "| data set | pairs | relevant | ECE | precision at 0.5 | recall at 0.5 | mean score, relevant | "
+            "mean score, irrelevant |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for res in results:
+            row = next((r for r in res["rows"] if r["method"] == calibration_method), None)
+            if row is None or "calibration" not in row:
+                continue
+            c = row["calibration"]
+            lines.append(
+                f"| {res['dataset']} | {c['pairs']} | {c['positives']} | {c['ece']:.3f} | "
+                f"{c['precision_at_05']:.3f} | {c['recall_at_05']:.3f} | {c['mean_score_relevant']:.3f} | "
+                f"{c['mean_score_irrelevant']:.3f} |"
+            )
     return "\n".join(lines) + "\n"

@@ -28,6 +28,15 @@ class FBNLBackend(ABC):
     #: Identity of the weights (content-derived), part of the store namespace.
     weights_id: str
 
+    @property
+    def passage_encoder_id(self) -> str:
+        """Identity of everything in the model that shapes the cached passage vectors (part of the store namespace).
+
+        By default the whole weights: a backend whose passage encoder is frozen and separate from the rest
+        (kalm-mini) narrows it to that encoder, so that its stored passages stay valid across decoder versions.
+        """
+        return self.weights_id
+
     @abstractmethod
     def tokenize_passages(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
         """Encoder token ids of each passage (prefix added, no special tokens, cut to ``max_tokens``)."""
@@ -43,16 +52,14 @@ class FBNLBackend(ABC):
     @abstractmethod
     def margins(
         self,
-        prompt_ids: torch.Tensor,
-        prompt_lengths: torch.Tensor,
+        prompt_ids: Sequence[int],
         passage_vectors: torch.Tensor,
         passage_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Yes/no margins ``(B,)`` in fp32.
+        """Yes/no margins ``(B,)`` in fp32 of one prompt against B passages.
 
         Args:
-            prompt_ids: right-padded prompt ids ``(B, T)``.
-            prompt_lengths: real length of each prompt ``(B,)``.
+            prompt_ids: the prompt's token ids (from :meth:`prompt_ids`), shared by every passage.
             passage_vectors: pooled passage vectors ``(B, W, d)`` in the model dtype.
             passage_mask: 1 for real windows, 0 for padding ``(B, W)``.
         """

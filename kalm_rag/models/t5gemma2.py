@@ -116,37 +116,32 @@ class T5Gemma2Backend(FBNLBackend):
     @torch.inference_mode()
     def margins(
         self,
-        prompt_ids: torch.Tensor,
-        prompt_lengths: torch.Tensor,
+        prompt_ids: Sequence[int],
         passage_vectors: torch.Tensor,
         passage_mask: torch.Tensor,
     ) -> torch.Tensor:
-        B, T = prompt_ids.shape
-        prompt_ids = prompt_ids.to(self.device)
-        lengths = prompt_lengths.to(self.device)
+        prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)  # (T,)
         passage_vectors = passage_vectors.to(self.device, self.dtype)
         passage_mask = passage_mask.to(self.device)
-        if self.lean and self._lean is not None and _one_prompt(prompt_ids, lengths):
-            last = self._lean.last_hidden(prompt_ids[0], passage_vectors, passage_mask).float()  # (B, d)
+        if self.lean and self._lean is not None:
+            last = self._lean.last_hidden(prompt, passage_vectors, passage_mask).float()  # (B, d)
         else:
-            last = self._reference_last_hidden(prompt_ids, lengths, passage_vectors, passage_mask)
+            last = self._reference_last_hidden(prompt, passage_vectors, passage_mask)
         return self._margin_from_hidden(last)
 
     def _reference_last_hidden(
-        self, prompt_ids: torch.Tensor, lengths: torch.Tensor, passage_vectors: torch.Tensor, passage_mask: torch.Tensor
+        self, prompt: torch.Tensor, passage_vectors: torch.Tensor, passage_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Last-position states ``(B, d)`` through transformers' own decoder (any mix of prompts)."""
-        B, T = prompt_ids.shape
-        positions = torch.arange(T, device=self.device)
-        prompt_mask = (positions.unsqueeze(0) < lengths.unsqueeze(1)).long()  # (B, T)
+        """Last-position states ``(B, d)`` through transformers' own decoder (the prompt ``(T,)`` in every row)."""
+        B, T = passage_vectors.shape[0], prompt.shape[0]
         hidden = self._decoder(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
+            input_ids=prompt.expand(B, T),
+            attention_mask=torch.ones((B, T), dtype=torch.long, device=self.device),
             encoder_hidden_states=passage_vectors,
             encoder_attention_mask=passage_mask,
             use_cache=False,
         ).last_hidden_state  # (B, T, d), after the decoder's final norm
-        return hidden[torch.arange(B, device=self.device), lengths - 1].float()  # (B, d)
+        return hidden[:, -1].float()  # (B, d)
 
     def _margin_from_hidden(self, last: torch.Tensor) -> torch.Tensor:
         """z_yes - z_no from final-normed states ``(B, d)`` (fp32), with the checkpoint's softcapping."""
@@ -160,12 +155,6 @@ class T5Gemma2Backend(FBNLBackend):
 
 
 # ----- helpers -------------------------------------------------------------------------------------
-
-
-def _one_prompt(prompt_ids: torch.Tensor, lengths: torch.Tensor) -> bool:
-    """Whether every row holds the same unpadded prompt."""
-    T = prompt_ids.shape[1]
-    return bool((lengths == T).all()) and bool((prompt_ids == prompt_ids[:1]).all())
 
 
 def single_token_id(tokenizer: Any, word: str) -> int:

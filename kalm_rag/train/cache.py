@@ -38,7 +38,8 @@ class EncodingCache:
         self.backend = backend
         self.max_tokens = max_tokens
         self.shard_size = shard_size
-        self.root = Path(cache_dir) / "encodings" / f"{backend.encoder_id}-t{max_tokens}"
+        window = getattr(getattr(backend, "config", None), "encoder_window", max_tokens)
+        self.root = Path(cache_dir) / "encodings" / f"{backend.encoder_id}-w{window}-t{max_tokens}"
         self.root.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, tuple[str, int, int]] = {}  # key -> (shard name, start, length)
         self._arrays: dict[str, np.ndarray] = {}

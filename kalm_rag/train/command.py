@@ -97,8 +97,8 @@ def _logging() -> None:
 def prepare(
     data_dir: DataDir,
     cache_dir: CacheDir = DEFAULT_CACHE,
-    medquad_limit: Annotated[int, typer.Option(help="MedQuAD questions sampled (seed 0).")] = 2500,
-    negatives: Annotated[int, typer.Option(help="BM25 hard negatives kept per query.")] = 30,
+    squad_limit: Annotated[int, typer.Option(help="SQuAD training questions sampled (seed 0; 0: all).")] = 40000,
+    negatives: Annotated[int, typer.Option(help="Hard negatives kept per query.")] = 30,
     wiki: Annotated[
         Path | None,
         typer.Option(
@@ -110,20 +110,28 @@ def prepare(
     wiki_limit: Annotated[
         int, typer.Option(help="Wikipedia articles sampled for general-knowledge pairs (0: none).")
     ] = 4000,
+    echo_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of the queries given a query-echo negative.")
+    ] = 0.15,
     threads: Threads = None,
 ) -> None:
-    """Build training groups with BM25 negatives and encode every passage into the cache (resumable)."""
+    """Build training groups with hard negatives and encode every passage into the cache (resumable).
+
+    Reads only data whose licence allows commercial use: SQuAD's train split, MedQuAD and Wikipedia
+    summaries; SQuAD's dev split and held-out MedQuAD questions become the dev set.
+    """
     from kalm_rag.train.prepare import prepare as run
 
     _logging()
     run(
         data_dir,
         cache_dir,
-        medquad_limit=medquad_limit,
+        threads=threads,
+        squad_limit=squad_limit or None,
         negatives=negatives,
         wiki=wiki,
         wiki_limit=wiki_limit,
-        threads=threads,
+        echo_fraction=echo_fraction,
     )
 
 
@@ -136,6 +144,9 @@ def mini(
     groups_per_step: GroupsPerStep = MINI.groups_per_step,
     negatives: Negatives = MINI.negatives,
     random_negatives: RandomNegatives = MINI.random_negatives,
+    echo_probability: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Chance that a group whose query has an echo negative includes it.")
+    ] = MINI.echo_probability,
     dev_candidates: Annotated[
         int, typer.Option(min=1, help="BM25 candidates per dev query (as many as at test time).")
     ] = MINI.dev_candidates,
@@ -145,41 +156,10 @@ def mini(
     extra_ratios: Annotated[str, typer.Option(help="One of these is added each step, at random.")] = ",".join(
         map(str, MINI.extra_ratios)
     ),
-    num_layers: Annotated[int, typer.Option(min=1, max=6)] = 2,
-    init_layers: Annotated[
-        str | None,
-        typer.Option(
-            help="MiniLM layers the decoder starts from (default: the bottom ones, "
-            "or the top ones with --query-input encoder)."
-        ),
-    ] = None,
-    query_input: Annotated[
-        str, typer.Option(help="encoder (frozen MiniLM states of the query) | embeddings.")
-    ] = "encoder",
-    head_pooling: Annotated[str, typer.Option(help="mean (of the query tokens) | last ([SEP]).")] = "mean",
-    init_from: InitFrom = None,  # its config wins over the architecture options
+    init_from: InitFrom = None,
     source_weights: SourceWeights = None,
-    bi_encoder_prior: Annotated[
-        bool, typer.Option(metavar="", help="Add the learned MiniLM-cosine term to the logit (the 0.1 recipe).")
-    ] = False,
-    passage_summary: Annotated[
-        bool, typer.Option(metavar="", help="Add the whole-passage window (mean of the pooled windows) to the context.")
-    ] = True,
-    relevance_attention: Annotated[
-        bool,
-        typer.Option(
-            metavar="",
-            help="Cosine cross-attention with a sink from the encoder's query states to the passage (identity start).",
-        ),
-    ] = True,
-    relevance_heads: Annotated[int, typer.Option(min=1)] = 1,
-    relevance_temperature: Annotated[
-        float, typer.Option(help="Start value of the relevance attention's temperature.")
-    ] = 10.0,
-    relevance_sink: Annotated[float, typer.Option(help="Start value of the relevance attention's sink logit.")] = 5.0,
     distill: Distill = MINI.distill,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.5, help="Dropout of the decoder layers.")] = 0.0,
-    lr: Annotated[float, typer.Option(help="LR of the decoder layers.")] = MINI.lr,
+    lr: Annotated[float, typer.Option(help="LR of the decoder layers and the relevance attention.")] = MINI.lr,
     new_module_lr: Annotated[float, typer.Option(help="LR of adapters and head.")] = MINI.new_module_lr,
     warmup: Warmup = MINI.warmup,
     eval_every: Annotated[int, typer.Option(min=1, help="Dev evaluation every this many steps.")] = MINI.eval_every,
@@ -188,52 +168,27 @@ def mini(
     seed: Annotated[int, typer.Option(help="Seed of the sampler and of the decoder's random start.")] = MINI.seed,
     threads: Threads = None,
 ) -> None:
-    """Train kalm-mini: frozen MiniLM passage encoder, merged-attention decoder, multi-ratio loss.
+    """Train kalm-mini: frozen MiniLM passage encoder, relevance attention + merged-attention decoder, multi-ratio loss.
 
-    The defaults are the recipe of the shipped kalm-mini (TrainConfig; see docs/kalm-mini.md). Export a run's
-    best dev step with: kalm-rag train export OUT/best --target FOLDER.
+    The defaults are the recipe of the shipped kalm-mini (TrainConfig; see docs/kalm-mini.md); the architecture
+    is MiniConfig's. Export a run's best dev step with: kalm-rag train export OUT/best --target FOLDER.
     """
     import torch
 
     from kalm_rag.models.mini import MiniBackend, MiniConfig
     from kalm_rag.train.prepare import prepare as run_prepare
+    from kalm_rag.train.prepare import training_manifest
     from kalm_rag.train.trainer import BiEncoderTeacher, MiniTask, train
 
     _logging()
     if threads:
         torch.set_num_threads(threads)
-    if init_layers:
-        layers = [int(x) for x in init_layers.split(",")]
-    else:
-        layers = list(range(6 - num_layers, 6)) if query_input == "encoder" else list(range(num_layers))
-    if init_from is not None:
-        backend = MiniBackend.from_pretrained(init_from)
-        backend.decoder.requires_grad_(True)
-    else:
-        torch.manual_seed(seed)  # the head's random start, so that a rerun rebuilds the same weights
-        try:
-            config = MiniConfig(
-                num_layers=num_layers,
-                init_layers=layers,
-                dropout=dropout,
-                query_input=query_input,
-                head_pooling=head_pooling,
-                bi_encoder_prior=bi_encoder_prior,
-                passage_summary=passage_summary,
-                relevance_attention=relevance_attention,
-                relevance_heads=relevance_heads,
-                relevance_temperature_init=relevance_temperature,
-                relevance_sink_init=relevance_sink,
-            )
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from exc
-        backend = MiniBackend.fresh(config)
-    data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # after the options are known to be valid
     cfg = TrainConfig(
         steps=steps,
         groups_per_step=groups_per_step,
         negatives=negatives,
         random_negatives=random_negatives,
+        echo_probability=echo_probability,
         dev_candidates=dev_candidates,
         ratios=_ratios(ratios),
         extra_ratios=_ratios(extra_ratios),
@@ -248,9 +203,44 @@ def mini(
         seed=seed,
         threads=threads,
     )
+    if init_from is not None:
+        backend = MiniBackend.from_pretrained(init_from)
+        backend.decoder.requires_grad_(True)
+    else:
+        torch.manual_seed(seed)  # the head's random start, so that a rerun rebuilds the same weights
+        backend = MiniBackend.fresh(MiniConfig())
+    data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # after the options are known to be valid
     teacher = BiEncoderTeacher(backend, cache, scale=cfg.teacher_scale) if distill > 0 else None
-    summary = train(MiniTask(backend, cache, cfg), data, cfg, out, teacher)
+    summary = train(MiniTask(backend, cache, cfg), data, cfg, out, teacher, manifest=training_manifest(data))
     typer.echo(json.dumps(summary))
+
+
+@app.command()
+def calibrate(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A kalm-mini checkpoint folder (e.g. runs/mini/best).", exists=True)
+    ],
+    data_dir: DataDir,
+    cache_dir: CacheDir = DEFAULT_CACHE,
+    ratio: Annotated[int, typer.Option(min=1, max=32, help="Ratio the logits are collected at.")] = 4,
+    threads: Threads = None,
+) -> None:
+    """Fit the checkpoint's score temperature and bias on the dev lists (SQuAD dev, held-out MedQuAD).
+
+    Rewrites score_scale/score_bias in its config.json (the ranking is unchanged) and writes calibration.json
+    with the fit and the expected calibration error before and after.
+    """
+    import torch
+
+    from kalm_rag.train.calibrate import calibrate_checkpoint
+    from kalm_rag.train.prepare import prepare as run_prepare
+
+    _logging()
+    if threads:
+        torch.set_num_threads(threads)
+    data, cache = run_prepare(data_dir, cache_dir, threads=threads)
+    result = calibrate_checkpoint(checkpoint, data.dev, cache, ratio=ratio)
+    typer.echo(json.dumps(result, indent=2))
 
 
 @app.command("cross-encoder")
@@ -332,13 +322,16 @@ def export(
     The target is always named: an installed package is never written into by default. The config is rewritten
     through MiniConfig, so keys an older version wrote are dropped.
     """
-    from dataclasses import asdict
-
     from kalm_rag.models.mini import MiniConfig
 
     target.mkdir(parents=True, exist_ok=True)
     config = MiniConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
-    (target / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    (target / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     shutil.copyfile(checkpoint / "model.safetensors", target / "model.safetensors")
+    for name in ("training.json", "calibration.json"):  # the data it was trained on; how its scores were fitted
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, target / name)
+        else:
+            typer.echo(f"warning: {checkpoint} has no {name}", err=True)
     size = (target / "model.safetensors").stat().st_size
     typer.echo(f"exported {checkpoint} -> {target} ({size / 2**20:.1f} MiB)")

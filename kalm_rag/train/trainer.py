@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,8 +36,17 @@ from kalm_rag.train.data import DevQuery, Example, TrainingData
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class Group:
+    """One training group: a query, its positive first, then negatives; ``echo`` = index of an echo negative or -1."""
+
+    query: str
+    passages: list[str]
+    echo: int = -1
+
+
 class GroupSampler:
-    """Deterministic stream of groups ``(query, [pos, neg_1..neg_k])`` with source weighting."""
+    """Deterministic stream of groups (1 positive + ``negatives`` negatives) with source weighting."""
 
     def __init__(self, examples: list[Example], cfg: TrainConfig) -> None:
         if not 0 <= cfg.random_negatives <= cfg.negatives:
@@ -45,21 +54,25 @@ class GroupSampler:
         self.rng = random.Random(cfg.seed)
         self.k = cfg.negatives
         self.k_random = cfg.random_negatives
+        self.echo_probability = cfg.echo_probability
         self.by_source: dict[str, list[Example]] = {}
         for ex in examples:
             if ex.pos and len(ex.neg) >= 1:
                 self.by_source.setdefault(ex.source, []).append(ex)
         self.sources = sorted(self.by_source)
-        self.weights = [cfg.source_weights.get(s, 0.1) for s in self.sources]
+        unknown = sorted(set(self.sources) - set(cfg.source_weights))
+        if unknown:
+            raise ValueError(f"no sampling weight for sources {unknown}; give them one in source_weights")
+        self.weights = [cfg.source_weights[s] for s in self.sources]
         # every passage of a source: where easy (random) negatives are drawn from
         self.pool = {src: sorted({t for ex in exs for t in ex.pos + ex.neg}) for src, exs in self.by_source.items()}
 
-    def group(self) -> tuple[str, list[str]]:
+    def group(self) -> Group:
         src = self.rng.choices(self.sources, weights=self.weights)[0]
         ex = self.rng.choice(self.by_source[src])
         pos = self.rng.choice(ex.pos)
         k_hard = self.k - self.k_random
-        negs = ex.neg[:]
+        negs = ex.neg
         negs = self.rng.sample(negs, k_hard) if len(negs) >= k_hard else [self.rng.choice(negs) for _ in range(k_hard)]
         # easy negatives from the whole pool: a reranker also sees the tail of a first stage's list, and
         # hard negatives alone teach "less word overlap = more relevant"
@@ -68,7 +81,11 @@ class GroupSampler:
             t = self.rng.choice(self.pool[src])
             if t not in known:
                 negs.append(t)
-        return ex.query, [pos] + negs
+        echo = -1
+        if ex.echo and self.rng.random() < self.echo_probability:
+            negs[-1] = self.rng.choice(ex.echo)  # in place of an easy negative
+            echo = len(negs)  # its index in [pos, *negs]
+        return Group(ex.query, [pos, *negs], echo)
 
 
 def group_loss(logits: torch.Tensor, teacher: torch.Tensor | None = None, distill: float = 0.0) -> torch.Tensor:
@@ -104,11 +121,24 @@ class BiEncoderTeacher:
     @torch.no_grad()
     def logits(self, queries: list[str], passages: list[list[str]]) -> torch.Tensor:
         """Teacher logits ``(G, K)``."""
-        tok = self.backend.tokenizer
-        q_ids = [tok.encode(q, add_special_tokens=False)[:126] + [self.backend.sep_id] for q in queries]
-        q = F.normalize(self.backend.query_embeddings(q_ids).float(), dim=-1)  # (G, d)
+        q_ids = [[self.backend.cls_id, *self.backend.tokenize_query(q), self.backend.sep_id] for q in queries]
+        h, mask = self.backend.encode_segments(q_ids)  # (G, T, d), (G, T)
+        w = mask.unsqueeze(-1).to(h.dtype)
+        q = F.normalize(((h * w).sum(dim=1) / w.sum(dim=1)).float(), dim=-1)  # (G, d): mean of token states
         p = torch.stack([torch.stack([self.cache.get(t).mean(dim=0) for t in ps]) for ps in passages])  # (G, K, d)
         return self.scale * (F.normalize(p, dim=-1) * q[:, None, :]).sum(-1)
+
+    def group_logits(self, groups: list[Group]) -> torch.Tensor:
+        """Teacher logits ``(G, K)`` of training groups; an echo negative gets the group's lowest logit minus 1.
+
+        Cosine similarity rates a passage that repeats the query as relevant, which is the mistake the echo
+        negatives are there to unlearn: the teacher must not teach it back.
+        """
+        logits = self.logits([g.query for g in groups], [g.passages for g in groups])
+        for row, g in enumerate(groups):
+            if g.echo >= 0:
+                logits[row, g.echo] = logits[row].min() - 1.0
+        return logits
 
 
 def ndcg_at_10(scores: list[float], grades: list[int]) -> float:
@@ -129,8 +159,9 @@ class MiniTask:
         self.cache = cache
         self.cfg = cfg
         self.rng = random.Random(cfg.seed + 1)
-        self.instr = backend.prompt_ids("x", instruction=DEFAULT_INSTRUCTION, system_instruction="", max_query_tokens=8)
-        self.instr = self.instr[: self.instr.index(backend.sep_id) + 1]
+        self.instr, _ = backend.split_prompt(
+            backend.prompt_ids("x", instruction=DEFAULT_INSTRUCTION, system_instruction="", max_query_tokens=8)
+        )
         self._qcache: dict[str, list[int]] = {}
 
     def module(self) -> nn.Module:
@@ -151,7 +182,7 @@ class MiniTask:
             ids = self.backend.prompt_ids(
                 query, instruction=DEFAULT_INSTRUCTION, system_instruction="", max_query_tokens=128
             )
-            self._qcache[query] = ids[len(self.instr) :]
+            self._qcache[query] = self.backend.split_prompt(ids)[1]
         return self._qcache[query]
 
     def logits(self, queries: list[str], passages: list[list[str]], ratio: int) -> torch.Tensor:
@@ -186,14 +217,13 @@ class CrossEncoderTask:
     name = "cross-encoder"
 
     def __init__(self, cfg: TrainConfig, *, max_length: int = 320, init_from: Path | None = None) -> None:
-        from kalm_rag.models.mini import MiniBackend, MiniConfig
+        from kalm_rag.models.mini import MiniConfig
+        from kalm_rag.models.mini.backend import load_encoder
 
         self.cfg = cfg
-        self.bert, self.tokenizer = MiniBackend.load_encoder(
-            MiniConfig(), device=torch.device("cpu"), dtype=torch.float32
-        )
+        self.bert, self.tokenizer = load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
         self.bert.requires_grad_(True)
-        self.head = nn.Linear(self.bert.config.hidden_size, 1)  # type: ignore[arg-type]  # BertConfig.hidden_size: int
+        self.head = nn.Linear(MiniConfig().hidden_size, 1)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.max_length = max_length
@@ -279,11 +309,28 @@ def evaluate_dev(task, dev: list[DevQuery], cfg: TrainConfig) -> dict[str, float
     return result
 
 
-def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path, teacher: BiEncoderTeacher | None = None) -> dict:
+def train(
+    task,
+    data: TrainingData,
+    cfg: TrainConfig,
+    out_dir: Path,
+    teacher: BiEncoderTeacher | None = None,
+    *,
+    manifest: dict | None = None,
+) -> dict:
     """Run the loop; keep ``out_dir/best`` (dev nDCG@10) and ``out_dir/last``; log JSON lines to ``out_dir/log.jsonl``.
 
-    ``teacher`` (needed when ``cfg.distill > 0``) gives the distillation targets of every group.
+    ``teacher`` (needed when ``cfg.distill > 0``) gives the distillation targets of every group; ``manifest``
+    (the training data sets and their licences) is written as ``training.json`` into every saved checkpoint.
     """
+
+    def save(folder: Path) -> None:
+        task.save(folder)
+        if manifest is not None:
+            (folder / "training.json").write_text(
+                json.dumps({**manifest, "train_config": asdict(cfg)}, indent=2) + "\n"
+            )
+
     if cfg.distill > 0 and teacher is None:
         raise ValueError("cfg.distill > 0 needs a teacher")
     torch.manual_seed(cfg.seed)
@@ -303,7 +350,7 @@ def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path, teacher: Bi
     logger.info("step 0 dev %s", {k: round(v, 4) for k, v in dev.items()})
     log.write(json.dumps({"step": 0, "dev": dev, "minutes": 0.0}) + "\n")
     best, best_step = dev["mean"], 0
-    task.save(out_dir / "best")
+    save(out_dir / "best")
     (out_dir / "best" / "dev.json").write_text(json.dumps({"step": 0, "dev": dev}, indent=2))
     start = time.time()
     task.module().train()
@@ -317,8 +364,8 @@ def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path, teacher: Bi
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * scale
         groups = [sampler.group() for _ in range(cfg.groups_per_step)]
-        queries, passages = [q for q, _ in groups], [ps for _, ps in groups]
-        targets = teacher.logits(queries, passages) if cfg.distill > 0 else None
+        queries, passages = [g.query for g in groups], [g.passages for g in groups]
+        targets = teacher.group_logits(groups) if teacher is not None and cfg.distill > 0 else None
         loss = task.train_loss(queries, passages, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -337,10 +384,10 @@ def train(task, data: TrainingData, cfg: TrainConfig, out_dir: Path, teacher: Bi
             logger.info("step %d dev %s", step, {k: round(v, 4) for k, v in dev.items()})
             log.write(json.dumps({"step": step, "dev": dev, "minutes": round(elapsed, 2)}) + "\n")
             log.flush()
-            task.save(out_dir / "last")
+            save(out_dir / "last")
             if dev["mean"] > best:
                 best, best_step = dev["mean"], step
-                task.save(out_dir / "best")
+                save(out_dir / "best")
                 (out_dir / "best" / "dev.json").write_text(json.dumps({"step": step, "dev": dev}, indent=2))
         if out_of_time:
             logger.info("time budget of %.1f minutes reached at step %d", cfg.max_minutes, step)

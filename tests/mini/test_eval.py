@@ -82,3 +82,116 @@ def test_metrics_break_score_ties_like_trec_eval() -> None:
     # equal scores: trec_eval ranks by document id, descending ("b" before "a")
     assert metrics({"q": {"a": 1}}, {"q": {"a": 1.0, "b": 1.0}})["mrr@10"] == pytest.approx(0.5)
     assert metrics({"q": {"b": 1}}, {"q": {"a": 1.0, "b": 1.0}})["mrr@10"] == pytest.approx(1.0)
+
+
+def _write_beir(folder: Path, *, qrels_name: str = "test.tsv") -> None:
+    import gzip
+
+    (folder / "qrels").mkdir(parents=True)
+    docs = {
+        "d1": "Paris is the capital of France.",
+        "d2": "Bananas are yellow.",
+        "d3": "Lyon is a city in France.",
+        "d4": "The Seine flows through Paris.",
+    }
+    with gzip.open(folder / "corpus.jsonl.gz", "wt") as fh:
+        for i, t in docs.items():
+            fh.write(json.dumps({"_id": i, "title": "", "text": t}) + "\n")
+    with gzip.open(folder / "queries.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"_id": "q1", "text": "capital of France"}) + "\n")
+        fh.write(json.dumps({"_id": "q2", "text": "yellow fruit"}) + "\n")
+    (folder / "qrels" / qrels_name).write_text(
+        "query-id\tcorpus-id\tscore\nq1\td1\t3\nq1\td4\t1\nq2\td2\t2\nq2\td9\t3\n"
+    )
+
+
+def test_eval_sets_take_a_first_stage_run_file_and_the_official_qrels(tmp_path: Path) -> None:
+    from kalm_rag.eval.run import load_eval_set
+
+    folder = tmp_path / "trec-like"
+    _write_beir(folder, qrels_name="test_full_official.tsv")
+    (folder / "bm25.run.tsv").write_text(
+        "query-id\tcorpus-id\trank\tscore\nq1\td3\t1\t9.0\nq1\td1\t2\t8.0\n"
+        "q1\td2\t3\t1.0\nq2\td2\t1\t5.0\nq2\td9\t2\t4.0\n"
+    )
+    es = load_eval_set(folder, depth=2)
+    assert es.qrels_file == "qrels/test_full_official.tsv"
+    assert es.candidates == {"q1": ["d3", "d1"], "q2": ["d2"]}  # run order, cut to depth; d9 is not in the corpus
+    assert es.first_stage["q1"] == {"d3": 9.0, "d1": 8.0}
+    assert es.relevant_grade == 2  # a 0-3 scale: TREC's binary cut
+    assert es.ds.qrels["q2"]["d9"] == 3  # judgements outside the candidates are kept (they lower the ideal DCG)
+
+
+def test_evaluate_set_reports_metrics_and_the_calibration_of_model_scores(tmp_path: Path) -> None:
+    from kalm_rag.eval.run import evaluate_set, load_eval_set
+
+    folder = tmp_path / "toy"
+    _write_beir(folder)
+    es = load_eval_set(folder)
+    assert es.first_stage_name.startswith("BM25") and es.relevant_grade == 2
+
+    class LogitScorer:
+        name, identity, ratio = "model r=4", "model@4", 4
+
+        def __call__(self, query: str, passages: list[str]) -> list[float]:
+            return [
+                3.0 if ("France" in p and "capital" in query) or ("yellow" in p and "yellow" in query) else -3.0
+                for p in passages
+            ]
+
+    result = evaluate_set(es, [LogitScorer()], tmp_path / "out")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"BM25", "model r=4"}
+    calib = rows["model r=4"]["calibration"]
+    # relevant (grade >= 2): q1/d1 and q2/d2, both scored sigmoid(3) = 0.953; d3 ("Lyon ... France") also gets
+    # 0.953 but is unjudged, so precision at 0.5 is 2/3 and recall 1
+    assert calib["positives"] == 2
+    assert calib["recall_at_05"] == pytest.approx(1.0) and calib["precision_at_05"] == pytest.approx(2 / 3)
+    assert calib["mean_score_relevant"] == pytest.approx(1 / (1 + math.exp(-3.0)), abs=1e-6)
+
+
+def test_eval_run_scores_any_model_through_the_reranker(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """An official-format (T5Gemma 2) checkpoint: BM25, cosine and the model at each ratio in one table per run."""
+    from typer.testing import CliRunner
+
+    from kalm_rag import Reranker
+    from kalm_rag.cli import app
+
+    folder = tmp_path / "toy"
+    _write_beir(folder)
+    out = tmp_path / "out"
+    argv = [
+        "eval",
+        "run",
+        str(folder),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_checkpoint),
+        "--ratios",
+        "1,4",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "eval.json").read_text())
+    rows = {r["method"]: r for r in saved["results"][0]["rows"]}
+    name = tiny_checkpoint.name
+    assert set(rows) == {"BM25", "all-MiniLM-L6-v2 cosine", f"{name} r=1", f"{name} r=4"}
+    assert "calibration" in rows[f"{name} r=4"] and "| toy | 2 |" in (out / "eval.md").read_text()
+    # the saved scores are what the public API returns
+    scores = json.loads((out / "toy" / f"{name.lower()}-r-4.json").read_text())["scores"]
+    rr = Reranker.from_pretrained(str(tiny_checkpoint))
+    docs = sorted(scores["q1"])
+    texts = [
+        {
+            "d1": "Paris is the capital of France.",
+            "d2": "Bananas are yellow.",
+            "d3": "Lyon is a city in France.",
+            "d4": "The Seine flows through Paris.",
+        }[d]
+        for d in docs
+    ]
+    want = rr.score("capital of France", texts, ratio=4, return_margin=True)
+    assert [scores["q1"][d] for d in docs] == pytest.approx(want, abs=1e-5)

@@ -13,6 +13,7 @@ import torch
 
 from kalm_rag import Reranker
 from kalm_rag.models.mini import EMBEDDED_DIR, MODEL_TYPE, MiniBackend
+from kalm_rag.padding import right_pad
 from kalm_rag.store import passage_key
 
 PASSAGES = [
@@ -41,9 +42,7 @@ def test_default_is_kalm_mini(rr: Reranker) -> None:
 
 
 def test_shipped_checkpoint_is_fbnl_without_a_similarity_term(rr: Reranker) -> None:
-    config = rr.backend.config
-    assert not config.bi_encoder_prior and not hasattr(rr.backend.decoder, "prior")
-    assert config.query_input == "encoder" and config.relevance_attention and config.passage_summary
+    assert not hasattr(rr.backend.decoder, "prior")  # no learned cosine term on top of the decoder
     # the score comes from the head alone: zeroing it leaves nothing that compares query and passage
     q = "What is the capital of France?"
     head = rr.backend.decoder.head
@@ -70,10 +69,28 @@ def test_loads_from_folder(rr: Reranker) -> None:
     assert other.backend.family == MODEL_TYPE
 
 
-def test_passage_tokens_capped_at_256(rr: Reranker) -> None:
-    ids = rr.backend.tokenize_passages(["word " * 2000], 1024)[0]
-    assert len(ids) == 256
-    assert len(rr.backend.tokenize_passages(["word " * 2000], 64)[0]) == 64
+def test_long_passages_are_read_in_windows(rr: Reranker) -> None:
+    backend = rr.backend
+    ids = backend.tokenize_passages(["word " * 2000], 1024)[0]
+    assert len(ids) == 1024 and rr.max_passage_tokens == 1024
+    windows = [ids[i : i + 256] for i in range(0, 1024, 256)]  # four whole windows, each framed alone
+    assert all(w[0] == backend.cls_id and w[-1] == backend.sep_id and len(w) == 256 for w in windows)
+    assert len(backend.tokenize_passages(["word " * 2000], 64)[0]) == 64
+    short = backend.tokenize_passages(["Paris is in France."], 1024)[0]
+    assert short[0] == backend.cls_id and short[-1] == backend.sep_id and short.count(backend.cls_id) == 1
+
+
+def test_each_window_is_encoded_alone(rr: Reranker) -> None:
+    """The encoder states of a long passage equal plain transformers calls on each window (linear cost)."""
+    backend = rr.backend
+    ids = backend.tokenize_passages([" ".join(f"token{i}" for i in range(500))], 1024)[0]
+    assert len(ids) > 256
+    states = MiniBackend.encode(backend, *right_pad([ids], 0))[0]  # (n, d)
+    for start in range(0, len(ids), 256):
+        window = torch.tensor([ids[start : start + 256]])
+        with torch.no_grad():
+            want = backend.encoder(input_ids=window, attention_mask=torch.ones_like(window)).last_hidden_state[0]
+        torch.testing.assert_close(states[start : start + window.shape[1]], want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("ratio", list(range(1, 33)))
@@ -101,21 +118,11 @@ def test_cached_passages_do_not_depend_on_queries(rr: Reranker) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert rr.counters["encoded_passages"] == len(PASSAGES)  # nothing re-encoded per query
     # the encoder output of a passage is the same alone or batched with others (padding is masked)
-    alone = MiniBackend.encode(rr.backend, *_pad([rr.backend.tokenize_passages([PASSAGES[0]], 256)[0]]))
+    alone = MiniBackend.encode(rr.backend, *right_pad([rr.backend.tokenize_passages([PASSAGES[0]], 256)[0]], 0))
     ids = rr.backend.tokenize_passages(PASSAGES, 256)
-    batched = MiniBackend.encode(rr.backend, *_pad(ids))
+    batched = MiniBackend.encode(rr.backend, *right_pad(ids, 0))
     n = len(ids[0])
     torch.testing.assert_close(batched[0, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
-
-
-def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), n), dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def test_scores_do_not_depend_on_batch_composition(rr: Reranker) -> None:
@@ -225,8 +232,8 @@ CASES = [
     ),
     (
         "How many continents are there?",
-        "Geographers usually count seven continents: Africa, Antarctica, Asia, Australia, Europe, North "
-        "America and South America.",
+        "Geographers usually count seven continents: Africa, Antarctica, Asia, Australia, Europe, "
+        "North America and South America.",
         [
             "The continent of Africa has more than fifty countries.",
             "There are many ways to count the number of stars in the sky.",
@@ -242,8 +249,8 @@ CASES = [
     ),
     (
         "What is the longest river in the world?",
-        "The Nile, flowing about 6,650 kilometres through north-eastern Africa, is usually named the longest "
-        "river in the world.",
+        "The Nile, flowing about 6,650 kilometres through north-eastern Africa, is usually named the "
+        "longest river in the world.",
         [
             "Rivers provide water for farming and drinking in many parts of the world.",
             "The world's longest bridge crosses a river in China.",
@@ -319,3 +326,162 @@ def case_params() -> list:
 def test_prefers_the_answer(rr: Reranker, query: str, answer: str, distractors: list[str], ratio: int) -> None:
     ranked = rr.rerank(query, distractors + [answer], ratio=ratio)
     assert ranked[0].text == answer
+
+
+# Passages that repeat the question (or its words) next to text that does not answer it: the "query echo" a
+# reranker trained on word overlap ranks first. Hand-written; not training data.
+ECHO_CASES = [
+    (
+        "What is the capital of France?",
+        "Paris is the capital and largest city of France.",
+        "What is the capital of France? This is a question many tourists ask before their first trip to Europe.",
+    ),
+    (
+        "When did World War II end?",
+        "World War II ended in 1945, with Germany surrendering in May and Japan in September.",
+        "When did World War II end? Historians have written many books about the war and its causes.",
+    ),
+    (
+        "Who wrote Pride and Prejudice?",
+        "Pride and Prejudice is an 1813 novel by Jane Austen.",
+        "Who wrote Pride and Prejudice? Many students are asked this question in their literature exams.",
+    ),
+    (
+        "How many legs does a spider have?",
+        "Spiders have eight legs, which sets them apart from insects, which have six.",
+        "How many legs does a spider have? Spiders are found on every continent except Antarctica.",
+    ),
+    (
+        "What is the boiling point of water?",
+        "At sea level, water boils at 100 degrees Celsius (212 degrees Fahrenheit).",
+        "What is the boiling point of water? Water covers about 71 percent of the Earth's surface.",
+    ),
+    (
+        "Who painted the Mona Lisa?",
+        "The Mona Lisa was painted by Leonardo da Vinci in the early sixteenth century.",
+        "Who painted the Mona Lisa? The painting hangs in the Louvre and draws millions of visitors every year.",
+    ),
+    (
+        "What is the largest planet in the solar system?",
+        "Jupiter is the largest planet in the solar system, more than twice as massive as all the others combined.",
+        "What is the largest planet in the solar system? Our solar system formed about 4.6 billion years ago.",
+    ),
+    (
+        "How do vaccines work?",
+        "Vaccines train the immune system to recognise a pathogen, so that it can respond quickly to a "
+        "later infection.",
+        "How do vaccines work? How vaccines work is a topic that comes up often in the news and among friends.",
+    ),
+    (
+        "What causes the seasons on Earth?",
+        "The seasons are caused by the tilt of Earth's axis, which changes how directly sunlight strikes "
+        "each hemisphere.",
+        "What causes the seasons on Earth? Spring, summer, autumn and winter each have their own festivals.",
+    ),
+    (
+        "Who was the first person to walk on the Moon?",
+        "Neil Armstrong became the first person to walk on the Moon on 20 July 1969.",
+        "Who was the first person to walk on the Moon? The Moon is Earth's only natural satellite.",
+    ),
+    (
+        "What is the chemical symbol for gold?",
+        "The chemical symbol for gold is Au, from the Latin word aurum.",
+        "What is the chemical symbol for gold? Gold has been used for jewellery for thousands of years.",
+    ),
+    (
+        "How long does it take light from the Sun to reach Earth?",
+        "Sunlight takes about 8 minutes and 20 seconds to travel from the Sun to Earth.",
+        "How long does it take light from the Sun to reach Earth? This question puzzles many schoolchildren.",
+    ),
+    (
+        "What is the tallest mountain in the world?",
+        "Mount Everest, at 8,849 metres above sea level, is the tallest mountain in the world.",
+        "What is the tallest mountain in the world? Mountain climbing has become a popular hobby in many countries.",
+    ),
+    (
+        "What do bees make?",
+        "Bees make honey from the nectar of flowers, and beeswax to build their combs.",
+        "What do bees make? This question appears in many children's quiz books about insects.",
+    ),
+    (
+        "Which language has the most native speakers?",
+        "Mandarin Chinese has the most native speakers of any language, about 940 million people.",
+        "Which language has the most native speakers? Languages change over time as people move and trade.",
+    ),
+    (
+        "What is the speed of sound in air?",
+        "Sound travels through dry air at about 343 metres per second at 20 degrees Celsius.",
+        "What is the speed of sound in air? The speed of sound in air is a common topic in physics classes.",
+    ),
+    (
+        "Who discovered penicillin?",
+        "Penicillin was discovered by Alexander Fleming in 1928 at St Mary's Hospital in London.",
+        "Who discovered penicillin? Who discovered penicillin is one of the most searched questions about medicine.",
+    ),
+    (
+        "What is the main ingredient of guacamole?",
+        "Guacamole is made mainly from mashed avocado, with lime juice, onion and salt.",
+        "What is the main ingredient of guacamole? Guacamole is served at many parties and restaurants.",
+    ),
+    (
+        "How many bones are in the adult human body?",
+        "An adult human skeleton has 206 bones.",
+        "How many bones are in the adult human body? The human body is a complex system of organs and tissues.",
+    ),
+    (
+        "What year did the Berlin Wall fall?",
+        "The Berlin Wall fell on 9 November 1989, when the border crossings were opened.",
+        "What year did the Berlin Wall fall? Berlin is the capital of Germany and its largest city.",
+    ),
+]
+
+
+# kalm-mini 0.3 (the embedded weights until 1.0 lands) was never trained on echoes or passages over 256 tokens.
+PRE_1_0 = pytest.mark.xfail(strict=False, reason="kalm-mini 0.3 weights; kalm-mini 1.0 is trained for this")
+
+
+@PRE_1_0
+@pytest.mark.parametrize(("query", "answer", "echo"), ECHO_CASES, ids=[c[0] for c in ECHO_CASES])
+def test_the_answer_beats_an_echo_of_the_question(rr: Reranker, query: str, answer: str, echo: str) -> None:
+    answer_score, echo_score = rr.score(query, [answer, echo])
+    assert answer_score > echo_score, (answer_score, echo_score)
+
+
+FILLER = (
+    "The town council met on Tuesday to discuss the new bus timetable. Several residents asked for more evening "
+    "services, and the council agreed to study the idea. The library will extend its opening hours in the summer. "
+    "A new bakery opened on the high street last month and has already become popular with commuters. "
+)
+
+
+@pytest.mark.parametrize("ratio", [1, 4, 16])
+def test_an_answer_at_the_end_of_a_long_passage_is_found(rr: Reranker, ratio: int) -> None:
+    query = "When did the Eiffel Tower open?"
+    answer = "The Eiffel Tower opened to the public on 31 March 1889, for the World's Fair in Paris. "
+    filler = FILLER * 13  # about 700 words of text that does not answer the question
+    assert 650 < len(filler.split()) < 750
+    at_start, at_end, neither = rr.score(query, [answer + filler, filler + answer, filler + filler[:200]], ratio=ratio)
+    assert at_end > neither and at_start > neither
+    assert at_end > 0.5 * at_start  # found as well as at the start, not merely above zero
+
+
+def test_a_checkpoint_cannot_make_code_run(tmp_path, monkeypatch) -> None:
+    """A checkpoint is data: naming a module (old `encoder_module` key, or as the encoder) imports nothing."""
+    import shutil
+
+    from kalm_rag.errors import ModelLoadError
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil_encoder"
+    evil.mkdir()
+    (evil / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('code ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for key, value in (("encoder_module", "evil_encoder"), ("encoder", "evil_encoder")):
+        ckpt = tmp_path / f"ckpt-{key}"
+        shutil.copytree(EMBEDDED_DIR, ckpt)
+        config = json.loads((ckpt / "config.json").read_text())
+        config[key] = value
+        (ckpt / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelLoadError, match="evil_encoder|encoder_module"):
+            MiniBackend.from_pretrained(ckpt)
+    assert not marker.exists()

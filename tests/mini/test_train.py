@@ -1,4 +1,4 @@
-"""kalm-mini training pieces: the loss, the bi-encoder teacher, the general-knowledge pairs, a short run.
+"""kalm-mini training pieces: the loss, the teacher, the data sources, echo negatives, calibration, a short run.
 
 The teacher is checked against plain transformers (all-MiniLM-L6-v2 with mean pooling), not against itself.
 """
@@ -6,9 +6,10 @@ The teacher is checked against plain transformers (all-MiniLM-L6-v2 with mean po
 from __future__ import annotations
 
 import copy
-import dataclasses
+import gzip
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,24 @@ import torch
 import torch.nn.functional as F
 
 from kalm_rag import Reranker
-from kalm_rag.models.mini import MiniBackend, MiniConfig, MiniDecoder, encoder_dir, with_summary_window
+from kalm_rag.models.mini import MiniBackend, MiniConfig, encoder_dir
+from kalm_rag.models.mini.modeling import RelevanceAttention, with_summary_window
 from kalm_rag.pooling import mep_pool
 from kalm_rag.train.cache import EncodingCache
-from kalm_rag.train.data import DevQuery, Example, TrainingData, wiki_examples, wiki_queries, wiki_summaries_file
-from kalm_rag.train.trainer import BiEncoderTeacher, MiniTask, TrainConfig, group_loss, train
+from kalm_rag.train.calibrate import calibration_report, fit_temperature_and_bias
+from kalm_rag.train.data import (
+    DevQuery,
+    Example,
+    TrainingData,
+    add_echo_negatives,
+    echo_passage,
+    squad_examples,
+    wiki_examples,
+    wiki_queries,
+    wiki_summaries_file,
+)
+from kalm_rag.train.prepare import TRAINING_SOURCES, training_manifest
+from kalm_rag.train.trainer import BiEncoderTeacher, GroupSampler, MiniTask, TrainConfig, group_loss, train
 
 ARTICLES = {
     "Photosynthesis": (
@@ -56,7 +70,7 @@ ARTICLES = {
 @pytest.fixture(scope="module")
 def backend() -> MiniBackend:
     torch.manual_seed(0)
-    return MiniBackend.fresh(MiniConfig(num_layers=2, init_layers=[4, 5]))
+    return MiniBackend.fresh()
 
 
 def write_summaries(path: Path) -> Path:
@@ -85,42 +99,116 @@ def test_wiki_queries_name_or_describe_the_subject() -> None:
         "What is Mercury?",
         "Smallest planet in the Solar System",
     ]
-    assert wiki_queries("Marie Curie", "physicist and chemist", "People") == [
-        "Who was Marie Curie?",
-        "Physicist and chemist",
-    ]
-    assert wiki_queries("Hat", "", "Everyday life") == ["What is Hat?"]
+    assert wiki_queries("Marie Curie", "", "People") == ["Who was Marie Curie?"]
 
 
 def test_wiki_examples_pair_each_query_with_its_own_summary(tmp_path: Path) -> None:
-    examples = wiki_examples(write_summaries(tmp_path / "summaries.json"), negatives=3, limit=None)
-    assert len(examples) == 2 * len(ARTICLES)
+    examples = wiki_examples(write_summaries(tmp_path / "s.json"), negatives=2, limit=None)
     by_query = {ex.query: ex for ex in examples}
-    photo = by_query["What is Photosynthesis?"]
-    assert photo.pos == [ARTICLES["Photosynthesis"][3]]
-    assert photo.pos[0] not in photo.neg
-    assert photo.neg[0] == ARTICLES["Herbivore"][3]  # mentions photosynthesis without being about it
-    assert all(ex.source == "wiki" for ex in examples)
+    assert by_query["Who was Marie Curie?"].pos == [ARTICLES["Marie Curie"][3]]
+    for ex in examples:
+        assert ex.pos[0] not in ex.neg and len(ex.neg) == 2
 
 
 def test_the_installed_wiki_summaries_are_found() -> None:
     path = wiki_summaries_file()
-    data = json.loads(path.read_text())
-    assert len(data) > 5000 and all("extract" in v for v in list(data.values())[:50])
+    assert path.is_file() and path.stat().st_size > 1_000_000
+
+
+def _write_squad(folder: Path) -> None:
+    """A tiny SQuAD folder in the layout of ../shared/data/squad/train."""
+    corpus = [
+        ("train-0-0", "Mercury", "Mercury is the smallest planet and the closest to the Sun."),
+        ("train-0-1", "Mercury", "Mercury has no moons; the smallest planet is also the fastest."),
+        ("train-0-2", "Mercury", "Mercury was named after a Roman god of travellers."),
+        ("train-1-0", "Curie", "Marie Curie won two Nobel Prizes, in physics and chemistry."),
+    ]
+    queries = [
+        ("q0", "Which planet is the smallest?", ["smallest planet"]),
+        ("q1", "Who was Mercury named after?", ["a Roman god"]),
+    ]
+    (folder / "qrels").mkdir(parents=True)
+    with gzip.open(folder / "corpus.jsonl.gz", "wt") as fh:
+        for i, t, x in corpus:
+            fh.write(json.dumps({"_id": i, "title": t, "text": x}) + "\n")
+    with gzip.open(folder / "queries.jsonl.gz", "wt") as fh:
+        for i, t, a in queries:
+            fh.write(json.dumps({"_id": i, "text": t, "answers": a}) + "\n")
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq0\ttrain-0-0\t1\nq1\ttrain-0-2\t1\n")
+    with gzip.open(folder / "hard_negatives.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"query-id": "q0", "neg": ["train-0-1", "train-0-2"]}) + "\n")
+        fh.write(json.dumps({"query-id": "q1", "neg": ["train-0-1", "train-0-0"]}) + "\n")
+
+
+def test_squad_negatives_never_contain_the_answer(tmp_path: Path) -> None:
+    _write_squad(tmp_path / "squad")
+    examples = {ex.query: ex for ex in squad_examples(tmp_path / "squad", negatives=5)}
+    smallest = examples["Which planet is the smallest?"]
+    assert smallest.pos == ["Mercury Mercury is the smallest planet and the closest to the Sun."]
+    # train-0-1 is a listed hard negative but holds the answer string "smallest planet": never a negative
+    assert all("smallest planet" not in n for n in smallest.neg)
+    assert "Mercury Mercury was named after a Roman god of travellers." in smallest.neg
+    assert all(ex.source == "squad" for ex in examples.values())
+
+
+def test_echo_passages_repeat_the_query_without_the_answer() -> None:
+    rng = random.Random(0)
+    filler = "Bananas are rich in potassium. They grow in tropical regions. Their peel is yellow when ripe."
+    seen = set()
+    for _ in range(40):
+        echo = echo_passage("When did World War II end?", filler, rng)
+        assert "1945" not in echo
+        assert "World" in echo  # the query, or its shuffled content words
+        seen.add(echo.split(" ")[0])
+    assert len(seen) > 3  # several templates, not one fixed pattern
+
+
+def test_echo_negatives_are_sampled_and_never_rated_relevant_by_the_teacher(
+    backend: MiniBackend, tmp_path: Path
+) -> None:
+    texts = [v[3] for v in ARTICLES.values()]
+    examples = [
+        Example(q, [texts[i]], [t for j, t in enumerate(texts) if j != i], "wiki")
+        for i, q in enumerate(
+            [
+                "How do plants make food?",
+                "What do herbivores eat?",
+                "Which planet is closest to the Sun?",
+                "Who discovered radioactivity?",
+            ]
+        )
+    ]
+    added = add_echo_negatives(examples, fraction=1.0, seed=0)
+    assert added == sum(bool(ex.echo) for ex in examples) >= 3  # a draw of its own query as filler is skipped
+    examples = [ex for ex in examples if ex.echo]
+    sampler = GroupSampler(
+        examples, TrainConfig(negatives=3, random_negatives=1, echo_probability=1.0, source_weights={"wiki": 1.0})
+    )
+    group = sampler.group()
+    assert group.echo == 3 and group.query in group.passages[group.echo]
+    cache = EncodingCache(tmp_path / "cache", backend)
+    cache.ensure(group.passages)
+    teacher = BiEncoderTeacher(backend, cache, scale=20.0)
+    plain = teacher.logits([group.query], [group.passages])[0]
+    fixed = teacher.group_logits([group])[0]
+    assert float(fixed[group.echo]) < float(plain.min())  # cosine likes the echo; the teacher target does not
+    assert torch.equal(
+        torch.cat([fixed[: group.echo], fixed[group.echo + 1 :]]),
+        torch.cat([plain[: group.echo], plain[group.echo + 1 :]]),
+    )
 
 
 def test_teacher_is_minilm_cosine(backend: MiniBackend, tmp_path: Path) -> None:
     from transformers import AutoModel, AutoTokenizer
 
-    cache = EncodingCache(tmp_path, backend)
-    passages = [[ARTICLES["Photosynthesis"][3], ARTICLES["Mercury (planet)"][3]]]
+    cache = EncodingCache(tmp_path / "cache", backend)
+    passages = [[ARTICLES["Photosynthesis"][3], ARTICLES["Marie Curie"][3]]]
     cache.ensure(passages[0])
     got = BiEncoderTeacher(backend, cache, scale=20.0).logits(["How do plants make food?"], passages)
+    path = encoder_dir(backend.config.encoder_spec)
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
-    tok = AutoTokenizer.from_pretrained(str(encoder_dir(MiniConfig())))
-    model = AutoModel.from_pretrained(str(encoder_dir(MiniConfig()))).eval()
-
-    def embed(texts: list[str]) -> torch.Tensor:  # sentence-transformers' mean pooling
+    def embed(texts: list[str]) -> torch.Tensor:
         enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
         with torch.no_grad():
             h = model(**enc).last_hidden_state
@@ -146,9 +234,11 @@ def test_a_short_run_trains_saves_and_loads(backend: MiniBackend, tmp_path: Path
             ]
         )
     ]
+    add_echo_negatives(examples, fraction=0.5, seed=1)
     dev = [DevQuery("Which planet is smallest?", texts, [0, 0, 1, 0], "wiki")]
+    data = TrainingData(examples, dev)
     cache = EncodingCache(tmp_path / "cache", backend)
-    cache.ensure(texts)
+    cache.ensure(data.passages())
     cfg = TrainConfig(
         steps=3,
         groups_per_step=2,
@@ -160,16 +250,13 @@ def test_a_short_run_trains_saves_and_loads(backend: MiniBackend, tmp_path: Path
         eval_every=3,
         source_weights={"wiki": 1.0},
     )
-    before = {k: v.clone() for k, v in backend.decoder.state_dict().items()}
+    student = copy.deepcopy(backend)
+    before = {k: v.clone() for k, v in student.decoder.state_dict().items()}
     summary = train(
-        MiniTask(backend, cache, cfg),
-        TrainingData(examples, dev),
-        cfg,
-        tmp_path / "run",
-        BiEncoderTeacher(backend, cache, scale=cfg.teacher_scale),
+        MiniTask(student, cache, cfg), data, cfg, tmp_path / "run", BiEncoderTeacher(student, cache, scale=20.0)
     )
     assert summary["steps_run"] == 3 and 0.0 <= summary["best_dev_ndcg10"] <= 1.0
-    assert any(not torch.equal(before[k], v) for k, v in backend.decoder.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in student.decoder.state_dict().items())
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert "teacher_dev" in log[0] and any("dev" in row for row in log)
     rr = Reranker.from_pretrained(str(tmp_path / "run" / "best"), device="cpu", dtype="float32")
@@ -183,15 +270,9 @@ def test_distillation_needs_a_teacher(backend: MiniBackend, tmp_path: Path) -> N
         train(MiniTask(backend, EncodingCache(tmp_path, backend), cfg), TrainingData(), cfg, tmp_path / "run")
 
 
-@pytest.mark.parametrize(("passage_summary", "relevance"), [(False, False), (True, False), (True, True)])
-def test_fused_inference_path_equals_the_training_path(
-    backend: MiniBackend, passage_summary: bool, relevance: bool
-) -> None:
+def test_fused_inference_path_equals_the_training_path(backend: MiniBackend) -> None:
+    torch.manual_seed(5)
     dec = copy.deepcopy(backend.decoder).eval()
-    if relevance:
-        torch.manual_seed(5)
-        dec = MiniDecoder(dataclasses.replace(dec.config, query_input="encoder", relevance_attention=True)).eval()
-    dec.config = dataclasses.replace(dec.config, passage_summary=passage_summary)
     g = torch.Generator().manual_seed(1)
     passages = torch.randn(3, 5, 384, generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
@@ -230,65 +311,18 @@ def test_summary_window_is_the_mean_of_the_passage_at_every_ratio() -> None:
         assert torch.equal(with_summary[:, 1:], vectors) and torch.equal(summary_mask[:, 1:], windows)
 
 
-@pytest.mark.parametrize(
-    ("query_input", "head_pooling", "passage_summary"),
-    [("encoder", "mean", False), ("embeddings", "last", False), ("encoder", "mean", True)],
-)
-def test_both_query_inputs_read_the_passage(query_input: str, head_pooling: str, passage_summary: bool) -> None:
-    torch.manual_seed(0)
-    cfg = MiniConfig(
-        num_layers=1,
-        init_layers=[5] if query_input == "encoder" else [0],
-        query_input=query_input,
-        head_pooling=head_pooling,
-        passage_summary=passage_summary,
-    )
-    fresh = MiniBackend.fresh(cfg)
-    with torch.no_grad():
-        fresh.decoder.head.weight.normal_(0.0, 1.0)  # a visible head, so that passage effects show in the logit
-    prompt = fresh.prompt_ids(
-        "Which planet is smallest?", instruction="Rank.", system_instruction="", max_query_tokens=32
-    )
-    cut = prompt.index(fresh.sep_id) + 1
-    texts = [ARTICLES["Mercury (planet)"][3], ARTICLES["Marie Curie"][3]]
-    ids = fresh.tokenize_passages(texts, 256)
-    n = max(len(x) for x in ids)
-    x = torch.tensor([x + [0] * (n - len(x)) for x in ids])
-    m = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
-    with torch.no_grad():
-        logits = fresh.forward_scores(prompt[:cut], [prompt[cut:]] * 2, fresh.encode(x, m), m)
-    assert torch.isfinite(logits).all() and abs(float(logits[0] - logits[1])) > 1e-4
-
-
-def test_unknown_options_are_refused() -> None:
-    with pytest.raises(ValueError, match="query_input"):
-        MiniConfig(query_input="tokens")
-    with pytest.raises(ValueError, match="head_pooling"):
-        MiniConfig(head_pooling="max")
-    with pytest.raises(ValueError, match="relevance_attention"):
-        MiniConfig(query_input="embeddings", relevance_attention=True)
-    with pytest.raises(ValueError, match="relevance_heads"):
-        MiniConfig(query_input="encoder", relevance_attention=True, relevance_heads=5)
-
-
-def test_source_weights_option() -> None:
-    import typer
-
-    from kalm_rag.train.command import _source_weights
-
-    weights = _source_weights("wiki=0.5, scifact=0")
-    assert (
-        weights["wiki"] == 0.5
-        and weights["scifact"] == 0.0
-        and weights["nfcorpus"] == TrainConfig().source_weights["nfcorpus"]
-    )
-    with pytest.raises(typer.BadParameter):
-        _source_weights("wiki")
+def test_config_refuses_unknown_keys_and_encoders() -> None:
+    with pytest.raises(ValueError, match="unknown kalm-mini config keys"):
+        MiniConfig.from_dict({"model_type": "kalm-mini", "query_input": "embeddings"})
+    with pytest.raises(ValueError, match="unknown encoder"):
+        MiniConfig(encoder="os")
+    with pytest.raises(ValueError, match="init_layers"):
+        MiniConfig(num_layers=3)
+    with pytest.raises(ValueError, match="score_scale"):
+        MiniConfig(score_scale=0.0)
 
 
 def test_groups_mix_hard_and_random_negatives() -> None:
-    from kalm_rag.train.trainer import GroupSampler
-
     pool = [f"other passage {i}" for i in range(50)]
     examples = [
         Example("q", ["the answer"], ["hard 1", "hard 2", "hard 3", "hard 4"], "src"),
@@ -297,14 +331,16 @@ def test_groups_mix_hard_and_random_negatives() -> None:
     cfg = TrainConfig(negatives=5, random_negatives=2, source_weights={"src": 1.0})
     sampler = GroupSampler(examples, cfg)
     for _ in range(30):
-        query, passages = sampler.group()
-        if query != "q":
+        group = sampler.group()
+        if group.query != "q":
             continue
-        positive, negatives = passages[0], passages[1:]
+        positive, negatives = group.passages[0], group.passages[1:]
         assert positive == "the answer" and len(negatives) == 5 and "the answer" not in negatives
         assert sum(n.startswith("hard") for n in negatives) >= 3  # the hard ones, plus random draws from the pool
     with pytest.raises(ValueError, match="random_negatives"):
         GroupSampler(examples, TrainConfig(negatives=2, random_negatives=3))
+    with pytest.raises(ValueError, match="no sampling weight"):
+        GroupSampler(examples, TrainConfig(source_weights={"other": 1.0}))
 
 
 def test_default_cache_dir_is_outside_the_repository(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -318,14 +354,11 @@ def test_default_cache_dir_is_outside_the_repository(monkeypatch: pytest.MonkeyP
 
 
 def test_relevance_attention_starts_as_the_mass_off_the_sink() -> None:
-    """At its start the layer's output is ``mass * value_bias``,
-    ``mass = sum_w e^{tau cos} / (e^s + sum_w e^{tau cos})``."""
-    from kalm_rag.models.mini import RelevanceAttention
+    """At its start the layer's output is ``mass * value_bias``.
 
-    cfg = MiniConfig(
-        query_input="encoder", relevance_attention=True, relevance_temperature_init=7.0, relevance_sink_init=3.0
-    )
-    layer = RelevanceAttention(cfg)
+    ``mass = sum_w e^{tau cos} / (e^s + sum_w e^{tau cos})``.
+    """
+    layer = RelevanceAttention(MiniConfig(relevance_temperature_init=7.0, relevance_sink_init=3.0))
     bias = torch.randn(384)
     with torch.no_grad():
         layer.value.bias.copy_(bias)
@@ -343,19 +376,7 @@ def test_relevance_attention_starts_as_the_mass_off_the_sink() -> None:
             assert torch.allclose(out[b, t], mass * bias, atol=1e-5), (b, t)
 
 
-def test_relevance_attention_prefers_the_passage_that_holds_the_query() -> None:
-    torch.manual_seed(0)
-    fresh = MiniBackend.fresh(
-        MiniConfig(
-            num_layers=1,
-            init_layers=[5],
-            query_input="encoder",
-            head_pooling="mean",
-            dropout=0.0,
-            passage_summary=True,
-            relevance_attention=True,
-        )
-    )
+def test_relevance_attention_prefers_the_passage_that_holds_the_query(backend: MiniBackend) -> None:
     g = torch.Generator().manual_seed(4)
     h_instr, h_query = torch.randn(1, 4, 384, generator=g), torch.randn(1, 5, 384, generator=g)
     unrelated = torch.randn(1, 8, 384, generator=g)
@@ -363,33 +384,60 @@ def test_relevance_attention_prefers_the_passage_that_holds_the_query() -> None:
     holding[0, 2:7] = h_query[0]  # five windows that are the query tokens themselves
     mask = torch.ones(1, 8, dtype=torch.long)
     q_mask = torch.ones(1, 5, dtype=torch.long)
+    decoder = copy.deepcopy(backend.decoder).eval()
     with torch.no_grad():
-        hit = fresh.decoder(h_instr, h_query, q_mask, holding, mask)
-        miss = fresh.decoder(h_instr, h_query, q_mask, unrelated, mask)
+        hit = decoder(h_instr, h_query, q_mask, holding, mask)
+        miss = decoder(h_instr, h_query, q_mask, unrelated, mask)
     assert float(hit - miss) > 1.0  # scale 10 per unit of mass: the start reads the passage, not noise
 
 
-def test_relevance_checkpoint_round_trip(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    cfg = MiniConfig(
-        num_layers=1,
-        init_layers=[5],
-        query_input="encoder",
-        head_pooling="mean",
-        passage_summary=True,
-        relevance_attention=True,
-        relevance_heads=2,
-    )
-    fresh = MiniBackend.fresh(cfg)
-    fresh.decoder.eval()  # a fresh decoder is in training mode (dropout)
+def test_checkpoint_round_trip_keeps_scores_and_calibration(backend: MiniBackend, tmp_path: Path) -> None:
+    fresh = copy.deepcopy(backend)
+    fresh.decoder.eval()
+    fresh.config.score_scale, fresh.config.score_bias = 0.5, -1.25
     with torch.no_grad():
         fresh.decoder.relevance.temperature.fill_(12.5)
     fresh.save_pretrained(tmp_path / "ckpt", weights_dtype=torch.float32)
     loaded = MiniBackend.from_pretrained(tmp_path / "ckpt")
-    assert loaded.config.relevance_attention and loaded.config.relevance_heads == 2
-    assert torch.equal(loaded.decoder.relevance.temperature, torch.full((2,), 12.5))
-    rr, rr_loaded = Reranker(fresh), Reranker(loaded)
+    assert (loaded.config.score_scale, loaded.config.score_bias) == (0.5, -1.25)
+    assert torch.equal(loaded.decoder.relevance.temperature, torch.full((1,), 12.5))
     texts = [ARTICLES["Mercury (planet)"][3], ARTICLES["Marie Curie"][3]]
-    a = rr.score("Which planet is smallest?", texts, ratio=4, return_margin=True)
-    b = rr_loaded.score("Which planet is smallest?", texts, ratio=4, return_margin=True)
+    a = Reranker(fresh).score("Which planet is smallest?", texts, ratio=4, return_margin=True)
+    b = Reranker(loaded).score("Which planet is smallest?", texts, ratio=4, return_margin=True)
     assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_calibration_recovers_a_known_temperature_and_bias() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, generator=g) * 3.0
+    true_a, true_b = 0.7, -1.5  # labels drawn from sigmoid(0.7 z - 1.5), balanced by the fit's class weights
+    y = (torch.rand(4000, generator=g) < torch.sigmoid(true_a * z + true_b)).long()
+    a, b = fit_temperature_and_bias(z.tolist(), y.tolist())
+    n_pos = int(y.sum())
+    prior_shift = math.log((len(y) - n_pos) / n_pos)  # equal class weights move the bias by the log prior odds
+    assert a == pytest.approx(true_a, rel=0.1)
+    assert b == pytest.approx(true_b + prior_shift, abs=0.2)
+    with pytest.raises(ValueError, match="both"):
+        fit_temperature_and_bias([1.0, 2.0], [1, 1])
+
+
+def test_calibration_report_counts() -> None:
+    report = calibration_report([0.9, 0.8, 0.2, 0.6, 0.1], [1, 0, 1, 0, 0])
+    assert report.pairs == 5 and report.positives == 2
+    assert report.precision_at_05 == pytest.approx(1 / 3) and report.recall_at_05 == pytest.approx(1 / 2)
+    perfect = calibration_report([1.0, 0.0], [1, 0])
+    assert perfect.ece == 0.0
+
+
+def test_manifest_lists_every_source_with_its_licence() -> None:
+    data = TrainingData(
+        [Example("q", ["p"], ["n"], "squad"), Example("q2", ["p2"], ["n2"], "medquad")],
+        [DevQuery("d", ["p"], [1], "squad-dev")],
+    )
+    manifest = training_manifest(data)
+    ids = {s["id"]: s for s in manifest["training_data"]}
+    assert set(ids) == {"squad", "medquad"}
+    assert ids["squad"]["licence"] == "CC BY-SA 4.0" and ids["squad"]["queries"] == 1
+    assert all("NC" not in info["licence"] for info in TRAINING_SOURCES.values())
+    with pytest.raises(ValueError, match="licence"):
+        training_manifest(TrainingData([Example("q", ["p"], ["n"], "scifact")], []))

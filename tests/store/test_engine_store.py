@@ -201,9 +201,8 @@ def _margin_pooled_from_scratch(rr: Reranker, passage: str, ratio: int) -> float
         system_instruction=DEFAULT_SYSTEM_INSTRUCTION,
         max_query_tokens=rr.max_query_tokens,
     )
-    prompt_ids = torch.tensor([prompt])
     window_mask = torch.ones(pooled.shape[:2], dtype=torch.long)
-    return float(rr.backend.margins(prompt_ids, torch.tensor([len(prompt)]), pooled, window_mask)[0])
+    return float(rr.backend.margins(prompt, pooled, window_mask)[0])
 
 
 def test_bfloat16_storage_halves_the_bytes_and_keeps_scores_close(backend, sqlite_url):

