@@ -98,6 +98,7 @@ def prepare(
     data_dir: DataDir,
     cache_dir: CacheDir = DEFAULT_CACHE,
     squad_limit: Annotated[int, typer.Option(help="SQuAD training questions sampled (seed 0; 0: all).")] = 40000,
+    medquad_limit: Annotated[int, typer.Option(help="MedQuAD questions sampled (seed 0; 0: all).")] = 6000,
     negatives: Annotated[int, typer.Option(help="Hard negatives kept per query.")] = 30,
     wiki: Annotated[
         Path | None,
@@ -128,6 +129,7 @@ def prepare(
         cache_dir,
         threads=threads,
         squad_limit=squad_limit or None,
+        medquad_limit=medquad_limit or None,
         negatives=negatives,
         wiki=wiki,
         wiki_limit=wiki_limit,

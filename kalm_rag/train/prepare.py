@@ -53,7 +53,7 @@ def build_training_data(
     data_dir: Path,
     *,
     squad_limit: int | None = 40000,
-    medquad_limit: int | None = None,
+    medquad_limit: int | None = 6000,
     negatives: int = 30,
     wiki: Path | None = None,
     wiki_limit: int | None = 4000,
