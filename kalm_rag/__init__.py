@@ -1,7 +1,7 @@
 """kalm-rag: FBNL reranking (KaLM-Reranker-V1) with a cached-passage store, for RAG pipelines."""
 
 from kalm_rag._version import __version__
-from kalm_rag.engine import RankedPassage, Reranker
+from kalm_rag.engine import RankedPassage, Reranker, ScoreRequest
 from kalm_rag.errors import (
     InvalidInputError,
     KalmError,
@@ -22,6 +22,7 @@ __all__ = [
     "PooledPassage",
     "RankedPassage",
     "Reranker",
+    "ScoreRequest",
     "StoreError",
     "__version__",
 ]

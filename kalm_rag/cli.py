@@ -1,9 +1,10 @@
-"""The kalm-rag command line: thin wrappers over the engine (rerank, demo), plus the developer tools
+"""The kalm-rag command line: thin wrappers over the engine (rerank, demo, serve), plus the developer tools
 (bench, train, eval), whose heavy imports happen only when they run.
 
 Examples:
     kalm-rag demo                                   # rerank a few built-in examples with the default model
     kalm-rag rerank --model ./KaLM-Reranker-V1-Nano --input requests.jsonl > results.jsonl
+    kalm-rag serve --store sqlite:///passages.db --port 8080   # the Cohere/TEI rerank APIs over HTTP
     python -m kalm_rag --version
 """
 
@@ -184,6 +185,126 @@ def demo(
             typer.echo(f"  {rank}. [{r.score:.3f}] {r.text}")
     stats = rr.store.stats()
     typer.echo(f"\nstore: {stats['entries']} passages cached, {stats['hits']} hits, {stats['misses']} misses")
+
+
+@app.command()
+def serve(
+    model: ModelOption = "kalm-mini",
+    store: StoreOption = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 answers this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Worker processes, each with its own model; share the store with sqlite:/// or redis://."
+        ),
+    ] = 1,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KALM_RAG_API_KEY",
+            help="Require Authorization: Bearer KEY on every path but /health (prefer the environment variable).",
+        ),
+    ] = None,
+    ratio: RatioOption = 4,
+    max_documents: Annotated[int, typer.Option(min=1, help="Most documents per request (and largest top_n).")] = 1000,
+    max_document_chars: Annotated[int, typer.Option(min=1, help="Longest document, in characters.")] = 32_768,
+    max_body: Annotated[str, typer.Option(help="Largest request body, e.g. 8MiB.")] = "8MiB",
+    max_batch_passages: Annotated[
+        int, typer.Option(min=1, help="Most passages the model worker coalesces into one batch.")
+    ] = 256,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0.0, help="How long a batch waits for more requests, in milliseconds.")
+    ] = 2.0,
+    batching: Annotated[bool, typer.Option(help="Coalesce concurrent requests (--no-batching: one at a time).")] = True,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads per worker (default: CPU cores / workers).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Passages per encoder or decoder call.")] = 32,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA when available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
+    graceful_timeout: Annotated[
+        int, typer.Option(min=0, help="Seconds a shutdown waits for in-flight requests (0: no limit).")
+    ] = 30,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug.")] = "info",
+    access_log: Annotated[bool, typer.Option(help="Log every request (uvicorn's access log).")] = False,
+) -> None:
+    """Serve the reranker over HTTP: the Cohere (v1, v2), Jina and TEI rerank APIs, on FastAPI + uvicorn.
+
+    Endpoints: POST /v2/rerank, /v1/rerank (Cohere), /rerank (TEI), /v1/encode (pre-encode into the store);
+    GET /health, /metrics (Prometheus), /docs. Needs the serve extra: pip install "kalm-rag[serve]".
+
+    \b
+    Example:
+        kalm-rag serve --store sqlite:///passages.db --port 8080
+        curl -s localhost:8080/v2/rerank -H 'content-type: application/json' \\
+          -d '{"model": "kalm-mini", "query": "capital of France?", "documents": ["Paris.", "Bananas."]}'
+    """
+    import shutil
+    import tempfile
+
+    from kalm_rag.errors import MissingDependencyError
+    from kalm_rag.store import open_store, parse_bytes
+
+    try:
+        import uvicorn
+
+        from kalm_rag.serve.app import API_KEY_ENV, CONFIG_ENV, ServeConfig
+    except MissingDependencyError as exc:
+        _error(str(exc))
+    except ImportError as exc:
+        _error(f'kalm-rag serve needs the serve extra: pip install "kalm-rag[serve]" ({exc.name} is missing)')
+    try:
+        body_bytes = parse_bytes(max_body)
+        open_store(store).close()  # a bad store URL fails here, once, rather than in every worker
+    except Exception as exc:
+        if os.environ.get("KALM_RAG_DEBUG"):
+            raise
+        _error(str(exc))
+    if api_key is not None and not api_key.strip():
+        _error("--api-key is empty")
+    if workers > 1 and (store is None or store.startswith("memory")):
+        typer.echo(
+            "Warning: each worker process has its own memory store; share one with --store sqlite:/// or redis://",
+            err=True,
+        )
+    config = ServeConfig(
+        model=model,
+        store=store,
+        ratio=ratio,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        threads=threads or max(1, (os.cpu_count() or 1) // workers),
+        max_documents=max_documents,
+        max_document_chars=max_document_chars,
+        max_body_bytes=body_bytes,
+        max_batch_passages=max_batch_passages,
+        max_wait_ms=max_wait_ms,
+        batching=batching,
+    )
+    # uvicorn's worker processes build the app from the environment (app_from_env)
+    os.environ[CONFIG_ENV] = config.to_json()
+    if api_key:
+        os.environ[API_KEY_ENV] = api_key
+    metrics_dir = None
+    if workers > 1:  # /metrics adds up every worker's values (prometheus-client's multiprocess mode)
+        metrics_dir = tempfile.mkdtemp(prefix="kalm-rag-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            "kalm_rag.serve.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            timeout_graceful_shutdown=graceful_timeout or None,
+            log_level=log_level,
+            access_log=access_log,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 # Further command groups (train, eval, bench) register below.

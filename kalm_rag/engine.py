@@ -55,6 +55,25 @@ class RankedPassage:
     ratio: int | None = None
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One query and its passages, for :meth:`Reranker.score_many`; ``None`` options take the reranker's.
+
+    Attributes:
+        query: the query text.
+        passages: passage texts.
+        instruction: task instruction for this query.
+        system_instruction: system instruction for this query (the prompt's first line).
+        ratio: MEP ratio for this query (1..32, a multiple of ``base_ratio``).
+    """
+
+    query: str
+    passages: Sequence[str]
+    instruction: str | None = None
+    system_instruction: str | None = None
+    ratio: int | None = None
+
+
 class Reranker:
     """An FBNL reranker: a model backend, a passage store and the options that shape scoring.
 
@@ -104,8 +123,15 @@ class Reranker:
             raise InvalidInputError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
         self.storage_dtype = storage_dtype
         self.show_progress_bar = show_progress_bar
-        #: Work counters: passages run through the encoder, encoder batches, pairs scored.
-        self.counters = {"encoded_passages": 0, "encoder_batches": 0, "scored_pairs": 0}
+        #: Work counters: passages run through the encoder, encoder batches, pairs scored, and distinct
+        #: passages found in the store (hits) or not (misses) when scoring.
+        self.counters = {
+            "encoded_passages": 0,
+            "encoder_batches": 0,
+            "scored_pairs": 0,
+            "store_hits": 0,
+            "store_misses": 0,
+        }
         self._executor: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -245,6 +271,8 @@ class Reranker:
             found = [None] * len(keys)
         by_key = {k: e for k, e in zip(keys, found) if e is not None and e.ratio == self.base_ratio}
         missing = {k: t for k, t in zip(keys, texts) if k not in by_key}
+        self.counters["store_hits"] += len(by_key)
+        self.counters["store_misses"] += len(missing)
         if missing:
             by_key.update(self._encode_into_store(missing, show_progress_bar=False))
         return [by_key[k] for k in keys]
@@ -359,6 +387,55 @@ class Reranker:
                 out[i] = s
         return out
 
+    def score_many(self, requests: Sequence[ScoreRequest], *, return_margin: bool = False) -> list[list[float]]:
+        """Scores of several queries' passages, computed together (a server batching concurrent requests).
+
+        The distinct passages of all requests are read from the store at once (one ``get_many``) and the
+        missing ones encoded together; then requests that share a prompt (query, instructions, ratio) go
+        through the decoder together, and the other prompts one after another. Each result equals
+        :meth:`score` of its request up to float rounding (batch composition changes the padding).
+
+        Args:
+            requests: the queries and their passages, with per-request options.
+            return_margin: return ``z_yes - z_no`` instead of ``P(yes)``.
+
+        Returns:
+            One list per request: one float per passage, in input order.
+        """
+        checked: list[tuple[str, list[str], str, str, int]] = []
+        for i, req in enumerate(requests):
+            checked.append(
+                (
+                    check_text(req.query, f"requests[{i}].query"),
+                    check_passages(req.passages),
+                    self.instruction
+                    if req.instruction is None
+                    else check_text(req.instruction, f"requests[{i}].instruction"),
+                    self.system_instruction
+                    if req.system_instruction is None
+                    else check_text(req.system_instruction, f"requests[{i}].system_instruction"),
+                    self._call_ratio(req.ratio),
+                )
+            )
+        unique = list(dict.fromkeys(t for _, texts, _, _, _ in checked for t in texts))
+        entries = dict(zip(unique, self._pooled(unique))) if unique else {}
+        prompts: dict[tuple[str, str, str, int], list[int]] = {}  # requests sharing one prompt, in order
+        for i, (query, texts, instr, system, r) in enumerate(checked):
+            if texts:
+                prompts.setdefault((query, instr, system, r), []).append(i)
+        out: list[list[float]] = [[] for _ in checked]
+        for (query, instr, system, r), members in prompts.items():
+            texts = [t for i in members for t in checked[i][1]]
+            margins = self._decode(
+                query, [entries[t] for t in texts], instruction=instr, system_instruction=system, ratio=r
+            )
+            values = (margins if return_margin else torch.sigmoid(margins)).tolist()
+            start = 0
+            for i in members:
+                out[i] = values[start : start + len(checked[i][1])]
+                start += len(checked[i][1])
+        return out
+
     async def ascore(self, query: str, passages: Sequence[str], **kwargs: Any) -> list[float]:
         """:meth:`score` on the reranker's worker thread; the event loop keeps running meanwhile."""
         return await self._run_in_worker(functools.partial(self.score, query, passages, **kwargs))
@@ -375,13 +452,21 @@ class Reranker:
 
     def _margins(self, query: str, texts: list[str], *, instruction: str, ratio: int) -> torch.Tensor:
         """Margins ``(N,)`` of one query against ``texts``: store lookups, exact re-pooling, decoder."""
+        return self._decode(
+            query, self._pooled(texts), instruction=instruction, system_instruction=self.system_instruction, ratio=ratio
+        )
+
+    def _decode(
+        self, query: str, entries: list[PooledPassage], *, instruction: str, system_instruction: str, ratio: int
+    ) -> torch.Tensor:
+        """Margins ``(N,)`` of one query against stored entries: exact re-pooling, decoder."""
         prompt = self.backend.prompt_ids(
             query,
             instruction=instruction,
-            system_instruction=self.system_instruction,
+            system_instruction=system_instruction,
             max_query_tokens=self.max_query_tokens,
         )
-        pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in self._pooled(texts)]
+        pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in entries]
         order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
         margins = torch.empty(len(pooled), dtype=torch.float32)
 
@@ -394,7 +479,7 @@ class Reranker:
             raise NumericalError(
                 f"non-finite scores in {self.backend.dtype}; the model overflows in this dtype, use float32 or bfloat16"
             )
-        self.counters["scored_pairs"] += len(texts)
+        self.counters["scored_pairs"] += len(entries)
         return margins
 
     def _for_each_batch(self, order: list[int], fn: Callable[[list[int]], None]) -> None:

@@ -1,0 +1,290 @@
+"""Dynamic batching: one model worker per process drains a queue of scoring jobs and runs them together.
+
+Request handlers put a job (one query and its passages) on an asyncio queue and wait for its future. The
+worker takes the first job, then keeps taking jobs that are already queued, or that arrive within
+``max_wait_ms`` of the first, until the batch holds ``max_batch_passages`` passages; it runs the whole
+batch with :meth:`kalm_rag.Reranker.score_many` on its own thread (one thread hop per batch, never more
+than one batch at a time, so the model is never oversubscribed) and hands each job its scores. A job with
+more passages than ``max_batch_passages`` runs as a batch of its own; jobs are never split.
+
+What a batch shares: one store read and one encoder pass for all its distinct passages, and one decoder
+pass for jobs with the same prompt (query, instructions, ratio); different prompts run one after another
+on the worker thread. Other model work (pre-encoding, token counts) goes through the same queue with
+:meth:`DynamicBatcher.call`, so it never runs beside a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from kalm_rag.engine import Reranker, ScoreRequest
+from kalm_rag.errors import KalmError
+from kalm_rag.validation import check_positive_int
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Engine counters whose growth during a batch is reported to the observer.
+COUNTERS = ("store_hits", "store_misses", "encoded_passages", "scored_pairs")
+
+
+class ServiceStoppingError(KalmError):
+    """The batcher is stopping (the server is shutting down) and takes no new work."""
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one batch did, for metrics.
+
+    Attributes:
+        requests: jobs in the batch.
+        passages: passages in the batch (duplicates counted).
+        seconds: time on the model worker.
+        queue_seconds: how long each job waited in the queue before its batch started.
+        counters: growth of the engine's work counters (``store_hits``, ``store_misses``, ...) during the batch.
+    """
+
+    requests: int
+    passages: int
+    seconds: float
+    queue_seconds: list[float]
+    counters: dict[str, int]
+
+
+@dataclass
+class _Job:
+    request: ScoreRequest
+    future: asyncio.Future[list[float]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def size(self) -> int:
+        return len(self.request.passages)
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+_STOP = object()
+
+
+def probabilities(margins: Sequence[float]) -> list[float]:
+    """``sigmoid(margin)`` in fp32, exactly as :meth:`kalm_rag.Reranker.score` computes P(yes)."""
+    return torch.sigmoid(torch.tensor(list(margins), dtype=torch.float32)).tolist()
+
+
+class DynamicBatcher:
+    """Coalesces concurrent scoring jobs into batches run by one model worker.
+
+    Args:
+        reranker: the reranker that scores (:meth:`~kalm_rag.Reranker.score_many`) and encodes.
+        max_batch_passages: close a batch once it holds this many passages.
+        max_wait_ms: how long the worker waits for more jobs after the first one of a batch (0: take only
+            what is already queued).
+        enabled: ``False`` runs every job alone, in arrival order (the "batching off" baseline).
+        on_batch: called on the worker thread after each batch with its :class:`BatchReport`.
+        on_queue_depth: called with the number of jobs waiting whenever it changes.
+    """
+
+    def __init__(
+        self,
+        reranker: Reranker,
+        *,
+        max_batch_passages: int = 256,
+        max_wait_ms: float = 2.0,
+        enabled: bool = True,
+        on_batch: Callable[[BatchReport], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self.reranker = reranker
+        self.max_batch_passages = check_positive_int(max_batch_passages, "max_batch_passages")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+        self.max_wait = max_wait_ms / 1000.0
+        self.enabled = enabled
+        self._on_batch = on_batch
+        self._on_queue_depth = on_queue_depth
+        self._queue: asyncio.Queue[Any] | None = None
+        self._pending: Any = None  # a job taken from the queue that did not fit the last batch
+        self._worker: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._stopping = False
+
+    # ----- life cycle ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker task is running."""
+        return self._worker is not None and not self._worker.done()
+
+    def start(self) -> None:
+        """Start the worker task on the running event loop (idempotent; also done by the first job)."""
+        if self._stopping:
+            raise ServiceStoppingError("the batcher has been stopped")
+        if self.running:
+            return
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kalm-rag-model")
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="kalm-rag-batcher")
+
+    async def stop(self) -> None:
+        """Finish every job already queued, then stop the worker; new jobs are refused from now on."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._queue is not None and self.running:
+            self._queue.put_nowait(_STOP)
+            assert self._worker is not None
+            await self._worker
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for the worker (not counting the batch running now)."""
+        waiting = self._queue.qsize() if self._queue is not None else 0
+        return waiting + (self._pending is not None and self._pending is not _STOP)
+
+    # ----- submitting work -------------------------------------------------------------------------
+
+    async def score(self, request: ScoreRequest) -> list[float]:
+        """Margins ``z_yes - z_no`` of ``request``'s passages, in input order, once its batch has run."""
+        future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
+        self._put(_Job(request, future))
+        return await future
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the model worker thread, between batches, in arrival order."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._put(_Call(fn, future))
+        return await future
+
+    def _put(self, item: _Job | _Call) -> None:
+        if self._stopping:
+            raise ServiceStoppingError("the server is shutting down and takes no new work")
+        self.start()
+        assert self._queue is not None
+        self._queue.put_nowait(item)
+        self._report_depth()
+
+    def _report_depth(self) -> None:
+        if self._on_queue_depth is not None:
+            self._on_queue_depth(self.queue_depth)
+
+    # ----- the worker ------------------------------------------------------------------------------
+
+    async def _next(self) -> Any:
+        assert self._queue is not None
+        if self._pending is not None:
+            item, self._pending = self._pending, None
+            return item
+        return await self._queue.get()
+
+    async def _collect(self, first: _Job) -> list[_Job]:
+        """``first`` plus the jobs that join it (queued already, or arriving within ``max_wait``)."""
+        assert self._queue is not None
+        batch, size = [first], first.size
+        if not self.enabled:
+            return batch
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while size < self.max_batch_passages:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if not isinstance(item, _Job) or size + item.size > self.max_batch_passages:
+                self._pending = item  # the next batch starts with it: arrival order is kept
+                break
+            batch.append(item)
+            size += item.size
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await self._next()
+            if item is _STOP:
+                return
+            if isinstance(item, _Call):
+                self._report_depth()
+                if not item.future.done():
+                    try:
+                        item.future.set_result(await loop.run_in_executor(self._executor, item.fn))
+                    except Exception as exc:  # handed to the caller, whose handler turns it into a response
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                continue
+            batch = await self._collect(item)
+            self._report_depth()
+            await self._run_batch([job for job in batch if not job.future.done()])
+
+    async def _run_batch(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._score, jobs)
+        except Exception as exc:
+            if len(jobs) == 1:
+                _settle(jobs[0].future, exc)
+                return
+            # one bad job must not fail the others: run each alone to give every job its own outcome
+            logger.debug("batch of %d jobs failed (%s); running them one by one", len(jobs), exc)
+            for job in jobs:
+                try:
+                    (result,) = await loop.run_in_executor(self._executor, self._score, [job])
+                except Exception as job_exc:
+                    _settle(job.future, job_exc)
+                else:
+                    _settle(job.future, result)
+            return
+        for job, result in zip(jobs, results):
+            _settle(job.future, result)
+
+    def _score(self, jobs: list[_Job]) -> list[list[float]]:
+        """On the worker thread: score the batch, then report what it did."""
+        started = time.perf_counter()
+        before = {name: self.reranker.counters.get(name, 0) for name in COUNTERS}
+        results = self.reranker.score_many([job.request for job in jobs], return_margin=True)
+        if self._on_batch is not None:
+            done = time.perf_counter()
+            self._on_batch(
+                BatchReport(
+                    requests=len(jobs),
+                    passages=sum(job.size for job in jobs),
+                    seconds=done - started,
+                    queue_seconds=[started - job.enqueued for job in jobs],
+                    counters={name: self.reranker.counters.get(name, 0) - before[name] for name in COUNTERS},
+                )
+            )
+        return results
+
+
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    """Set ``future``'s result (or exception), unless its caller has gone (cancelled)."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
