@@ -30,7 +30,8 @@ FRAMEWORKS = (
     "haystack_integrations",
     "langchain_kalm",
 )
-TOOLS = ("kalm_rag.eval", "kalm_rag.train", "kalm_rag.bench", "kalm_rag.cli", "kalm_rag.adapters")
+# kalm_rag.adapters stays last: the integrations may import it (TOOLS[:-1] below)
+TOOLS = ("kalm_rag.eval", "kalm_rag.train", "kalm_rag.bench", "kalm_rag.cli", "kalm_rag.serve", "kalm_rag.adapters")
 #: the runtime core: what `Reranker` needs to score a query
 CORE = [
     "engine.py",
@@ -107,13 +108,28 @@ def test_data_eval_and_train_layering():
     assert not (PACKAGE / "eval" / "data.py").exists()
 
 
+def test_the_service_depends_on_the_engine_never_the_other_way_round():
+    # the engine side of kalm_rag (engine, models, store, validation, errors) and the web stack; no tool, no adapter
+    for p in files("serve"):
+        bad = sorted(n for n in imports(p) if is_under(n, TOOLS[:4] + ("kalm_rag.adapters", "kalm_rag.data")))
+        assert not bad, f"{p.relative_to(ROOT)} imports {bad}"
+    users = {module_name(p) for p in PACKAGE.rglob("*.py") if any(is_under(n, ("kalm_rag.serve",)) for n in imports(p))}
+    assert users <= {"kalm_rag.cli"} | {module_name(p) for p in files("serve")}, users  # cli: inside serve only
+
+
 def test_optional_dependencies_stay_in_the_module_that_needs_them():
+    serve = {"kalm_rag.serve", "kalm_rag.serve.app", "kalm_rag.serve.schemas", "kalm_rag.serve.metrics"}
     owners = {
         "redis": {"kalm_rag.store.redis"},
         "pyarrow": {"kalm_rag.data"},
         "matplotlib": {"kalm_rag.bench.suite"},
         "bm25s": {"kalm_rag.data"},
         "pytrec_eval": {"kalm_rag.eval.run"},
+        "fastapi": serve,
+        "starlette": serve,
+        "pydantic": serve,
+        "prometheus_client": serve,
+        "uvicorn": {"kalm_rag.cli"},  # inside the serve command
     }
     for dep, allowed in owners.items():
         users = {module_name(p) for p in PACKAGE.rglob("*.py") if any(is_under(n, (dep,)) for n in imports(p))}
@@ -140,7 +156,8 @@ def test_import_kalm_rag_loads_no_optional_dependency():
     probe = (
         "import sys, kalm_rag, kalm_rag.store, kalm_rag.adapters, kalm_rag.data; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'redis', 'pyarrow', 'matplotlib', 'bm25s', "
-        "'pytrec_eval', 'langchain_core', 'llama_index', 'haystack', 'ranx'}))"
+        "'pytrec_eval', 'langchain_core', 'llama_index', 'haystack', 'ranx', 'fastapi', 'starlette', 'uvicorn', "
+        "'prometheus_client'}))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr

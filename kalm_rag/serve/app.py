@@ -137,7 +137,7 @@ class ServeConfig:
 # ----- errors ---------------------------------------------------------------------------------------
 
 
-class ApiError(Exception):
+class ApiError(KalmError):
     """A request the service answers with ``status`` and a JSON error body naming ``field``."""
 
     def __init__(self, status: int, message: str, *, field: str | None = None, error_type: str = "invalid_request"):

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from kalm_rag.engine import Reranker, ScoreRequest
-from kalm_rag.errors import KalmError
+from kalm_rag.errors import InvalidInputError, KalmError
 from kalm_rag.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class DynamicBatcher:
         self.reranker = reranker
         self.max_batch_passages = check_positive_int(max_batch_passages, "max_batch_passages")
         if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+            raise InvalidInputError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
         self.max_wait = max_wait_ms / 1000.0
         self.enabled = enabled
         self._on_batch = on_batch
@@ -121,6 +121,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
+        self._waiting = 0  # jobs and calls queued, or held in _pending, not yet running
 
     # ----- life cycle ------------------------------------------------------------------------------
 
@@ -155,8 +156,7 @@ class DynamicBatcher:
     @property
     def queue_depth(self) -> int:
         """Jobs waiting for the worker (not counting the batch running now)."""
-        waiting = self._queue.qsize() if self._queue is not None else 0
-        return waiting + (self._pending is not None and self._pending is not _STOP)
+        return self._waiting
 
     # ----- submitting work -------------------------------------------------------------------------
 
@@ -178,6 +178,7 @@ class DynamicBatcher:
         self.start()
         assert self._queue is not None
         self._queue.put_nowait(item)
+        self._waiting += 1
         self._report_depth()
 
     def _report_depth(self) -> None:
@@ -226,6 +227,7 @@ class DynamicBatcher:
             if item is _STOP:
                 return
             if isinstance(item, _Call):
+                self._waiting -= 1
                 self._report_depth()
                 if not item.future.done():
                     try:
@@ -235,6 +237,7 @@ class DynamicBatcher:
                             item.future.set_exception(exc)
                 continue
             batch = await self._collect(item)
+            self._waiting -= len(batch)
             self._report_depth()
             await self._run_batch([job for job in batch if not job.future.done()])
 

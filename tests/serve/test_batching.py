@@ -1,0 +1,110 @@
+"""The dynamic batcher and ``Reranker.score_many`` in this process (no server): coalescing, bounds, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kalm_rag import InvalidInputError, Reranker, ScoreRequest
+from kalm_rag.serve.batching import BatchReport, DynamicBatcher, ServiceStoppingError, probabilities
+from tests.serve.helpers import CORPUS, QUERIES, request_set
+
+
+def test_score_many_equals_score_per_request(reference: Reranker):
+    requests = [
+        ScoreRequest(QUERIES[0], CORPUS[:5]),
+        ScoreRequest(QUERIES[1], CORPUS[3:9], ratio=8),
+        ScoreRequest(QUERIES[0], CORPUS[10:13]),  # same prompt as the first: one decoder pass for both
+        ScoreRequest(QUERIES[2], CORPUS[:2], instruction="Does the passage name a river?"),
+        ScoreRequest(QUERIES[3], []),
+    ]
+    got = reference.score_many(requests)
+    for req, scores in zip(requests, got):
+        want = reference.score(req.query, req.passages, instruction=req.instruction, ratio=req.ratio)
+        assert scores == pytest.approx(want, abs=1e-5)
+    margins = reference.score_many(requests[:2], return_margin=True)
+    assert margins[0] == pytest.approx(reference.score(QUERIES[0], CORPUS[:5], return_margin=True), abs=1e-5)
+    assert probabilities(margins[0]) == pytest.approx(got[0], abs=1e-6)
+
+
+def test_score_many_reads_each_distinct_passage_once(reference: Reranker):
+    fresh = [f"score_many fresh passage {i} about rivers and capitals" for i in range(4)]
+    before = dict(reference.counters)
+    reference.score_many([ScoreRequest(QUERIES[0], fresh[:3]), ScoreRequest(QUERIES[1], fresh[1:])])
+    grew = {k: reference.counters[k] - before[k] for k in before}
+    assert grew["store_misses"] == 4 and grew["encoded_passages"] == 4 and grew["store_hits"] == 0
+    assert grew["scored_pairs"] == 6
+
+
+def test_score_many_names_a_bad_request(reference: Reranker):
+    with pytest.raises(InvalidInputError, match=r"requests\[1\].query"):
+        reference.score_many([ScoreRequest("q", ["p"]), ScoreRequest(" ", ["p"])])
+    with pytest.raises(InvalidInputError, match="ratio"):
+        reference.score_many([ScoreRequest("q", ["p"], ratio=33)])
+
+
+async def _run(batcher: DynamicBatcher, requests: list[ScoreRequest]) -> list[list[float] | BaseException]:
+    return await asyncio.gather(*(batcher.score(r) for r in requests), return_exceptions=True)
+
+
+async def test_concurrent_jobs_are_coalesced_within_the_passage_bound(reference: Reranker):
+    reports: list[BatchReport] = []
+    batcher = DynamicBatcher(reference, max_batch_passages=20, max_wait_ms=50, on_batch=reports.append)
+    requests = [ScoreRequest(q, docs) for q, docs in request_set(12, 6, seed=3)]
+    results = await _run(batcher, requests)
+    await batcher.stop()
+    for req, margins in zip(requests, results):
+        assert margins == pytest.approx(reference.score(req.query, req.passages, return_margin=True), abs=1e-5)
+    assert sum(r.requests for r in reports) == 12 and sum(r.passages for r in reports) == 72
+    assert all(r.passages <= 20 for r in reports)
+    assert len(reports) < 12  # 6-passage jobs fit three to a batch
+    assert all(len(r.queue_seconds) == r.requests for r in reports)
+
+
+async def test_a_job_over_the_bound_runs_alone_and_order_is_kept(reference: Reranker):
+    reports: list[BatchReport] = []
+    batcher = DynamicBatcher(reference, max_batch_passages=4, max_wait_ms=20, on_batch=reports.append)
+    requests = [ScoreRequest(QUERIES[0], CORPUS[:2]), ScoreRequest(QUERIES[1], CORPUS[:9]), ScoreRequest("q", ["p"])]
+    await _run(batcher, requests)
+    await batcher.stop()
+    assert [r.passages for r in reports] == [2, 9, 1]
+
+
+async def test_batching_off_runs_every_job_alone(reference: Reranker):
+    reports: list[BatchReport] = []
+    batcher = DynamicBatcher(reference, enabled=False, max_wait_ms=50, on_batch=reports.append)
+    await _run(batcher, [ScoreRequest(q, docs) for q, docs in request_set(5, 3, seed=4)])
+    await batcher.stop()
+    assert [r.requests for r in reports] == [1] * 5
+
+
+async def test_a_bad_job_fails_alone(reference: Reranker):
+    batcher = DynamicBatcher(reference, max_wait_ms=50)
+    requests = [ScoreRequest(QUERIES[0], CORPUS[:3]), ScoreRequest(QUERIES[1], ["ok", "  "]), ScoreRequest("q", ["p"])]
+    first, bad, last = await _run(batcher, requests)
+    await batcher.stop()
+    assert isinstance(bad, InvalidInputError) and "passages[1]" in str(bad)
+    assert first == pytest.approx(reference.score(QUERIES[0], CORPUS[:3], return_margin=True), abs=1e-5)
+    assert isinstance(last, list) and len(last) == 1
+
+
+async def test_stop_finishes_queued_work_then_refuses_more(reference: Reranker):
+    depths: list[int] = []
+    batcher = DynamicBatcher(reference, max_batch_passages=1, on_queue_depth=depths.append)
+    jobs = [asyncio.ensure_future(batcher.score(ScoreRequest(q, docs))) for q, docs in request_set(4, 2, seed=5)]
+    calls = asyncio.ensure_future(batcher.call(lambda: "model work between batches"))
+    await asyncio.sleep(0)
+    await batcher.stop()
+    assert all(job.done() and len(job.result()) == 2 for job in jobs)
+    assert calls.result() == "model work between batches"
+    assert max(depths) >= 3 and depths[-1] == 0
+    with pytest.raises(ServiceStoppingError):
+        await batcher.score(ScoreRequest("q", ["p"]))
+
+
+def test_bounds_are_checked(reference: Reranker):
+    with pytest.raises(InvalidInputError, match="max_batch_passages"):
+        DynamicBatcher(reference, max_batch_passages=0)
+    with pytest.raises(InvalidInputError, match="max_wait_ms"):
+        DynamicBatcher(reference, max_wait_ms=-1)
