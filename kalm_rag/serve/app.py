@@ -487,11 +487,24 @@ class _Service:
             query, texts, instruction=ext.instruction, system_instruction=ext.system_instruction, ratio=ext.ratio
         )
 
-    async def rank(self, query: str, texts: list[str], ext: Extensions) -> tuple[list[tuple[int, float, float]], int]:
-        """``[(index, P(yes), margin)]`` best first (ties keep input order, as ``Reranker.rerank``) and the ratio."""
+    async def rank(
+        self, http: Request, query: str, texts: list[str], ext: Extensions
+    ) -> tuple[list[tuple[int, float, float]], int]:
+        """``[(index, P(yes), margin)]`` best first (ties keep input order, as ``Reranker.rerank``) and the ratio.
+
+        A request whose client disconnects while it waits is dropped from the queue (not scored).
+        """
         reranker, batcher = await self.require()
-        request = self.score_request(reranker, query, texts, ext)
-        margins = await batcher.score(request)
+        job = asyncio.ensure_future(batcher.score(self.score_request(reranker, query, texts, ext)))
+        gone = asyncio.ensure_future(_disconnected(http))
+        try:
+            done, _ = await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if job not in done:
+            job.cancel()
+            raise ApiError(499, "the client closed the connection", error_type="client_closed")
+        margins = job.result()
         scores = probabilities(margins)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         ratio = reranker.ratio if ext.ratio is None else ext.ratio
@@ -542,6 +555,12 @@ class _Service:
         n = reranker.encode(chunk, show_progress_bar=False)
         self.metrics.encoded_passages.inc(reranker.counters["encoded_passages"] - before)
         return n
+
+
+async def _disconnected(http: Request) -> None:
+    """Return once the client has gone (the body is read already: the next ASGI message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
@@ -671,12 +690,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_routes(app: FastAPI, service: _Service) -> None:
-    async def cohere(body: CohereRerankRequest, version: str) -> dict[str, Any]:
+    async def cohere(http: Request, body: CohereRerankRequest, version: str) -> dict[str, Any]:
         texts = service.texts_of(body.documents, "documents", body.rank_fields)
         top_n = service.top_n(body.top_n)
         await service.require()
         service.check_max_tokens(body.max_tokens_per_doc)
-        ranked, ratio = await service.rank(body.query, texts, body)
+        ranked, ratio = await service.rank(http, body.query, texts, body)
         results = []
         for i, score, _ in ranked[:top_n]:
             result: dict[str, Any] = {"index": i, "relevance_score": score}
@@ -694,9 +713,9 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         responses=ERROR_RESPONSES,
         tags=["rerank"],
     )
-    async def rerank_v2(body: CohereRerankRequest) -> dict[str, Any]:
+    async def rerank_v2(http: Request, body: CohereRerankRequest) -> dict[str, Any]:
         """Cohere v2 rerank (what ``cohere.ClientV2.rerank``, LangChain's and LlamaIndex's ``CohereRerank`` send)."""
-        return await cohere(body, "2")
+        return await cohere(http, body, "2")
 
     @app.post(
         "/v1/rerank",
@@ -705,9 +724,9 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         responses=ERROR_RESPONSES,
         tags=["rerank"],
     )
-    async def rerank_v1(body: CohereRerankRequest) -> dict[str, Any]:
+    async def rerank_v1(http: Request, body: CohereRerankRequest) -> dict[str, Any]:
         """Cohere v1 rerank (``cohere.Client.rerank``; Jina's client sends the same shape)."""
-        return await cohere(body, "1")
+        return await cohere(http, body, "1")
 
     @app.post(
         "/rerank",
@@ -716,12 +735,12 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         responses=ERROR_RESPONSES,
         tags=["rerank"],
     )
-    async def rerank_tei(body: TEIRerankRequest) -> list[dict[str, Any]]:
+    async def rerank_tei(http: Request, body: TEIRerankRequest) -> list[dict[str, Any]]:
         """Hugging Face text-embeddings-inference rerank: a list of ``{index, score, text?}``, best first."""
         texts = service.texts_of(body.texts, "texts")
         if body.truncate is False:
             await service.refuse_long_texts(texts, "texts")
-        ranked, _ = await service.rank(body.query, texts, body)
+        ranked, _ = await service.rank(http, body.query, texts, body)
         out = []
         for i, score, margin in ranked:
             item: dict[str, Any] = {"index": i, "score": margin if body.raw_scores else score}

@@ -7,10 +7,12 @@ batch with :meth:`kalm_rag.Reranker.score_many` on its own thread (one thread ho
 than one batch at a time, so the model is never oversubscribed) and hands each job its scores. A job with
 more passages than ``max_batch_passages`` runs as a batch of its own; jobs are never split.
 
-What a batch shares: one store read and one encoder pass for all its distinct passages, and one decoder
-pass for jobs with the same prompt (query, instructions, ratio); different prompts run one after another
-on the worker thread. Other model work (pre-encoding, token counts) goes through the same queue with
-:meth:`DynamicBatcher.call`, so it never runs beside a batch.
+What a batch shares: jobs with the same prompt (query, instructions, ratio) go through the engine
+together (one store read, one encoder pass for their misses, one decoder pass); different prompts run back
+to back on the worker thread, without a thread hop per request, and each job is answered as soon as its
+prompt is scored. The engine's backend interface takes one prompt per decoder call, so jobs with different
+queries never share a decoder pass. Other model work (pre-encoding, token counts) goes through the same
+queue with :meth:`DynamicBatcher.call`, so it never runs beside a batch.
 """
 
 from __future__ import annotations
@@ -246,41 +248,53 @@ class DynamicBatcher:
             return
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._score, jobs)
-        except Exception as exc:
-            if len(jobs) == 1:
-                _settle(jobs[0].future, exc)
-                return
-            # one bad job must not fail the others: run each alone to give every job its own outcome
-            logger.debug("batch of %d jobs failed (%s); running them one by one", len(jobs), exc)
+            await loop.run_in_executor(self._executor, self._score, jobs, loop)
+        except Exception as exc:  # not a scoring error (those go to their job): fail whatever is still waiting
+            logger.exception("model worker failed")
             for job in jobs:
-                try:
-                    (result,) = await loop.run_in_executor(self._executor, self._score, [job])
-                except Exception as job_exc:
-                    _settle(job.future, job_exc)
-                else:
-                    _settle(job.future, result)
-            return
-        for job, result in zip(jobs, results):
-            _settle(job.future, result)
+                _settle(job.future, exc)
 
-    def _score(self, jobs: list[_Job]) -> list[list[float]]:
-        """On the worker thread: score the batch, then report what it did."""
+    def _score(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
+        """On the worker thread: run the batch one prompt at a time, answering each job as soon as it is scored.
+
+        Jobs with the same prompt (query, instructions, ratio) go through :meth:`~kalm_rag.Reranker.score_many`
+        together: one store read, one encoder pass for their misses, one decoder pass. Different prompts run
+        back to back, each job's future settled when its prompt is done (not when the whole batch is), so that
+        coalescing never makes a request wait for other requests' decoder passes.
+        """
         started = time.perf_counter()
         before = {name: self.reranker.counters.get(name, 0) for name in COUNTERS}
-        results = self.reranker.score_many([job.request for job in jobs], return_margin=True)
+        by_prompt: dict[tuple[Any, ...], list[_Job]] = {}
+        for job in jobs:
+            r = job.request
+            by_prompt.setdefault((r.query, r.instruction, r.system_instruction, r.ratio), []).append(job)
+        for group in by_prompt.values():
+            members = [job for job in group if not job.future.done()]  # a caller that has gone needs no scores
+            if not members:
+                continue
+            outcomes: list[list[float] | Exception]
+            try:
+                outcomes = list(self.reranker.score_many([job.request for job in members], return_margin=True))
+            except Exception as exc:  # one bad job must not fail the others: each alone gets its own outcome
+                outcomes = [exc] if len(members) == 1 else [self._score_alone(job) for job in members]
+            for job, outcome in zip(members, outcomes):
+                loop.call_soon_threadsafe(_settle, job.future, outcome)
         if self._on_batch is not None:
-            done = time.perf_counter()
             self._on_batch(
                 BatchReport(
                     requests=len(jobs),
                     passages=sum(job.size for job in jobs),
-                    seconds=done - started,
+                    seconds=time.perf_counter() - started,
                     queue_seconds=[started - job.enqueued for job in jobs],
                     counters={name: self.reranker.counters.get(name, 0) - before[name] for name in COUNTERS},
                 )
             )
-        return results
+
+    def _score_alone(self, job: _Job) -> list[float] | Exception:
+        try:
+            return self.reranker.score_many([job.request], return_margin=True)[0]
+        except Exception as exc:
+            return exc
 
 
 def _settle(future: asyncio.Future[Any], outcome: Any) -> None:

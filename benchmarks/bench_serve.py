@@ -1,0 +1,389 @@
+"""kalm-rag serve under concurrent load: requests/s and latency, batching on and off, and a cross-encoder server.
+
+Three servers, one after another, each its own process on a free 127.0.0.1 port, 1 uvicorn worker:
+
+(a) ``kalm-rag serve`` (kalm-mini) with dynamic batching; (b) the same with ``--no-batching``; (c) the same
+app (``create_app``, uvicorn, batcher) serving a same-backbone cross-encoder: all-MiniLM-L6-v2 reading
+query + passage, a linear head on [CLS] (speed does not depend on its weights; this script's
+``--serve-cross-encoder`` mode). A load generator in this process (async httpx, loopback only) sends a
+bounded number of Cohere v2 requests at each concurrency; every request has its own query and 100 passages
+of ~200 tokens drawn from a corpus that is in the store before timing starts (warm store: SQLite with a
+memory tier).
+
+    python benchmarks/bench_serve.py --out docs/benchmarks/serve.json [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import torch
+
+from kalm_rag import Reranker, ScoreRequest
+
+CONCURRENCY = (1, 4, 16, 64)
+_TEXT = (
+    "the study measured protein expression in tumour cells after treatment with a kinase inhibitor and found "
+    "that survival improved in mice while side effects remained mild across all dose groups river city capital "
+    "mountain language program compiler network storage energy solar battery vaccine immune response climate "
+    "ocean temperature rainfall harvest wheat market price inflation bank policy court ruling election vote "
+    "school teacher student reading memory sleep exercise heart blood pressure diet sugar insulin gene mutation "
+    "enzyme bacteria virus infection antibiotic resistance hospital patient trial placebo outcome risk factor"
+)
+VOCAB = tuple(_TEXT.split(" "))
+
+
+def make_corpus(tokenizer, n: int, tokens: int, seed: int = 0) -> list[str]:
+    """``n`` distinct passages of about ``tokens`` MiniLM tokens."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = [rng.choice(VOCAB) for _ in range(tokens)]
+        ids = tokenizer(f"passage {i}: " + " ".join(words), truncation=True, max_length=tokens)["input_ids"]
+        out.append(tokenizer.decode(ids[1:-1]))
+    return out
+
+
+def make_requests(corpus: list[str], n: int, passages: int, seed: int) -> list[tuple[str, list[str]]]:
+    rng = random.Random(seed)
+    return [(" ".join(rng.choice(VOCAB) for _ in range(8)) + "?", rng.sample(corpus, passages)) for _ in range(n)]
+
+
+# ----- the cross-encoder server (c) ------------------------------------------------------------------
+
+
+class CrossEncoderAsReranker(Reranker):
+    """Serves a MiniLM cross-encoder through the same app: ``score_many`` reads every (query, passage) pair."""
+
+    def __init__(self, batch_size: int) -> None:
+        from kalm_rag.models.mini import MiniBackend, MiniConfig
+
+        backend = Reranker.from_pretrained("kalm-mini", device="cpu").backend  # the app asks it for token limits
+        super().__init__(backend, store="memory://")
+        self.bert, self.tokenizer = MiniBackend.load_encoder(
+            MiniConfig(), device=torch.device("cpu"), dtype=torch.float32
+        )
+        self.bert.eval()
+        torch.manual_seed(0)
+        self.head = torch.nn.Linear(384, 1)
+        self.ce_batch = batch_size
+
+    @torch.inference_mode()
+    def score_many(self, requests: Sequence[ScoreRequest], *, return_margin: bool = False) -> list[list[float]]:
+        out = []
+        for req in requests:
+            logits: list[float] = []
+            for s in range(0, len(req.passages), self.ce_batch):
+                chunk = list(req.passages[s : s + self.ce_batch])
+                enc = self.tokenizer(
+                    [req.query] * len(chunk),
+                    chunk,
+                    truncation="only_second",
+                    max_length=320,
+                    padding=True,
+                    return_tensors="pt",
+                )
+                logits += self.head(self.bert(**enc).last_hidden_state[:, 0]).squeeze(-1).tolist()
+            out.append(logits if return_margin else torch.sigmoid(torch.tensor(logits)).tolist())
+            self.counters["scored_pairs"] += len(req.passages)
+        return out
+
+
+def serve_cross_encoder(port: int, threads: int, batch_size: int) -> None:
+    import uvicorn
+
+    from kalm_rag.serve import create_app
+
+    torch.set_num_threads(threads)
+    app = create_app(CrossEncoderAsReranker(batch_size), model_name="minilm-cross-encoder")
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ----- load generation ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, command: list[str], port: int, log: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log.open("wb")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("server not ready")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(batches, requests in batches) from the server's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    count = total = 0.0
+    for line in text.splitlines():
+        if line.startswith("kalm_rag_batch_requests_count "):
+            count = float(line.split()[1])
+        elif line.startswith("kalm_rag_batch_requests_sum "):
+            total = float(line.split()[1])
+    return count, total
+
+
+async def load(
+    url: str, requests: list[tuple[str, list[str]]], concurrency: int, deadline_s: float | None = None
+) -> tuple[float, list[float | None], list]:
+    """Send ``requests`` with at most ``concurrency`` in flight.
+
+    Returns (seconds to the last answer, latencies, top-10 results). Requests still unanswered after
+    ``deadline_s`` are abandoned (latency ``None``: longer than the deadline); the server drops them.
+    """
+    semaphore = asyncio.Semaphore(concurrency)
+    latencies: list[float | None] = [None] * len(requests)
+    results: list = [None] * len(requests)
+    last = 0.0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def one(i: int) -> None:
+            nonlocal last
+            query, docs = requests[i]
+            async with semaphore:
+                t = time.perf_counter()
+                r = await client.post("/v2/rerank", json={"model": "m", "query": query, "documents": docs, "top_n": 10})
+                latencies[i] = time.perf_counter() - t
+            r.raise_for_status()
+            results[i] = [(x["index"], x["relevance_score"]) for x in r.json()["results"]]
+            last = time.perf_counter() - t0
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(requests))]
+        done, pending = await asyncio.wait(tasks, timeout=deadline_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            task.result()  # an HTTP error fails the benchmark
+        return last, latencies, results
+
+
+def percentile(values: list[float | None], q: float) -> float | None:
+    """The q-quantile, unanswered requests counted as longer than any answer (``None`` where it falls on one)."""
+    ordered = sorted(values, key=lambda v: float("inf") if v is None else v)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    a, b = ordered[lo], ordered[hi]
+    if a is None or b is None:
+        return None
+    return a + (b - a) * (k - lo)
+
+
+def run_mode(
+    name: str,
+    server: Server,
+    counts: dict[int, int],
+    corpus: list[str],
+    seed: int,
+    warm: bool,
+    deadline_s: float | None,
+) -> dict:
+    server.wait_ready()
+    if warm:  # pre-encode the corpus into the shared SQLite store through the service (not timed)
+        t = time.perf_counter()
+        r = httpx.post(f"{server.url}/v1/encode", json={"documents": corpus}, timeout=3600).json()
+        print(
+            f"  encode: {r['encoded']} new, {r['already_present']} present in {time.perf_counter() - t:.1f} s",
+            file=sys.stderr,
+        )
+    # warm-up (not timed): every corpus passage once, so that the memory tier holds them all
+    asyncio.run(load(server.url, [("warm up?", corpus[i : i + 100]) for i in range(0, len(corpus), 100)], 1))
+    out: dict = {}
+    for c, n in counts.items():
+        requests = make_requests(corpus, n, 100, seed + c)
+        before = batch_stats(server.url)
+        wall, lat, results = asyncio.run(load(server.url, requests, c, deadline_s))
+        answered = sum(x is not None for x in lat)
+        after = batch_stats(server.url)
+        batches = after[0] - before[0]
+        out[str(c)] = {
+            "requests": n,
+            "answered": answered,
+            "deadline_s": deadline_s if answered < n else None,
+            "rps": answered / (deadline_s if answered < n and deadline_s else wall),  # censored: a lower bound
+            "p50_s": percentile(lat, 0.5),
+            "p95_s": percentile(lat, 0.95),
+            "p99_s": percentile(lat, 0.99),
+            "requests_per_batch": (after[1] - before[1]) / batches if batches else None,
+            "results": results,
+        }
+        row = out[str(c)]
+        print(
+            f"  {name} c={c:>2}: {answered}/{n} answered, {row['rps']:.3f} req/s, p50/p95/p99 "
+            f"{_fmt(row['p50_s'], deadline_s)} / {_fmt(row['p95_s'], deadline_s)} / {_fmt(row['p99_s'], deadline_s)} s,"
+            f" {row['requests_per_batch'] or 0:.2f} req/batch",
+            file=sys.stderr,
+        )
+        if answered < n:  # the server drops abandoned requests; a tiny probe returns once the running one is done
+            asyncio.run(load(server.url, [("probe?", corpus[:1])], 1))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="write the results (JSON) here")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
+    ap.add_argument("--corpus", type=int, default=200, help="passages in the store (each request draws 100)")
+    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=100, help="passages per decoder / cross-encoder call")
+    ap.add_argument("--fbnl-requests", default="4,8,32,64", help="requests at concurrency 1,4,16,64 (FBNL)")
+    ap.add_argument("--ce-requests", default="2,4,16,64", help="requests at concurrency 1,4,16,64 (cross-encoder)")
+    ap.add_argument(
+        "--ce-deadline", type=float, default=150.0, help="seconds the load generator waits at each cross-encoder level"
+    )
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few requests, small corpus")
+    ap.add_argument("--serve-cross-encoder", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_cross_encoder is not None:
+        serve_cross_encoder(args.serve_cross_encoder, args.threads, args.batch_size)
+        return
+    if args.quick:
+        args.corpus, args.fbnl_requests, args.ce_requests = 120, "2,4,4,8", "1,2,4,8"
+    fbnl_counts = dict(zip(CONCURRENCY, map(int, args.fbnl_requests.split(","))))
+    ce_counts = dict(zip(CONCURRENCY, map(int, args.ce_requests.split(","))))
+
+    from kalm_rag.models.mini import MiniBackend, MiniConfig
+
+    _, tokenizer = MiniBackend.load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
+    corpus = make_corpus(tokenizer, args.corpus, args.tokens)
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    store = f"sqlite:///{work / 'passages.db'}?memory_tier=1GB"
+    serve = [
+        sys.executable,
+        "-m",
+        "kalm_rag",
+        "serve",
+        "--store",
+        store,
+        "--threads",
+        str(args.threads),
+        "--batch-size",
+        str(args.batch_size),
+        "--log-level",
+        "warning",
+    ]
+    started = time.perf_counter()
+    results: dict = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or 'unknown cpu'})",
+        "threads": args.threads,
+        "passages_per_request": 100,
+        "passage_tokens": args.tokens,
+        "corpus": args.corpus,
+        "batch_size": args.batch_size,
+        "modes": {},
+    }
+    modes = [
+        ("fbnl_batching", serve + ["--max-batch-passages", "1600", "--max-wait-ms", "2"], fbnl_counts, True),
+        ("fbnl_no_batching", serve + ["--no-batching"], fbnl_counts, False),
+    ]
+    for name, command, counts, warm in modes:
+        port = free_port()
+        print(f"{name}: port {port}", file=sys.stderr)
+        server = Server([*command, "--port", str(port)], port, work / f"{name}.log")
+        try:
+            results["modes"][name] = run_mode(name, server, counts, corpus, 0, warm, None)
+        finally:
+            server.stop()
+    port = free_port()
+    print(f"cross_encoder: port {port}", file=sys.stderr)
+    command = [
+        sys.executable,
+        __file__,
+        "--serve-cross-encoder",
+        str(port),
+        "--threads",
+        str(args.threads),
+        "--batch-size",
+        str(args.batch_size),
+    ]
+    server = Server(command, port, work / "cross_encoder.log")
+    try:
+        results["modes"]["cross_encoder"] = run_mode(
+            "cross_encoder", server, ce_counts, corpus, 0, False, args.ce_deadline
+        )
+    finally:
+        server.stop()
+    results["total_s"] = time.perf_counter() - started
+
+    on, off, ce = (results["modes"][k] for k in ("fbnl_batching", "fbnl_no_batching", "cross_encoder"))
+    same = all(
+        [i for i, _ in a] == [i for i, _ in b] and max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
+        for c in on
+        for a, b in zip(on[c]["results"], off[c]["results"])
+    )
+    results["batching_changes_no_ranking"] = same
+    lines = [
+        "| concurrency | (a) batching: req/s | p50 / p95 / p99 (s) | req/batch | (b) no batching: req/s | "
+        "p50 / p95 / p99 (s) | (c) cross-encoder: req/s | p50 / p95 / p99 (s) | batching gain | FBNL / CE |",
+        "|---:|---:|---|---:|---:|---|---:|---|---:|---:|",
+    ]
+    for c in map(str, CONCURRENCY):
+        a, b, x = on[c], off[c], ce[c]
+        lat = {
+            k: " / ".join(_fmt(row[f"p{q}_s"], row["deadline_s"]) for q in (50, 95, 99))
+            for k, row in (("a", a), ("b", b), ("x", x))
+        }
+        answered = "" if x["answered"] == x["requests"] else f" ({x['answered']}/{x['requests']} answered)"
+        lines.append(
+            f"| {c} | {a['rps']:.2f} | {lat['a']} | {a['requests_per_batch']:.1f} | {b['rps']:.2f} | {lat['b']} | "
+            f"{x['rps']:.3f}{answered} | {lat['x']} | {a['rps'] / b['rps']:.2f}x | {a['rps'] / x['rps']:.1f}x |"
+        )
+    results["table"] = "\n".join(lines)
+    for mode in results["modes"].values():
+        for row in mode.values():
+            row.pop("results")
+    print(results["table"])
+    print(f"rankings identical with and without batching (1e-5): {same}; total {results['total_s']:.0f} s")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _fmt(value: float | None, deadline_s: float | None) -> str:
+    return f"> {deadline_s:.0f}" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    main()
