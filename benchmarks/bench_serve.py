@@ -280,6 +280,7 @@ def main() -> None:
     if args.serve_cross_encoder is not None:
         serve_cross_encoder(args.serve_cross_encoder, args.threads, args.batch_size)
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server processes (finally) on SIGTERM too
     if args.quick:
         args.corpus, args.fbnl_requests, args.ce_requests = 120, "2,4,4,8", "1,2,4,8"
     fbnl_counts = dict(zip(CONCURRENCY, map(int, args.fbnl_requests.split(","))))
