@@ -70,13 +70,12 @@ class CrossEncoderAsReranker(Reranker):
     """Serves a MiniLM cross-encoder through the same app: ``score_many`` reads every (query, passage) pair."""
 
     def __init__(self, batch_size: int) -> None:
-        from kalm_rag.models.mini import MiniBackend, MiniConfig
+        from kalm_rag.models.mini import MiniConfig
+        from kalm_rag.models.mini.backend import load_encoder
 
         backend = Reranker.from_pretrained("kalm-mini", device="cpu").backend  # the app asks it for token limits
         super().__init__(backend, store="memory://")
-        self.bert, self.tokenizer = MiniBackend.load_encoder(
-            MiniConfig(), device=torch.device("cpu"), dtype=torch.float32
-        )
+        self.bert, self.tokenizer = load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
         self.bert.eval()
         torch.manual_seed(0)
         self.head = torch.nn.Linear(384, 1)
@@ -286,9 +285,10 @@ def main() -> None:
     fbnl_counts = dict(zip(CONCURRENCY, map(int, args.fbnl_requests.split(","))))
     ce_counts = dict(zip(CONCURRENCY, map(int, args.ce_requests.split(","))))
 
-    from kalm_rag.models.mini import MiniBackend, MiniConfig
+    from kalm_rag.models.mini import MiniConfig
+    from kalm_rag.models.mini.backend import load_encoder
 
-    _, tokenizer = MiniBackend.load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
+    _, tokenizer = load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
     corpus = make_corpus(tokenizer, args.corpus, args.tokens)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     store = f"sqlite:///{work / 'passages.db'}?memory_tier=1GB"

@@ -511,18 +511,23 @@ class _Service:
         return [(i, scores[i], margins[i]) for i in order], ratio
 
     async def refuse_long_texts(self, texts: list[str], field: str) -> None:
-        """422 for the first text that fills the passage token limit (TEI ``truncate: false``)."""
+        """422 for the first text the tokenizer would cut at the passage limit (TEI ``truncate: false``).
+
+        A text is cut when its ids at the server's limit differ from its ids with a limit four times larger.
+        """
         reranker, batcher = await self.require()
-        limit = self.passage_limit
-        assert limit is not None
-        lengths = await batcher.call(
-            lambda: [len(ids) for ids in reranker.backend.tokenize_passages(texts, reranker.max_passage_tokens)]
-        )
-        for i, n in enumerate(lengths):
-            if n >= limit:
+        limit = reranker.max_passage_tokens
+
+        def cut() -> list[bool]:  # on the model worker: the tokenizer is not shared across threads
+            short = reranker.backend.tokenize_passages(texts, limit)
+            full = reranker.backend.tokenize_passages(texts, 4 * limit)
+            return [a != b for a, b in zip(short, full)]
+
+        for i, was_cut in enumerate(await batcher.call(cut)):
+            if was_cut:
                 raise ApiError(
                     422,
-                    f"{field}[{i}] reaches the model's passage limit of {limit} tokens and would be cut; "
+                    f"{field}[{i}] is longer than the model's passage limit of {self.passage_limit} tokens; "
                     "send truncate: true to have it cut",
                     field=f"{field}[{i}]",
                 )

@@ -23,7 +23,7 @@ from kalm_rag import Reranker
 API_KEY = "test-key-0123456789"
 #: the main server's limits (small, so that the 413 paths need small bodies)
 MAX_DOCUMENTS = 50
-MAX_DOCUMENT_CHARS = 2000
+MAX_DOCUMENT_CHARS = 8000
 MAX_BODY = 64 * 1024
 
 

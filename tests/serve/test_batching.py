@@ -50,15 +50,15 @@ async def _run(batcher: DynamicBatcher, requests: list[ScoreRequest]) -> list[li
 
 async def test_concurrent_jobs_are_coalesced_within_the_passage_bound(reference: Reranker):
     reports: list[BatchReport] = []
-    batcher = DynamicBatcher(reference, max_batch_passages=20, max_wait_ms=50, on_batch=reports.append)
-    requests = [ScoreRequest(q, docs) for q, docs in request_set(12, 6, seed=3)]
+    batcher = DynamicBatcher(reference, max_batch_passages=12, max_wait_ms=50, on_batch=reports.append)
+    requests = [ScoreRequest(q, docs) for q, docs in request_set(9, 4, seed=3)]
     results = await _run(batcher, requests)
     await batcher.stop()
     for req, margins in zip(requests, results):
         assert margins == pytest.approx(reference.score(req.query, req.passages, return_margin=True), abs=1e-5)
-    assert sum(r.requests for r in reports) == 12 and sum(r.passages for r in reports) == 72
-    assert all(r.passages <= 20 for r in reports)
-    assert len(reports) < 12  # 6-passage jobs fit three to a batch
+    assert sum(r.requests for r in reports) == 9 and sum(r.passages for r in reports) == 36
+    assert all(r.passages <= 12 for r in reports)
+    assert len(reports) < 9  # 4-passage jobs fit three to a batch
     assert all(len(r.queue_seconds) == r.requests for r in reports)
 
 
