@@ -1,14 +1,15 @@
 """kalm-rag serve under concurrent load: requests/s and latency, batching on and off, and a cross-encoder server.
 
-Three servers, one after another, each its own process on a free 127.0.0.1 port, 1 uvicorn worker:
-
-(a) ``kalm-rag serve`` (kalm-mini) with dynamic batching; (b) the same with ``--no-batching``; (c) the same
-app (``create_app``, uvicorn, batcher) serving a same-backbone cross-encoder: all-MiniLM-L6-v2 reading
-query + passage, a linear head on [CLS] (speed does not depend on its weights; this script's
-``--serve-cross-encoder`` mode). A load generator in this process (async httpx, loopback only) sends a
-bounded number of Cohere v2 requests at each concurrency; every request has its own query and 100 passages
-of ~200 tokens drawn from a corpus that is in the store before timing starts (warm store: SQLite with a
-memory tier).
+Three servers, each its own process on a free 127.0.0.1 port with 1 uvicorn worker: (a) ``kalm-rag serve``
+(kalm-mini) with dynamic batching (``--max-batch-passages 1600``: up to 16 requests per batch); (b) the same
+with ``--no-batching``; (c) the same app (``create_app``, uvicorn, batcher) serving a same-backbone
+cross-encoder: all-MiniLM-L6-v2 reading query + passage, a linear head on [CLS] (speed does not depend on its
+weights; this script's ``--serve-cross-encoder`` mode). (a) and (b) run side by side and take turns at each
+concurrency, so that the shared machine's drift hits both alike; (c) runs after them. A load generator in
+this process (async httpx, loopback only) sends a bounded number of Cohere v2 requests at each concurrency;
+each request has its own query and 100 passages of ~200 tokens drawn from a corpus that is in the store
+before timing starts (warm store: SQLite with a memory tier). The cross-encoder's levels stop waiting after
+``--ce-deadline`` seconds (unanswered requests count as slower than that; the server drops them).
 
     python benchmarks/bench_serve.py --out docs/benchmarks/serve.json [--threads 2] [--quick]
 """
@@ -115,6 +116,16 @@ def serve_cross_encoder(port: int, threads: int, batch_size: int) -> None:
 # ----- load generation ---------------------------------------------------------------------------------
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,16 +162,19 @@ class Server:
         self.log.close()
 
 
-def batch_stats(url: str) -> tuple[float, float]:
-    """(batches, requests in batches) from the server's /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    count = total = 0.0
-    for line in text.splitlines():
-        if line.startswith("kalm_rag_batch_requests_count "):
-            count = float(line.split()[1])
-        elif line.startswith("kalm_rag_batch_requests_sum "):
-            total = float(line.split()[1])
-    return count, total
+def batch_stats(url: str) -> dict[str, float]:
+    """Batches, requests in batches and model seconds so far, from the server's /metrics."""
+    names = {
+        "kalm_rag_batch_requests_count": "batches",
+        "kalm_rag_batch_requests_sum": "requests",
+        "kalm_rag_batch_duration_seconds_sum": "model_s",
+    }
+    out = dict.fromkeys(names.values(), 0.0)
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            out[names[name]] = float(value)
+    return out
 
 
 async def load(
@@ -211,54 +225,48 @@ def percentile(values: list[float | None], q: float) -> float | None:
     return a + (b - a) * (k - lo)
 
 
-def run_mode(
-    name: str,
-    server: Server,
-    counts: dict[int, int],
-    corpus: list[str],
-    seed: int,
-    warm: bool,
-    deadline_s: float | None,
-) -> dict:
+def prepare(server: Server, corpus: list[str], encode: bool) -> None:
+    """Wait for the server; pre-encode the corpus into the store (``encode``); warm its memory tier. Not timed."""
     server.wait_ready()
-    if warm:  # pre-encode the corpus into the shared SQLite store through the service (not timed)
+    if encode:
         t = time.perf_counter()
         r = httpx.post(f"{server.url}/v1/encode", json={"documents": corpus}, timeout=3600).json()
         print(
             f"  encode: {r['encoded']} new, {r['already_present']} present in {time.perf_counter() - t:.1f} s",
             file=sys.stderr,
         )
-    # warm-up (not timed): every corpus passage once, so that the memory tier holds them all
     asyncio.run(load(server.url, [("warm up?", corpus[i : i + 100]) for i in range(0, len(corpus), 100)], 1))
-    out: dict = {}
-    for c, n in counts.items():
-        requests = make_requests(corpus, n, 100, seed + c)
-        before = batch_stats(server.url)
-        wall, lat, results = asyncio.run(load(server.url, requests, c, deadline_s))
-        answered = sum(x is not None for x in lat)
-        after = batch_stats(server.url)
-        batches = after[0] - before[0]
-        out[str(c)] = {
-            "requests": n,
-            "answered": answered,
-            "deadline_s": deadline_s if answered < n else None,
-            "rps": answered / (deadline_s if answered < n and deadline_s else wall),  # censored: a lower bound
-            "p50_s": percentile(lat, 0.5),
-            "p95_s": percentile(lat, 0.95),
-            "p99_s": percentile(lat, 0.99),
-            "requests_per_batch": (after[1] - before[1]) / batches if batches else None,
-            "results": results,
-        }
-        row = out[str(c)]
-        print(
-            f"  {name} c={c:>2}: {answered}/{n} answered, {row['rps']:.3f} req/s, p50/p95/p99 "
-            f"{_fmt(row['p50_s'], deadline_s)} / {_fmt(row['p95_s'], deadline_s)} / {_fmt(row['p99_s'], deadline_s)} s,"
-            f" {row['requests_per_batch'] or 0:.2f} req/batch",
-            file=sys.stderr,
-        )
-        if answered < n:  # the server drops abandoned requests; a tiny probe returns once the running one is done
-            asyncio.run(load(server.url, [("probe?", corpus[:1])], 1))
-    return out
+
+
+def run_level(name: str, server: Server, c: int, n: int, corpus: list[str], deadline_s: float | None) -> dict:
+    """``n`` requests (the same ones for every server at this concurrency) with ``c`` in flight."""
+    requests = make_requests(corpus, n, 100, seed=c)
+    before = batch_stats(server.url)
+    wall, lat, results = asyncio.run(load(server.url, requests, c, deadline_s))
+    answered = sum(x is not None for x in lat)
+    after = batch_stats(server.url)
+    batched = after["requests"] - before["requests"]
+    row = {
+        "requests": n,
+        "answered": answered,
+        "deadline_s": deadline_s if answered < n else None,
+        "rps": answered / (deadline_s if answered < n and deadline_s else wall),  # censored: a lower bound
+        "p50_s": percentile(lat, 0.5),
+        "p95_s": percentile(lat, 0.95),
+        "p99_s": percentile(lat, 0.99),
+        "requests_per_batch": batched / (after["batches"] - before["batches"]) if batched else None,
+        "model_s_per_request": (after["model_s"] - before["model_s"]) / batched if batched else None,
+        "results": results,
+    }
+    print(
+        f"  {name} c={c:>2}: {answered}/{n} answered, {row['rps']:.3f} req/s, p50/p95/p99 "
+        f"{_fmt(row['p50_s'], deadline_s)} / {_fmt(row['p95_s'], deadline_s)} / {_fmt(row['p99_s'], deadline_s)} s,"
+        f" {row['requests_per_batch'] or 0:.2f} req/batch, model {row['model_s_per_request'] or 0:.3f} s/req",
+        file=sys.stderr,
+    )
+    if answered < n:  # the server drops abandoned requests; a tiny probe returns once the running one is done
+        asyncio.run(load(server.url, [("probe?", corpus[:1])], 1))
+    return row
 
 
 def main() -> None:
@@ -308,7 +316,7 @@ def main() -> None:
     ]
     started = time.perf_counter()
     results: dict = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or 'unknown cpu'})",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores ({platform.machine()})",
         "threads": args.threads,
         "passages_per_request": 100,
         "passage_tokens": args.tokens,
@@ -316,17 +324,25 @@ def main() -> None:
         "batch_size": args.batch_size,
         "modes": {},
     }
-    modes = [
-        ("fbnl_batching", serve + ["--max-batch-passages", "1600", "--max-wait-ms", "2"], fbnl_counts, True),
-        ("fbnl_no_batching", serve + ["--no-batching"], fbnl_counts, False),
-    ]
-    for name, command, counts, warm in modes:
-        port = free_port()
-        print(f"{name}: port {port}", file=sys.stderr)
-        server = Server([*command, "--port", str(port)], port, work / f"{name}.log")
-        try:
-            results["modes"][name] = run_mode(name, server, counts, corpus, 0, warm, None)
-        finally:
+    # (a) and (b) run side by side (an idle server costs nothing) and take turns at each concurrency, in
+    # alternating order, so that the shared machine's drift over the run hits both alike
+    fbnl = {
+        "fbnl_batching": serve + ["--max-batch-passages", "1600", "--max-wait-ms", "2"],
+        "fbnl_no_batching": serve + ["--no-batching"],
+    }
+    servers = {}
+    try:
+        for name, command in fbnl.items():
+            port = free_port()
+            servers[name] = Server([*command, "--port", str(port)], port, work / f"{name}.log")
+        for k, (name, server) in enumerate(servers.items()):
+            prepare(server, corpus, encode=k == 0)
+            results["modes"][name] = {}
+        for k, (c, n) in enumerate(fbnl_counts.items()):
+            for name in list(servers)[:: 1 if k % 2 == 0 else -1]:
+                results["modes"][name][str(c)] = run_level(name, servers[name], c, n, corpus, None)
+    finally:
+        for server in servers.values():
             server.stop()
     port = free_port()
     print(f"cross_encoder: port {port}", file=sys.stderr)
@@ -342,9 +358,10 @@ def main() -> None:
     ]
     server = Server(command, port, work / "cross_encoder.log")
     try:
-        results["modes"]["cross_encoder"] = run_mode(
-            "cross_encoder", server, ce_counts, corpus, 0, False, args.ce_deadline
-        )
+        prepare(server, corpus, encode=False)
+        results["modes"]["cross_encoder"] = {
+            str(c): run_level("cross_encoder", server, c, n, corpus, args.ce_deadline) for c, n in ce_counts.items()
+        }
     finally:
         server.stop()
     results["total_s"] = time.perf_counter() - started
@@ -357,9 +374,10 @@ def main() -> None:
     )
     results["batching_changes_no_ranking"] = same
     lines = [
-        "| concurrency | (a) batching: req/s | p50 / p95 / p99 (s) | req/batch | (b) no batching: req/s | "
-        "p50 / p95 / p99 (s) | (c) cross-encoder: req/s | p50 / p95 / p99 (s) | batching gain | FBNL / CE |",
-        "|---:|---:|---|---:|---:|---|---:|---|---:|---:|",
+        "| concurrency | (a) batching: req/s | p50 / p95 / p99 (s) | req/batch | model s/req | (b) no batching: req/s "
+        "| p50 / p95 / p99 (s) | model s/req | (c) cross-encoder: req/s | p50 / p95 / p99 (s) | batching gain (a/b) "
+        "| FBNL / CE (a/c) |",
+        "|---:|---:|---|---:|---:|---:|---|---:|---:|---|---:|---:|",
     ]
     for c in map(str, CONCURRENCY):
         a, b, x = on[c], off[c], ce[c]
@@ -369,7 +387,8 @@ def main() -> None:
         }
         answered = "" if x["answered"] == x["requests"] else f" ({x['answered']}/{x['requests']} answered)"
         lines.append(
-            f"| {c} | {a['rps']:.2f} | {lat['a']} | {a['requests_per_batch']:.1f} | {b['rps']:.2f} | {lat['b']} | "
+            f"| {c} | {a['rps']:.2f} | {lat['a']} | {a['requests_per_batch']:.1f} | {a['model_s_per_request']:.2f} | "
+            f"{b['rps']:.2f} | {lat['b']} | {b['model_s_per_request']:.2f} | "
             f"{x['rps']:.3f}{answered} | {lat['x']} | {a['rps'] / b['rps']:.2f}x | {a['rps'] / x['rps']:.1f}x |"
         )
     results["table"] = "\n".join(lines)
