@@ -21,7 +21,9 @@ import pytest
 from tests.serve.conftest import ServeProcess, kalm_rag_serve
 from tests.serve.helpers import CORPUS, QUERIES, assert_ranking, expected, metric, metric_values
 
-pytestmark = pytest.mark.timeout(600)
+# three model-loading server processes: about a minute on a shared 2-core machine, so outside the default run
+# (run them with: python -m pytest -m slow tests/serve)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 DELAY = 3.0
 
