@@ -116,8 +116,9 @@ def test_train_mini_defaults_are_train_config_and_the_shipped_recipe():
         assert defaults[name] == getattr(cfg, name), name
     assert defaults["ratios"] == "1,4" and defaults["extra_ratios"] == "2,8,16,32"
     # the recipe of the shipped kalm-mini 1.0 (its training.json records the same values)
-    assert (cfg.steps, cfg.lr, cfg.new_module_lr, cfg.warmup, cfg.eval_every) == (2000, 1e-4, 1e-3, 100, 250)
-    assert (cfg.ratios, cfg.extra_ratios, cfg.dev_candidates, cfg.dev_max_queries) == ([1, 4], [2, 8, 16, 32], 100, 100)
+    assert (cfg.steps, cfg.lr, cfg.new_module_lr, cfg.warmup, cfg.eval_every) == (1500, 1e-4, 1e-3, 100, 300)
+    assert (cfg.ratios, cfg.extra_ratios, cfg.dev_candidates, cfg.dev_max_queries) == ([1, 4], [2, 8, 16, 32], 100, 50)
+    assert (cfg.groups_per_step, cfg.negatives, cfg.random_negatives, cfg.max_passage_tokens) == (4, 7, 2, 512)
     assert cfg.source_weights == {"squad": 0.6, "medquad": 0.25, "wiki": 0.15}
     ce = {p.name: p.default for p in group.commands["train"].commands["cross-encoder"].params}
     assert ce["steps"] == TrainConfig.cross_encoder().steps == 1200 and TrainConfig.cross_encoder().ratios == []
