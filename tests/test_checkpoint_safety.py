@@ -292,3 +292,11 @@ def test_a_hub_id_in_the_local_cache_loads_without_the_network(
     query, passages = "capital of France?", ["Paris is in France.", "Bananas are yellow."]
     assert from_hub.score(query, passages) == pytest.approx(local.score(query, passages), abs=1e-6)
     assert no_network == []
+
+
+def test_the_identity_never_falls_back_to_the_name(monkeypatch, no_network, empty_hub_cache):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the local hub cache"):
+        weights_identity("some-org/not-cached")  # before: "hub:some-org/not-cached", whatever the weights
+    with pytest.raises(ModelLoadError, match="no checkpoint files"):
+        weights_identity(empty_hub_cache)  # an empty folder

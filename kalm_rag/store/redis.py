@@ -285,14 +285,15 @@ class RedisStore(PassageStore):
         except redis.RedisError as exc:  # the server answered with an error: it is up, so the breaker closes
             self._close_breaker()
             self._count("errors")
+            reply = _reply(exc)
             self._warnings.warn(
                 f"refused:{type(exc).__name__}",
                 "Redis passage store %s refused %s (%s); going on without it",
                 self.url,
                 action,
-                exc,
+                reply,
             )
-            raise StoreError(f"Redis passage store {self.url} refused {action}: {exc}") from exc
+            raise StoreError(f"Redis passage store {self.url} refused {action}: {reply}") from exc
         finally:
             if probing:
                 with self._lock:
@@ -467,3 +468,10 @@ class RedisStore(PassageStore):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _reply(exc: Exception) -> str:
+    """The server's error reply, without the failed command (a pipeline error quotes it, value bytes included)."""
+    text = str(exc)
+    _, sep, reply = text.partition(" of pipeline caused error: ")
+    return reply if sep else text

@@ -91,24 +91,36 @@ def test_a_poisoned_entry_is_dropped_counted_and_recomputed(backend, tmp_path, r
 
 
 @pytest.mark.redis
-def test_a_hung_redis_adds_a_bounded_wait_per_call_and_scoring_goes_on(backend, redis_server):
+def test_a_hung_redis_adds_a_bounded_wait_per_call_and_scoring_goes_on(backend, redis_server, monkeypatch):
     # default timeouts (the point of the test); a short longest back-off so that recovery is quick to see
     rr = Reranker(backend, store=f"{redis_server.url}?max_retry_after=1")
     baseline = rr.score(QUERY, PASSAGES, return_margin=True)
+    waited: list[float] = []  # seconds spent in the store (the model's own time varies with the machine's load)
+    for name in ("get_many", "put_many", "contains_many"):
+        real = getattr(rr.store, name)
+
+        def timed(*args, _real=real, **kwargs):
+            start = time.monotonic()
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                waited.append(time.monotonic() - start)
+
+        monkeypatch.setattr(rr.store, name, timed)
     pid = redis_server.process.pid
     os.kill(pid, signal.SIGSTOP)  # stopped, not crashed: connections are accepted and never answered
     try:
-        durations = []
+        per_call = []
         for _ in range(5):
-            start = time.monotonic()
+            waited.clear()
             assert rr.score(QUERY, PASSAGES, return_margin=True) == pytest.approx(baseline, abs=1e-5)
-            durations.append(time.monotonic() - start)
-        assert sum(durations) < 4.0, durations  # before: 10 s (2 x 5 s socket timeout) for each call
-        assert max(durations) < 2.0, durations
-        start = time.monotonic()
+            per_call.append(sum(waited))
+        assert sum(per_call) < 4.0, per_call  # before: 10 s (2 x 5 s socket timeout) in each call
+        assert max(per_call) < 1.5, per_call
+        waited.clear()
         with pytest.raises(NotStoredError, match="1 of 1 passages were not stored"):
             rr.encode(["A passage to index while Redis hangs."])
-        assert time.monotonic() - start < 2.0
+        assert sum(waited) < 1.5, waited
     finally:
         os.kill(pid, signal.SIGCONT)
     time.sleep(1.1)  # the longest back-off: the next call probes the server again
@@ -363,6 +375,20 @@ def test_a_full_store_warns_once_not_on_every_call(backend, tmp_path, caplog):
     warnings = [r for r in caplog.records if "could not store" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]  # before: one per call
     assert "full" in warnings[0].getMessage()
+    store.close()
+
+
+@pytest.mark.redis
+def test_a_full_redis_warns_once_even_between_successful_reads(redis_server, caplog):
+    store = RedisStore(redis_server.url)
+    redis.Redis.from_url(redis_server.url).config_set("maxmemory", "1")  # writes fail with OOM, reads work
+    with caplog.at_level(logging.WARNING, logger="kalm_rag.store.redis"):
+        for i in range(3):  # what every scoring call does: a read that succeeds, then a write that fails
+            assert store.get_many(NS, [f"k{i}"]) == [None]
+            with pytest.raises(StoreError, match="refused put_many: .*maxmemory"):
+                store.put_many(NS, {f"k{i}": make_entry(i)})
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1, [r.getMessage() for r in caplog.records]  # before: one per call
     store.close()
 
 
