@@ -24,6 +24,8 @@ and the engine never imports it: the adapters depend on the engine, not the othe
 from __future__ import annotations
 
 import asyncio
+import atexit
+import logging
 import os
 import threading
 import weakref
@@ -31,10 +33,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kalm_rag.engine import RankedPassage, Reranker
-from kalm_rag.errors import InvalidInputError
+from kalm_rag.engine import EncodeReport, RankedPassage, Reranker
+from kalm_rag.errors import InvalidInputError, KalmError
 from kalm_rag.models import DEFAULT_MODEL
-from kalm_rag.store import PassageStore
+from kalm_rag.store import PassageStore, check_store_url
 from kalm_rag.validation import check_positive_int
 
 __all__ = [
@@ -45,9 +47,11 @@ __all__ = [
     "RerankerHandle",
     "aencode",
     "arank",
+    "close_shared_stores",
     "encode",
     "handle_from_fields",
     "has_text",
+    "kalm_error_in",
     "rank",
     "shared_reranker",
     "shared_store",
@@ -88,6 +92,23 @@ def shared_store(store: PassageStore | str | None = None) -> PassageStore:
         if opened is None:
             opened = _stores_by_url[store] = PassageStore.open(store)
         return opened
+
+
+@atexit.register
+def close_shared_stores() -> None:
+    """Close every store opened by URL through :func:`shared_store` (run at interpreter exit).
+
+    SQLite connections and Redis connection pools are released cleanly; a later :func:`shared_store`
+    call with the same URL opens the store again.
+    """
+    with _lock:
+        stores = list(_stores_by_url.values())
+        _stores_by_url.clear()
+    for store in stores:
+        try:
+            store.close()
+        except Exception as exc:  # at exit: one store failing to close must not stop the others
+            logging.getLogger(__name__).warning("could not close the passage store %r: %s", store, exc)
 
 
 def store_url(store: PassageStore | str | None) -> str | None:
@@ -175,6 +196,8 @@ class RerankerHandle:
         check_positive_int(batch_size, "batch_size")
         if store is not None and not isinstance(store, (str, PassageStore)):
             raise InvalidInputError(f"store must be a PassageStore or a store URL, got {type(store).__name__}")
+        if isinstance(store, str):
+            check_store_url(store)  # a misspelt option fails where the pipeline is built, not at first use
         self._reranker = reranker
         self._model = os.fspath(model)
         self._store = store
@@ -209,6 +232,23 @@ class RerankerHandle:
         if self._reranker is not None:
             return self._reranker
         return await asyncio.to_thread(self.get)
+
+
+def kalm_error_in(exc: Exception) -> KalmError | None:
+    """The :class:`~kalm_rag.errors.KalmError` a pydantic ``ValidationError`` wraps, if any.
+
+    Pydantic wraps a ``ValueError`` raised while a model is built (``InvalidInputError`` and
+    ``StoreConfigError`` are ``ValueError``s) into its own ``ValidationError``; the LangChain and LlamaIndex
+    adapters re-raise the original, so that every error kalm-rag raises on purpose stays a ``KalmError``.
+    """
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return None
+    for error in errors():
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, KalmError):
+            return cause
+    return None
 
 
 # ----- ranking and encoding ------------------------------------------------------------------------
@@ -280,13 +320,23 @@ async def arank(
     return _finish(positions, ranked, len(texts), top=top, score_threshold=score_threshold)
 
 
-def encode(reranker: Reranker, texts: Sequence[str | None]) -> int:
-    """Pre-encode the texts that have text into the reranker's store; returns how many were new."""
+def encode(reranker: Reranker, texts: Sequence[str | None], *, strict: bool = True) -> EncodeReport:
+    """Pre-encode the texts that have text into the reranker's store (documents without text are skipped).
+
+    Args:
+        reranker: the engine.
+        texts: the documents' texts (``None``, empty and whitespace texts are skipped).
+        strict: raise :class:`~kalm_rag.errors.NotStoredError` when the store does not keep them (an indexing
+            pipeline must not report success with the cache unfilled); ``False`` only reports it.
+
+    Returns:
+        The engine's :class:`~kalm_rag.EncodeReport` (an empty one when no document has text).
+    """
     _, scorable = _split(texts)
-    return reranker.encode(scorable) if scorable else 0
+    return reranker.encode(scorable, strict=strict) if scorable else EncodeReport()
 
 
-async def aencode(reranker: Reranker, texts: Sequence[str | None]) -> int:
+async def aencode(reranker: Reranker, texts: Sequence[str | None], *, strict: bool = True) -> EncodeReport:
     """:func:`encode` on the reranker's worker thread."""
     _, scorable = _split(texts)
-    return await reranker.aencode(scorable) if scorable else 0
+    return await reranker.aencode(scorable, strict=strict) if scorable else EncodeReport()

@@ -15,8 +15,10 @@ import json
 import logging
 import os
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn, TextIO
 
 import typer
 
@@ -71,34 +73,77 @@ def _error(message: str) -> NoReturn:
     raise typer.Exit(code=1)
 
 
-def _read_requests(path: Path) -> list[dict[str, Any]]:
-    """Read ``{"query": str, "passages": [str | {"id", "text"}], "top_k"?: int}`` lines."""
+#: The keys a request line may have; any other key is refused (a misspelt "top_k" must not be ignored).
+REQUEST_KEYS = ("query", "passages", "top_k")
+PASSAGE_KEYS = ("id", "text")
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One checked input line: the query, the passage texts and ids (as str), its own top_k."""
+
+    where: str
+    query: str
+    texts: list[str]
+    ids: list[str]
+    top_k: int | None
+
+
+def _read_requests(path: Path) -> list[_Request]:
+    """Read and check every line of ``path`` (``-``: stdin) before anything runs; errors name the line.
+
+    Each line is ``{"query": str, "passages": [str | {"text": str, "id": str | int}], "top_k"?: int}``.
+    """
+    from kalm_rag.errors import InvalidInputError
+    from kalm_rag.validation import check_positive_int, check_text
+
     requests = []
+    name = "stdin" if str(path) == "-" else str(path)
     with sys.stdin if str(path) == "-" else path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            where = f"{name}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from exc
+                raise InvalidInputError(f"{where}: not JSON ({exc.msg})") from None
             if not isinstance(row, dict) or "query" not in row or "passages" not in row:
-                raise ValueError(f"{path}:{n}: each line needs 'query' and 'passages'")
-            requests.append(row)
+                raise InvalidInputError(f"{where}: each line needs 'query' and 'passages'")
+            unknown = sorted(set(row) - set(REQUEST_KEYS))
+            if unknown:
+                raise InvalidInputError(f"{where}: unknown key(s) {unknown}; a line has {list(REQUEST_KEYS)}")
+            try:
+                query = check_text(row["query"], "query")
+                top_k = None if row.get("top_k") is None else check_positive_int(row["top_k"], "top_k")
+                texts, ids = _passage_texts_and_ids(row["passages"])
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{where}: {exc}") from None
+            requests.append(_Request(where, query, texts, ids, top_k))
     return requests
 
 
-def _passage_texts_and_ids(passages: list[Any], where: str) -> tuple[list[str], list[Any]]:
+def _passage_texts_and_ids(passages: object) -> tuple[list[str], list[str]]:
+    """Texts and ids (always str: the given id, else the passage's position) of a line's passages."""
+    from kalm_rag.errors import InvalidInputError
+    from kalm_rag.validation import check_text
+
+    if not isinstance(passages, list):
+        raise InvalidInputError(f"passages must be a list, got {type(passages).__name__}")
     texts, ids = [], []
     for i, p in enumerate(passages):
         if isinstance(p, dict):
-            if "text" not in p:
-                raise ValueError(f"{where}: passages[{i}] has no 'text'")
-            texts.append(p["text"])
-            ids.append(p.get("id", i))
+            unknown = sorted(set(p) - set(PASSAGE_KEYS))
+            if unknown or "text" not in p:
+                raise InvalidInputError(f"passages[{i}] must be {{'text': ..., 'id': ...}}, got keys {sorted(p)}")
+            pid = p.get("id", i)
+            if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+                raise InvalidInputError(f"passages[{i}] id must be a str or an int, got {pid!r:.80}")
+            texts.append(check_text(p["text"], f"passages[{i}] text"))
+            ids.append(str(pid))
         else:
-            texts.append(p)
-            ids.append(i)
+            texts.append(check_text(p, f"passages[{i}]"))
+            ids.append(str(i))
     return texts, ids
 
 
@@ -108,38 +153,62 @@ def rerank(
     model: ModelOption = "kalm-mini",
     store: StoreOption = None,
     ratio: RatioOption = 4,
-    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="Keep the best K per query.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", "-k", min=1, help="Keep the best K per query (a line's top_k wins).")
+    ] = None,
     instruction: Annotated[str | None, typer.Option(help="Task instruction (default: the official one).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA when available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write JSONL here (default: stdout).")] = None,
 ) -> None:
-    """Rerank passages from a JSONL file: one {"query", "passages"} request per line.
+    """Rerank passages from a JSONL file: one {"query", "passages", "top_k"?} request per line.
 
-    Each output line is {"query", "results": [{"index", "id", "score", "text"}]} sorted best first.
+    A passage is a string or {"text", "id"}. Every line is checked before the model loads, and an error
+    names its line. A line's own top_k takes precedence over --top-k. Each output line is
+    {"query", "results": [{"index", "id", "score", "text"}]}, sorted best first; "id" is always a string
+    (the passage's own id, else its position). With --output the file appears only when every line is done.
     """
     from kalm_rag import Reranker
+    from kalm_rag.errors import KalmError
 
+    tmp: Path | None = None
     try:
         requests = _read_requests(input)
         rr = Reranker.from_pretrained(
             model, store=store, ratio=ratio, device=device, dtype=dtype, batch_size=batch_size
         )
-        out = output.open("w", encoding="utf-8") if output else sys.stdout
+        if output is not None:  # written next to the destination, renamed into place when complete
+            fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+            tmp = Path(name)
+            out: TextIO = os.fdopen(fd, "w", encoding="utf-8")
+        else:
+            out = sys.stdout
         try:
-            for n, req in enumerate(requests, start=1):
-                texts, ids = _passage_texts_and_ids(req["passages"], f"{input}:{n}")
-                ranked = rr.rerank(req["query"], texts, top_k=req.get("top_k", top_k), instruction=instruction)
-                results = [{"index": r.index, "id": ids[r.index], "score": r.score, "text": r.text} for r in ranked]
-                out.write(json.dumps({"query": req["query"], "results": results}, ensure_ascii=False) + "\n")
+            for req in requests:
+                try:
+                    k = req.top_k if req.top_k is not None else top_k  # the line's own top_k wins
+                    ranked = rr.rerank(req.query, req.texts, top_k=k, instruction=instruction)
+                except KalmError as exc:
+                    raise KalmError(f"{req.where}: {exc}") from exc
+                results = [{"index": r.index, "id": req.ids[r.index], "score": r.score, "text": r.text} for r in ranked]
+                out.write(json.dumps({"query": req.query, "results": results}, ensure_ascii=False) + "\n")
         finally:
-            if output:
+            if output is not None:
                 out.close()
+        if tmp is not None and output is not None:
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o666 & ~umask)  # the permissions of a file opened normally, not mkstemp's 0600
+            os.replace(tmp, output)
+            tmp = None
     except Exception as exc:  # one-line errors for users; tracebacks on request
         if os.environ.get("KALM_RAG_DEBUG"):
             raise
         _error(str(exc))
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 DEMO_QUERIES = [

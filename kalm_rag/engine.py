@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 from tqdm.auto import tqdm
 
-from kalm_rag.errors import InvalidInputError, NumericalError, StoreError
+from kalm_rag._logs import RateLimitedWarning
+from kalm_rag.errors import InvalidInputError, NotStoredError, NumericalError, ReadOnlyOptionError, StoreError
 from kalm_rag.models import DEFAULT_MODEL, load_backend
 from kalm_rag.models.base import FBNLBackend
 from kalm_rag.padding import right_pad, right_pad_vectors
@@ -74,10 +77,131 @@ class ScoreRequest:
     ratio: int | None = None
 
 
+@dataclass(frozen=True)
+class EncodeReport:
+    """What :meth:`Reranker.encode` did with the passages it was given.
+
+    Attributes:
+        passages: distinct passages asked for (a text given twice counts once).
+        already_present: distinct passages the store already held (skipped: no encoder work).
+        encoded: distinct passages this call ran through the encoder.
+        stored: encoded passages the store kept.
+        not_stored: passages this call should have stored but did not: the store refused or could not be
+            reached (full disk, read-only file, Redis down, hung or full), or, with ``strict=True``, passages
+            left unencoded after such a failure.
+        errors: the distinct store errors met, as messages (passwords masked).
+
+    ``passages == already_present + stored + not_stored`` always holds, and ``ok`` is ``not_stored == 0``.
+    ``int(report)`` is ``encoded``, the number ``encode`` returned in kalm-rag 0.2. Reports add up
+    (``total = first + second``), for a bulk indexer that encodes in chunks.
+
+    Example:
+        >>> EncodeReport(passages=3, already_present=1, encoded=2, stored=2)
+        EncodeReport(passages=3, already_present=1, encoded=2, stored=2, not_stored=0, errors=())
+    """
+
+    passages: int = 0
+    already_present: int = 0
+    encoded: int = 0
+    stored: int = 0
+    not_stored: int = 0
+    errors: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Whether every passage asked for is in the store now."""
+        return self.not_stored == 0
+
+    def __int__(self) -> int:
+        return self.encoded
+
+    def __add__(self, other: EncodeReport) -> EncodeReport:
+        if not isinstance(other, EncodeReport):
+            return NotImplemented
+        return EncodeReport(
+            passages=self.passages + other.passages,
+            already_present=self.already_present + other.already_present,
+            encoded=self.encoded + other.encoded,
+            stored=self.stored + other.stored,
+            not_stored=self.not_stored + other.not_stored,
+            errors=tuple(dict.fromkeys(self.errors + other.errors)),
+        )
+
+
+OptionT = TypeVar("OptionT")
+
+
+class _Option(Generic[OptionT]):
+    """A reranker option kept as ``_<name>``: checked when assigned; with ``fixed``, refused after construction.
+
+    The options that shape stored vectors are fixed: they are part of the store namespace, and changing
+    one in place would file differently encoded vectors under the old key.
+    """
+
+    def __init__(self, check: Callable[[Any, str], OptionT], *, fixed: bool = False) -> None:
+        self.check = check
+        self.fixed = fixed
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> _Option[OptionT]: ...
+
+    @overload
+    def __get__(self, obj: object, objtype: type | None = None) -> OptionT: ...
+
+    def __get__(self, obj: object, objtype: type | None = None) -> OptionT | _Option[OptionT]:
+        if obj is None:
+            return self
+        value: OptionT = obj.__dict__[f"_{self.name}"]
+        return value
+
+    def __set__(self, obj: object, value: Any) -> None:
+        if self.fixed and f"_{self.name}" in obj.__dict__:
+            raise ReadOnlyOptionError(
+                f"{self.name} shapes the stored passage vectors (it is part of the store namespace), so it cannot "
+                f"change after the Reranker is built; build another one: Reranker.from_pretrained(..., "
+                f"{self.name}=...) or Reranker(rr.backend, store=rr.store, {self.name}=...)"
+            )
+        obj.__dict__[f"_{self.name}"] = self.check(value, self.name)
+
+
+def _check_backend(value: object, name: str) -> FBNLBackend:
+    if not isinstance(value, FBNLBackend):
+        raise InvalidInputError(
+            f"{name} must be an FBNLBackend (use Reranker.from_pretrained), got {type(value).__name__}"
+        )
+    return value
+
+
+def _check_storage_dtype(value: object, name: str) -> str:
+    if not isinstance(value, str) or value not in STORAGE_DTYPES:
+        raise InvalidInputError(f"{name} must be one of {sorted(STORAGE_DTYPES)}, got {value!r}")
+    return value
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_optional_bool(value: object, name: str) -> bool | None:
+    return None if value is None else _check_bool(value, name)
+
+
 class Reranker:
     """An FBNL reranker: a model backend, a passage store and the options that shape scoring.
 
     Build one with :meth:`Reranker.from_pretrained`. Every option is keyword-only.
+
+    The options that shape stored vectors (``backend``, ``max_passage_tokens``, ``base_ratio``,
+    ``storage_dtype``) are read-only after construction: assigning one raises
+    :class:`~kalm_rag.errors.ReadOnlyOptionError`. The others (``ratio``, ``batch_size``,
+    ``max_query_tokens``, ``instruction``, ``system_instruction``, ``show_progress_bar``) may be assigned and
+    are checked when they are.
 
     Example:
         >>> rr = Reranker.from_pretrained("path/to/KaLM-Reranker-V1-Nano")  # doctest: +SKIP
@@ -86,6 +210,17 @@ class Reranker:
         >>> rr.rerank("capital of France?", passages)  # doctest: +SKIP
         [RankedPassage(index=1, score=0.98, text='Paris is ...'), RankedPassage(index=0, score=0.01, ...)]
     """
+
+    backend = _Option(_check_backend, fixed=True)
+    max_passage_tokens = _Option(check_positive_int, fixed=True)
+    base_ratio = _Option(check_ratio, fixed=True)
+    storage_dtype = _Option(_check_storage_dtype, fixed=True)
+    ratio = _Option(check_ratio)
+    batch_size = _Option(check_positive_int)
+    max_query_tokens = _Option(check_positive_int)
+    instruction = _Option(check_text)
+    system_instruction = _Option(check_text)
+    show_progress_bar = _Option(_check_optional_bool)
 
     def __init__(
         self,
@@ -103,26 +238,22 @@ class Reranker:
         show_progress_bar: bool | None = None,
     ) -> None:
         self.backend = backend
+        self.ratio = ratio
+        self.base_ratio = base_ratio
+        if self.ratio % self.base_ratio:
+            raise InvalidInputError(f"ratio {ratio} is not a multiple of base_ratio {base_ratio}")
+        self.batch_size = batch_size
+        self.max_query_tokens = max_query_tokens
+        self.max_passage_tokens = max_passage_tokens
+        self.instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+        self.system_instruction = DEFAULT_SYSTEM_INSTRUCTION if system_instruction is None else system_instruction
+        self.storage_dtype = storage_dtype
+        self.show_progress_bar = show_progress_bar
+        if store is not None and not isinstance(store, (PassageStore, str, os.PathLike)):
+            raise InvalidInputError(f"store must be a PassageStore, a store URL or None, got {type(store).__name__}")
         # a store passed in as an object may be shared: only a store opened here is closed by close()
         self._owns_store = not isinstance(store, PassageStore)
         self.store = store if isinstance(store, PassageStore) else open_store(store)
-        self.ratio = check_ratio(ratio)
-        self.base_ratio = check_ratio(base_ratio, "base_ratio")
-        if self.ratio % self.base_ratio:
-            raise InvalidInputError(f"ratio {ratio} is not a multiple of base_ratio {base_ratio}")
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        self.max_query_tokens = check_positive_int(max_query_tokens, "max_query_tokens")
-        self.max_passage_tokens = check_positive_int(max_passage_tokens, "max_passage_tokens")
-        self.instruction = DEFAULT_INSTRUCTION if instruction is None else check_text(instruction, "instruction")
-        self.system_instruction = (
-            DEFAULT_SYSTEM_INSTRUCTION
-            if system_instruction is None
-            else check_text(system_instruction, "system_instruction")
-        )
-        if storage_dtype not in STORAGE_DTYPES:
-            raise InvalidInputError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
-        self.storage_dtype = storage_dtype
-        self.show_progress_bar = show_progress_bar
         #: Work counters: passages run through the encoder, encoder batches, pairs scored, and distinct
         #: passages found in the store (hits) or not (misses) when scoring.
         self.counters = {
@@ -133,6 +264,8 @@ class Reranker:
             "store_misses": 0,
         }
         self._executor: ThreadPoolExecutor | None = None
+        self._namespace: tuple[tuple[Any, ...], str] | None = None
+        self._warnings = RateLimitedWarning(logger)
 
     @classmethod
     def from_pretrained(
@@ -189,44 +322,107 @@ class Reranker:
 
     # ----- identity --------------------------------------------------------------------------------
 
-    @functools.cached_property
+    @property
     def namespace(self) -> str:
-        """The store namespace: model weights identity + every setting that changes passage encodings."""
-        import hashlib
-        import json
+        """The store namespace: model weights identity + every setting that changes passage encodings.
 
-        settings = {
-            "family": self.backend.family,
-            "weights": self.backend.passage_encoder_id,
-            "prefix": PASSAGE_PREFIX,
-            "max_passage_tokens": self.max_passage_tokens,
-            "base_ratio": self.base_ratio,
-            "storage_dtype": self.storage_dtype,
-            "compute_dtype": str(self.backend.dtype).removeprefix("torch."),
-        }
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
-        return f"{self.backend.family}:{digest}"
+        Recomputed from the current settings whenever one of them differs from the last computation (the
+        settings are read-only, but the backend's identity is read afresh), so it can never go stale.
+        """
+        settings = (
+            self.backend.family,
+            self.backend.passage_encoder_id,
+            PASSAGE_PREFIX,
+            self.max_passage_tokens,
+            self.base_ratio,
+            self.storage_dtype,
+            str(self.backend.dtype).removeprefix("torch."),
+        )
+        cached = self._namespace
+        if cached is not None and cached[0] == settings:
+            return cached[1]
+        names = ("family", "weights", "prefix", "max_passage_tokens", "base_ratio", "storage_dtype", "compute_dtype")
+        payload = json.dumps(dict(zip(names, settings)), sort_keys=True).encode()
+        namespace = f"{self.backend.family}:{hashlib.sha256(payload).hexdigest()[:32]}"
+        self._namespace = (settings, namespace)
+        return namespace
 
     # ----- passage side ----------------------------------------------------------------------------
 
-    def encode(self, passages: Sequence[str], *, show_progress_bar: bool | None = None) -> int:
-        """Pre-encode passages into the store, skipping those already there.
+    def encode(
+        self, passages: Sequence[str], *, strict: bool = True, show_progress_bar: bool | None = None
+    ) -> EncodeReport:
+        """Pre-encode passages into the store, skipping those already there (the indexing side).
+
+        Unlike scoring, which goes on with recomputed vectors when the store fails, indexing must not
+        report success with the cache unfilled: with ``strict=True`` (the default) a store that cannot
+        keep the passages (full disk, read-only file, Redis down, hung or full) raises
+        :class:`~kalm_rag.errors.NotStoredError` at the first failed write, and the work stops there. With
+        ``strict=False`` every batch is tried and the returned report says what was not stored.
+
+        Args:
+            passages: passage texts (duplicates are encoded once).
+            strict: raise on the first passage the store does not keep, instead of reporting it.
+            show_progress_bar: show progress (``None``: the reranker's setting).
 
         Returns:
-            How many distinct passages were run through the encoder.
+            An :class:`EncodeReport`: how many passages were already there, encoded, stored, not stored.
+
+        Raises:
+            NotStoredError: ``strict`` and some passages were not stored; its ``report`` says how many.
+            InvalidInputError: ``passages`` is not a list of non-empty texts.
+            NumericalError: the encoder produced non-finite vectors (nothing is stored for them).
         """
         texts = check_passages(passages)
-        keys = [passage_key(t) for t in texts]
-        present = self.store.contains_many(self.namespace, keys)
-        missing = dict((k, t) for k, t, p in zip(keys, texts, present) if not p)
+        strict = _check_bool(strict, "strict")
+        show_progress_bar = _check_optional_bool(show_progress_bar, "show_progress_bar")
+        unique = {passage_key(t): t for t in texts}
+        keys = list(unique)
+        errors: list[str] = []
+        try:
+            present = self.store.contains_many(self.namespace, keys)
+        except StoreError as exc:
+            if strict:
+                report = EncodeReport(passages=len(keys), not_stored=len(keys), errors=(str(exc),))
+                raise NotStoredError(
+                    f"cannot index {len(keys)} passages: the store {self.store!r} cannot be read ({exc})", report
+                ) from exc
+            errors.append(str(exc))
+            present = [False] * len(keys)
+        missing = {k: unique[k] for k, p in zip(keys, present) if not p}
+        outcome = _StoreOutcome(errors=errors)
         if missing:
-            self._encode_into_store(missing, show_progress_bar=show_progress_bar)
-        return len(missing)
+            self._encode_into_store(missing, show_progress_bar=show_progress_bar, outcome=outcome, strict=strict)
+        report = EncodeReport(
+            passages=len(keys),
+            already_present=len(keys) - len(missing),
+            encoded=outcome.encoded,
+            stored=outcome.stored,
+            not_stored=len(missing) - outcome.stored,
+            errors=tuple(dict.fromkeys(outcome.errors)),
+        )
+        if strict and report.not_stored:
+            raise NotStoredError(
+                f"{report.not_stored} of {len(keys)} passages were not stored in {self.store!r} "
+                f"({report.encoded} encoded, {report.stored} stored): {report.errors[-1] if report.errors else ''}",
+                report,
+            )
+        return report
 
     def _encode_into_store(
-        self, texts_by_key: dict[str, str], *, show_progress_bar: bool | None
+        self,
+        texts_by_key: dict[str, str],
+        *,
+        show_progress_bar: bool | None,
+        outcome: _StoreOutcome,
+        strict: bool = False,
+        keep: bool = False,
     ) -> dict[str, PooledPassage]:
-        """Run the encoder over ``texts_by_key`` (longest first), pool, store and return the entries."""
+        """Run the encoder over ``texts_by_key`` (longest first), pool and store; return the entries if ``keep``.
+
+        Store failures are recorded in ``outcome``; with ``strict`` the first one stops the work, otherwise
+        it is logged (rate-limited) and the computed vectors are used anyway.
+        """
         keys = list(texts_by_key)
         token_ids = self.backend.tokenize_passages([texts_by_key[k] for k in keys], self.max_passage_tokens)
         order = sorted(range(len(keys)), key=lambda i: -len(token_ids[i]))
@@ -243,22 +439,39 @@ class Reranker:
             hidden = self.backend.encode(ids, mask)  # (B, n, d)
             pooled, counts = mep_pool(hidden, mask.to(hidden.device), self.base_ratio)  # (B, W, d), (B, W)
             pooled = pooled.to(STORAGE_DTYPES[self.storage_dtype]).cpu()
+            if not bool(torch.isfinite(pooled).all()):  # never store (nor score with) vectors that poison scores
+                raise NumericalError(
+                    f"the encoder produced non-finite passage vectors in {self.backend.dtype} "
+                    f"(storage {self.storage_dtype}); use float32"
+                )
             counts = counts.cpu()
             new = {}
             for row, i in enumerate(batch):
                 W = math.ceil(len(token_ids[i]) / self.base_ratio)
                 new[keys[i]] = PooledPassage(pooled[row, :W].clone(), counts[row, :W].clone(), self.base_ratio)
-            try:
-                self.store.put_many(self.namespace, new)  # per batch: a crash loses at most one batch
-            except StoreError as exc:  # the vectors are computed: score with them even if they cannot be kept
-                logger.warning("could not store %d encoded passages (%s); scoring goes on", len(new), exc)
-            entries.update(new)
             self.counters["encoded_passages"] += len(batch)
             self.counters["encoder_batches"] += 1
+            outcome.encoded += len(batch)
+            try:
+                self.store.put_many(self.namespace, new)  # per batch: a crash loses at most one batch
+                outcome.stored += len(new)
+            except StoreError as exc:  # the vectors are computed: score with them even if they cannot be kept
+                outcome.errors.append(str(exc))
+                if strict:
+                    raise _StopEncoding from exc
+                self._warnings.warn(
+                    "store-write", "could not store %d encoded passages (%s); scoring goes on", len(new), exc
+                )
+            if keep:
+                entries.update(new)
             bar.update(len(batch))
 
-        self._for_each_batch(order, encode_batch)
-        bar.close()
+        try:
+            self._for_each_batch(order, encode_batch)
+        except _StopEncoding:
+            pass
+        finally:
+            bar.close()
         return entries
 
     def _pooled(self, texts: list[str]) -> list[PooledPassage]:
@@ -267,14 +480,14 @@ class Reranker:
         try:
             found = self.store.get_many(self.namespace, keys)
         except StoreError as exc:
-            logger.warning("passage store unavailable (%s); encoding %d passages", exc, len(keys))
+            self._warnings.warn("store-read", "passage store unavailable (%s); encoding %d passages", exc, len(keys))
             found = [None] * len(keys)
         by_key = {k: e for k, e in zip(keys, found) if e is not None and e.ratio == self.base_ratio}
         missing = {k: t for k, t in zip(keys, texts) if k not in by_key}
         self.counters["store_hits"] += len(by_key)
         self.counters["store_misses"] += len(missing)
         if missing:
-            by_key.update(self._encode_into_store(missing, show_progress_bar=False))
+            by_key.update(self._encode_into_store(missing, show_progress_bar=False, outcome=_StoreOutcome(), keep=True))
         return [by_key[k] for k in keys]
 
     # ----- query side ------------------------------------------------------------------------------
@@ -444,8 +657,8 @@ class Reranker:
         """:meth:`rerank` on the reranker's worker thread; the event loop keeps running meanwhile."""
         return await self._run_in_worker(functools.partial(self.rerank, query, passages, **kwargs))
 
-    async def aencode(self, passages: Sequence[str], **kwargs: Any) -> int:
-        """:meth:`encode` on the reranker's worker thread."""
+    async def aencode(self, passages: Sequence[str], **kwargs: Any) -> EncodeReport:
+        """:meth:`encode` on the reranker's worker thread (same options, same report and errors)."""
         return await self._run_in_worker(functools.partial(self.encode, passages, **kwargs))
 
     # ----- internals -------------------------------------------------------------------------------
@@ -485,19 +698,21 @@ class Reranker:
     def _for_each_batch(self, order: list[int], fn: Callable[[list[int]], None]) -> None:
         """Call ``fn`` on consecutive batches of ``order``.
 
-        On CUDA out-of-memory the batch size is halved and the failed batch retried; batches already
-        done keep their results.
+        On CUDA out-of-memory the batch size is halved for the rest of this call (the next call starts
+        again at ``batch_size``: one large request must not slow every later one) and the failed batch is
+        retried; batches already done keep their results.
         """
+        size = self.batch_size
         start = 0
         while start < len(order):
-            batch = order[start : start + self.batch_size]
+            batch = order[start : start + size]
             try:
                 fn(batch)
             except torch.OutOfMemoryError:
-                if self.batch_size == 1:
+                if size == 1:
                     raise
-                self.batch_size = max(1, self.batch_size // 2)
-                logger.warning("out of memory; batch size reduced to %d", self.batch_size)
+                size = max(1, size // 2)
+                self._warnings.warn("oom", "out of memory; batch size reduced to %d for this call", size)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
@@ -533,13 +748,48 @@ class Reranker:
             self.store.close()
 
 
+@dataclass
+class _StoreOutcome:
+    """What happened to the passages an encoding pass computed (filled in by ``_encode_into_store``)."""
+
+    encoded: int = 0
+    stored: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class _StopEncoding(Exception):
+    """Raised inside a strict encoding pass at the first failed store write, to stop it."""
+
+
 # ----- device and dtype ---------------------------------------------------------------------------
+
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here (default CUDA when available), else ``InvalidInputError``."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if not isinstance(device, (str, torch.device)):
+        raise InvalidInputError(f"device must be a str such as 'cpu' or 'cuda:0', or None, got {device!r:.80}")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise InvalidInputError(f"device {device!r:.80} is not a torch device ({exc})") from None
+    if resolved.type not in _DEVICE_TYPES:
+        raise InvalidInputError(f"device type must be one of {', '.join(_DEVICE_TYPES)}, got {device!r:.80}")
+    if resolved.type != "cpu":
+        backend = getattr(torch, resolved.type, None)
+        if backend is None or not backend.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else f"torch {torch.__version__}"
+            raise InvalidInputError(
+                f"device {str(device)!r} was asked for but {resolved.type} is not available here ({build}); "
+                "use device='cpu', or None to pick CUDA only when it is available"
+            )
+        count = int(backend.device_count()) if hasattr(backend, "device_count") else 1
+        if resolved.index is not None and resolved.index >= count:
+            raise InvalidInputError(f"device {str(device)!r}: only {count} {resolved.type} device(s) here")
+    return resolved
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -27,7 +27,9 @@ def truncate_query(tokenizer: Any, query: str, max_tokens: int) -> str:
     The query is encoded without special tokens, cut, and decoded back without cleaning spaces
     (always, so that the text placed in the template is the tokenizer's round trip of the query).
     """
-    ids = tokenizer.encode(query, add_special_tokens=False)[:max_tokens]
+    # verbose=False: a query longer than the model's maximum is cut right here, so transformers' warning
+    # about "indexing errors" would be wrong (and it would be printed on every long query)
+    ids = tokenizer.encode(query, add_special_tokens=False, verbose=False)[:max_tokens]
     return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
 

@@ -42,6 +42,7 @@ CORE = [
     "padding.py",
     "validation.py",
     "errors.py",
+    "_logs.py",
     "paths.py",
     "_version.py",
     "__init__.py",

@@ -27,7 +27,7 @@ def test_rerank_jsonl(tiny_checkpoint, tmp_path):
     assert [r["index"] for r in rows[0]["results"]] == [r.index for r in want]
     assert [r["score"] for r in rows[0]["results"]] == pytest.approx([r.score for r in want], abs=1e-6)
     ids = {r["index"]: r["id"] for r in rows[0]["results"]}
-    assert all(ids[i] == ("b" if i == 1 else i) for i in ids)
+    assert all(ids[i] == ("b" if i == 1 else str(i)) for i in ids)  # always a string (issue #15, item 13)
 
 
 def test_rerank_reports_bad_lines_in_one_line(tiny_checkpoint, tmp_path):
@@ -116,8 +116,89 @@ def test_train_mini_defaults_are_train_config_and_the_shipped_recipe():
         assert defaults[name] == getattr(cfg, name), name
     assert defaults["ratios"] == "1,4" and defaults["extra_ratios"] == "2,8,16,32"
     # the recipe of the shipped kalm-mini 1.0 (its training.json records the same values)
-    assert (cfg.steps, cfg.lr, cfg.new_module_lr, cfg.warmup, cfg.eval_every) == (2000, 1e-4, 1e-3, 100, 250)
-    assert (cfg.ratios, cfg.extra_ratios, cfg.dev_candidates, cfg.dev_max_queries) == ([1, 4], [2, 8, 16, 32], 100, 100)
+    assert (cfg.steps, cfg.lr, cfg.new_module_lr, cfg.warmup, cfg.eval_every) == (1500, 1e-4, 1e-3, 100, 300)
+    assert (cfg.ratios, cfg.extra_ratios, cfg.dev_candidates, cfg.dev_max_queries) == ([1, 4], [2, 8, 16, 32], 100, 50)
+    assert (cfg.groups_per_step, cfg.negatives, cfg.random_negatives, cfg.max_passage_tokens) == (4, 7, 2, 512)
     assert cfg.source_weights == {"squad": 0.6, "medquad": 0.25, "wiki": 0.15}
     ce = {p.name: p.default for p in group.commands["train"].commands["cross-encoder"].params}
     assert ce["steps"] == TrainConfig.cross_encoder().steps == 1200 and TrainConfig.cross_encoder().ratios == []
+
+
+# ----- issue #15, item 13: input errors name their line, and leave no partial output ---------------------
+
+
+def _requests(tmp_path, *rows) -> str:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"query": "q", "passages": ["p"], "topk": 2}, "in.jsonl:3: unknown key(s) ['topk']"),
+        ({"query": "q", "passages": ["p", ""]}, "in.jsonl:3: passages[1] is empty"),
+        ({"query": "q", "passages": [{"id": "a"}]}, "in.jsonl:3: passages[0] must be {'text': ..., 'id': ...}"),
+        ({"query": "q", "passages": "p"}, "in.jsonl:3: passages must be a list"),
+        ({"query": "", "passages": ["p"]}, "in.jsonl:3: query is empty"),
+        ({"query": "q", "passages": ["p"], "top_k": 0}, "in.jsonl:3: top_k must be an int >= 1"),
+        ({"query": "q", "passages": [{"text": "p", "id": [1]}]}, "in.jsonl:3: passages[0] id must be a str or an int"),
+    ],
+)
+def test_rerank_checks_every_line_first_and_names_the_bad_one(tiny_checkpoint, tmp_path, bad, message):
+    good = {"query": "capital of France?", "passages": ["Paris.", "Bananas."]}
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(
+        app, ["rerank", "-i", _requests(tmp_path, good, good, bad), "-m", str(tiny_checkpoint), "-o", str(out)]
+    )
+    assert result.exit_code == 1
+    assert message in result.output, result.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no partial output
+
+
+def test_an_engine_error_names_its_line_and_leaves_no_partial_output(tiny_checkpoint, tmp_path, monkeypatch):
+    from kalm_rag.errors import NumericalError
+
+    calls = []
+    real = Reranker.rerank
+
+    def fail_on_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise NumericalError("non-finite scores (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Reranker, "rerank", fail_on_the_second)
+    good = {"query": "capital of France?", "passages": ["Paris.", "Bananas."]}
+    out = tmp_path / "out.jsonl"
+    path = _requests(tmp_path, good, good, good)
+    result = runner.invoke(app, ["rerank", "-i", path, "-m", str(tiny_checkpoint), "-o", str(out)])
+    assert result.exit_code == 1
+    assert "in.jsonl:2: non-finite scores (simulated)" in result.output, result.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_lines_top_k_wins_over_the_option_as_the_help_says(tiny_checkpoint, tmp_path):
+    assert "a line's top_k wins" in runner.invoke(app, ["rerank", "--help"]).output
+    rows = [
+        {"query": "q", "passages": ["a", "b", "c"], "top_k": 1},
+        {"query": "q", "passages": ["a", {"text": "b", "id": 7}, "c"]},
+    ]
+    out = tmp_path / "out.jsonl"
+    args = ["rerank", "-i", _requests(tmp_path, *rows), "-m", str(tiny_checkpoint), "-k", "2", "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    first, second = (json.loads(line) for line in out.read_text().splitlines())
+    assert len(first["results"]) == 1 and len(second["results"]) == 2
+    ids = {r["index"]: r["id"] for r in second["results"]}
+    assert all(isinstance(i, str) for i in ids.values()) and ids.get(1, "7") == "7"
+
+
+def test_a_mistyped_model_name_fails_at_once_with_a_suggestion(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    result = runner.invoke(app, ["demo", "-m", "kalm-mni"])
+    assert result.exit_code == 1 and time.monotonic() - start < 2.0
+    assert "Did you mean 'kalm-mini'?" in result.output and "random" not in result.output

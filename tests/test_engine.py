@@ -25,8 +25,8 @@ def rr(tiny_checkpoint):
 
 def test_warm_store_scoring_runs_no_encoder(tiny_checkpoint):
     rr = Reranker.from_pretrained(tiny_checkpoint)
-    assert rr.encode(PASSAGES) == 3
-    assert rr.encode(PASSAGES + [PASSAGES[0]]) == 0  # already there: skipped
+    assert rr.encode(PASSAGES).encoded == 3
+    assert int(rr.encode(PASSAGES + [PASSAGES[0]])) == 0  # already there: skipped
     before = dict(rr.counters)
 
     def no_encoder(*args, **kwargs):
@@ -230,7 +230,7 @@ def test_close_leaves_a_shared_store_open(tiny_checkpoint):
     own.close()
 
 
-def test_out_of_memory_halves_the_batch_and_keeps_finished_work(tiny_checkpoint):
+def test_out_of_memory_halves_the_batch_for_that_call_and_keeps_finished_work(tiny_checkpoint):
     rr = Reranker.from_pretrained(tiny_checkpoint, batch_size=8)
     passages = [f"passage {i} on the Seine. " * (1 + i % 3) for i in range(10)]
     want = rr.score(QUERY, passages)
@@ -245,5 +245,14 @@ def test_out_of_memory_halves_the_batch_and_keeps_finished_work(tiny_checkpoint)
 
     rr.backend.margins = margins_with_small_memory
     assert rr.score(QUERY, passages) == pytest.approx(want, abs=1e-5)
-    assert rr.batch_size == 2  # 8 -> 4 -> 2
-    assert batch_sizes[:3] == [8, 4, 2] and max(batch_sizes[3:]) <= 2
+    assert batch_sizes[:3] == [8, 4, 2] and max(batch_sizes[3:]) <= 2  # 8 -> 4 -> 2 within the call
+    assert rr.batch_size == 8  # a one-off out-of-memory does not shrink every later call (issue #15, item 14)
+    batch_sizes.clear()
+
+    def margins_with_memory(prompt_ids, *args):
+        batch_sizes.append(prompt_ids.shape[0])
+        return real_margins(prompt_ids, *args)
+
+    rr.backend.margins = margins_with_memory
+    assert rr.score(QUERY, passages) == pytest.approx(want, abs=1e-5)
+    assert batch_sizes == [8, 2]  # the next call starts again at batch_size

@@ -139,9 +139,9 @@ def make_random_t5gemma2(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is None:
-        tokenizer = AutoTokenizer.from_pretrained(make_tiny_tokenizer(out))
+        tokenizer = AutoTokenizer.from_pretrained(make_tiny_tokenizer(out), trust_remote_code=False)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)  # data, never code
         tokenizer.save_pretrained(out)
     vocab_size = len(tokenizer)
     if shape == "tiny":

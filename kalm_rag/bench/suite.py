@@ -287,7 +287,7 @@ def run_suite(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ckpt = _checkpoint(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=False)
     res = cfg.results
     res["machine"] = {
         "cpu": _cpu_name(),
@@ -310,7 +310,9 @@ def run_suite(cfg: BenchConfig) -> dict[str, Any]:
         rr = Reranker.from_pretrained(
             ckpt, dtype=dtype_name, ratio=cfg.ratio, batch_size=cfg.batch_size, store=MemoryStore(max_bytes=8 << 30)
         )
-        model = AutoModelForSeq2SeqLM.from_pretrained(ckpt, dtype=dtype).eval()
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            ckpt, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        ).eval()
         res[dtype_name] = _dtype_block(cfg, rr, model, tokenizer, passages, prompt_tokens, dtype)
         res[dtype_name]["peak_rss_mib"] = peak_rss_mib()
         if dtype_name == cfg.sweep_dtype:

@@ -12,11 +12,8 @@ Follows ``transformers/models/t5gemma2/modeling_t5gemma2.py`` and the official K
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,10 +22,11 @@ from torch import nn
 
 from kalm_rag.errors import ModelLoadError
 from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.fingerprint import checkpoint_identity
+from kalm_rag.models.sources import refuse_custom_code, resolve_checkpoint
 from kalm_rag.prompt import format_passage, format_prompt, truncate_query
 
 MODEL_TYPE = "t5gemma2"
-_HASH_EDGE_BYTES = 1 << 20  # bytes hashed at each end of a weight file (with its size) for its identity
 
 
 class T5Gemma2Backend(FBNLBackend):
@@ -72,27 +70,46 @@ class T5Gemma2Backend(FBNLBackend):
     def from_pretrained(
         cls, name_or_path: str | os.PathLike[str], *, device: torch.device, dtype: torch.dtype
     ) -> T5Gemma2Backend:
-        """Load a checkpoint from a local directory or a hub id, refusing anything but ``t5gemma2``."""
+        """Load a checkpoint from a local folder or a hub id (offline first), refusing anything but ``t5gemma2``.
+
+        The checkpoint is data only: ``trust_remote_code`` is always off, a config or tokenizer config that
+        names code (``auto_map``) is refused before transformers reads it, and only safetensors weights are
+        loaded (pickle files such as ``pytorch_model.bin`` can run code when loaded).
+
+        Raises:
+            ModelLoadError: not found, not a ``t5gemma2`` checkpoint, asks for its own code, has no safetensors
+                weights, or transformers cannot load it.
+        """
         from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-        source = str(name_or_path)
+        folder = resolve_checkpoint(name_or_path)
+        refuse_custom_code(folder)
+        source = str(folder)
+        safe = {"trust_remote_code": False, "local_files_only": True}
         try:
-            config = AutoConfig.from_pretrained(source)
-        except Exception as exc:  # transformers raises OSError/ValueError/... depending on the cause
+            config = AutoConfig.from_pretrained(source, **safe)
+        except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... depending on the cause
             raise ModelLoadError(f"cannot read a model config from {source!r}: {exc}") from exc
         if getattr(config, "model_type", None) != MODEL_TYPE:
             raise ModelLoadError(
                 f"{source!r} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; "
                 f"a KaLM-Reranker-V1 checkpoint has model_type {MODEL_TYPE!r}"
             )
+        if not any(folder.glob("*.safetensors")):
+            pickled = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+            raise ModelLoadError(
+                f"{source!r} has no safetensors weights"
+                + (f" (only {', '.join(pickled[:3])}: pickle files, which can run code when loaded)" if pickled else "")
+                + "; kalm-rag loads *.safetensors only"
+            )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **safe)
             with _quiet_transformers():
-                model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=dtype)
-        except Exception as exc:
+                model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **safe)
+        except Exception as exc:  # transformers raises OSError/ValueError/RuntimeError/... depending on the cause
             raise ModelLoadError(f"cannot load the checkpoint at {source!r}: {exc}") from exc
         model.to(device).eval()
-        return cls(model, tokenizer, weights_id=weights_identity(source))
+        return cls(model, tokenizer, weights_id=weights_identity(folder))
 
     # ----- passage side ----------------------------------------------------------------------------
 
@@ -188,35 +205,18 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def weights_identity(name_or_path: str) -> str:
-    """A content-derived identity of a checkpoint's weights (for store namespaces).
+def weights_identity(folder: str | os.PathLike[str]) -> str:
+    """A content-derived identity of a checkpoint (for store namespaces): every byte of its files.
 
-    Hashes ``config.json`` and, for each weight file, its name, size and first and last MiB: cheap for
-    multi-GB checkpoints, and any re-save or fine-tune changes it. A hub id is resolved to its local
-    cached snapshot when there is one; otherwise the id itself (with its revision) is used.
+    The sha256 of every config, tokenizer and safetensors file, whole, so that two checkpoints that differ
+    anywhere get different identities (see :mod:`kalm_rag.models.fingerprint`; each file's digest is cached
+    by size and modification time, so a multi-GB checkpoint is hashed once). A hub id is resolved to its
+    cached snapshot (offline first, see :func:`~kalm_rag.models.sources.resolve_checkpoint`).
+
+    Raises:
+        ModelLoadError: the checkpoint cannot be found or read.
     """
-    path = Path(name_or_path)
-    if not path.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(str(name_or_path), local_files_only=True))
-        except Exception:
-            return "hub:" + str(name_or_path)
-    digest = hashlib.sha256()
-    config = path / "config.json"
-    if config.exists():
-        digest.update(config.read_bytes())
-    weight_files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pt"})
-    for file in weight_files:
-        size = file.stat().st_size
-        digest.update(json.dumps([file.name, size]).encode())
-        with file.open("rb") as fh:
-            digest.update(fh.read(_HASH_EDGE_BYTES))
-            if size > _HASH_EDGE_BYTES:
-                fh.seek(max(size - _HASH_EDGE_BYTES, _HASH_EDGE_BYTES))
-                digest.update(fh.read())
-    return digest.hexdigest()[:32]
+    return checkpoint_identity(resolve_checkpoint(folder))
 
 
 # ----- lean decoder: one prompt against B cached passages -----------------------------------------

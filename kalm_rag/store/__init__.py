@@ -8,118 +8,183 @@ are imported lazily, so ``import kalm_rag`` never imports ``redis``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import ParseResult, parse_qs, unquote, urlencode, urlparse, urlunparse
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
+from kalm_rag.errors import StoreConfigError
 from kalm_rag.store.base import PassageStore, PooledPassage, passage_key
 from kalm_rag.store.memory import MemoryStore
+from kalm_rag.store.options import check_prefix, check_seconds, did_you_mean, parse_bytes, redact_url
 
 __all__ = [
     "MemoryStore",
+    "check_store_url",
     "PassageStore",
     "PooledPassage",
     "open_store",
     "parse_bytes",
     "passage_key",
+    "redact_url",
 ]
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+Parser = Callable[[object], Any]
+
+#: The options each scheme takes (as URL parameters or keyword arguments), with their checks.
+_MEMORY_OPTIONS: dict[str, Parser] = {"max_bytes": lambda v: parse_bytes(v, "max_bytes")}
+_SQLITE_OPTIONS: dict[str, Parser] = {
+    "timeout": lambda v: check_seconds(v, "timeout"),
+    "memory_tier": lambda v: parse_bytes(v, "memory_tier"),
+}
+_REDIS_OPTIONS: dict[str, Parser] = {
+    "prefix": check_prefix,
+    "ttl": lambda v: check_seconds(v, "ttl", allow_none=True),
+    "socket_timeout": lambda v: check_seconds(v, "socket_timeout"),
+    "connect_timeout": lambda v: check_seconds(v, "connect_timeout"),
+    "retry_after": lambda v: check_seconds(v, "retry_after", allow_zero=True),
+    "max_retry_after": lambda v: check_seconds(v, "max_retry_after", allow_zero=True),
+    "memory_tier": lambda v: parse_bytes(v, "memory_tier"),
+}
 
 
-def parse_bytes(text: str | int) -> int:
-    """Parse a size such as ``2GB``, ``512MiB`` or ``1000000`` into bytes."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    number = s.rstrip("KMGIB")
-    unit = s[len(number) :]
-    if unit not in _UNITS or not number:
-        raise ValueError(f"cannot parse a size from {text!r}; use e.g. 2GB, 512MiB or 1000000")
-    return int(float(number) * _UNITS[unit])
-
-
-def open_store(url: str | None = None, **options: Any) -> PassageStore:
-    """Open a passage store from a URL.
+def open_store(url: str | os.PathLike[str] | None = None, **options: Any) -> PassageStore:
+    """Open a passage store from a URL, checking every part of it now (never at first use).
 
     - ``None`` or ``memory://?max_bytes=2GB``: a bounded in-memory LRU of this process (the default).
     - ``sqlite:///passages.db``: a SQLite file, path relative to the working directory;
       ``sqlite:////abs/path/passages.db`` (what ``f"sqlite:///{abs_path}"`` gives) for an absolute path.
-    - ``redis://host:6379/0``: a Redis server shared by many workers (``rediss://`` for TLS).
+      A ``pathlib.Path`` (or any ``os.PathLike``) is taken as a SQLite file path.
+    - ``redis://[user:password@]host:6379/0`` (``rediss://`` for TLS, ``unix:///path/redis.sock?db=0`` for a
+      local socket): a Redis server shared by many workers.
 
-    URL parameters: SQLite ``timeout`` (seconds); Redis ``prefix``, ``ttl``, ``socket_timeout``,
-    ``connect_timeout``, ``retry_after`` (other parameters go to redis-py); both ``memory_tier=256MB``
-    (a bounded LRU in front of the file or server). Keyword ``options`` override URL parameters.
+    Options, as URL parameters or keyword arguments (the same names, parsed the same way; keywords win):
+    memory ``max_bytes``; SQLite ``timeout``; Redis ``prefix``, ``ttl``, ``socket_timeout``,
+    ``connect_timeout``, ``retry_after``, ``max_retry_after`` and the connection options listed in
+    :class:`~kalm_rag.store.redis.RedisStore` (``db``, ``password``, ``health_check_interval``, ``ssl_*``, ...);
+    SQLite and Redis ``memory_tier=256MB`` (a bounded LRU in front of the file or server).
 
     Args:
-        url: the store URL; ``None`` for the default in-memory store.
-        **options: keyword arguments of the backend's constructor, plus ``memory_tier``.
+        url: the store URL or a SQLite file path; ``None`` for the default in-memory store.
+        **options: the options above.
 
     Raises:
-        ValueError: unknown scheme or parameter, or a malformed SQLite URL.
+        StoreConfigError: an unknown scheme or option, a value out of range, a malformed URL (also a
+            ``ValueError``); the message names the part refused (passwords are never shown).
 
     Example:
         >>> open_store("memory://?max_bytes=64MB").stats()["max_bytes"]
         64000000
     """
-    if url is None:
-        return MemoryStore(**options)
-    parsed = urlparse(url)
-    query = {k: v[-1] for k, v in parse_qs(parsed.query, keep_blank_values=True).items()}
-    if parsed.scheme == "memory":
-        _take(query, options, {"max_bytes": parse_bytes})
-        _refuse_unknown(query, url, ["max_bytes"])
-        return MemoryStore(**options)
-    if parsed.scheme == "sqlite":
+    kind, target, opts, tier = _plan(url, options)
+    if kind == "memory":
+        return MemoryStore(**opts)
+    if kind == "sqlite":
         from kalm_rag.store.sqlite import SQLiteStore
 
-        tier = _take(query, options, {"timeout": float, "memory_tier": parse_bytes}).pop("memory_tier", 0)
-        _refuse_unknown(query, url, ["timeout", "memory_tier"])
-        return _with_tier(SQLiteStore(_sqlite_path(parsed, url), **options), tier)
-    if parsed.scheme in ("redis", "rediss", "unix"):
-        from kalm_rag.store.redis import RedisStore
+        return _with_tier(SQLiteStore(target, **opts), tier)
+    from kalm_rag.store.redis import RedisStore
 
-        ours: dict[str, Callable[[str], Any]] = {
-            "prefix": str,
-            "ttl": float,
-            "socket_timeout": float,
-            "connect_timeout": float,
-            "retry_after": float,
-            "memory_tier": parse_bytes,
-        }
-        tier = _take(query, options, ours).pop("memory_tier", 0)
-        rest = urlencode(query)  # redis-py's own parameters (health_check_interval, ssl_*, ...)
-        return _with_tier(RedisStore(urlunparse(parsed._replace(query=rest)), **options), tier)
-    raise ValueError(
-        f"unknown store URL scheme {parsed.scheme!r} in {url!r}; expected memory://, sqlite:/// or redis://"
+    return _with_tier(RedisStore(target, **opts), tier)
+
+
+def check_store_url(url: str | os.PathLike[str] | None, **options: Any) -> None:
+    """Check a store URL and options as :func:`open_store` would, without opening anything.
+
+    Nothing is created, connected or imported beyond the URL checks (a Redis URL's connection options are
+    checked too, which needs redis-py). The adapters call it when they are built, so that a misspelt
+    option fails where the pipeline is configured, not at its first document.
+
+    Raises:
+        StoreConfigError: what :func:`open_store` would refuse.
+    """
+    kind, target, _, _ = _plan(url, options)
+    if kind == "redis":
+        from kalm_rag.store.redis import parse_redis_url
+
+        parse_redis_url(target)
+
+
+def _plan(url: str | os.PathLike[str] | None, options: dict[str, Any]) -> tuple[str, str, dict[str, Any], int]:
+    """``(kind, path or server URL, checked options, memory tier bytes)`` for ``url``; nothing is opened."""
+    if url is None:
+        return "memory", "", _checked(options, _MEMORY_OPTIONS, "memory"), 0
+    if isinstance(url, os.PathLike):
+        path = os.fspath(url)
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise StoreConfigError(f"a store path must be a non-empty str path, got {path!r:.80}")
+        opts = _checked(options, _SQLITE_OPTIONS, "sqlite")
+        return "sqlite", path, opts, opts.pop("memory_tier", 0)
+    if not isinstance(url, str):
+        raise StoreConfigError(f"store must be a store URL, a path or None, got {type(url).__name__}")
+    try:
+        parsed = urlsplit(url)
+        query = parse_qsl(parsed.query, keep_blank_values=True)
+    except ValueError as exc:
+        raise StoreConfigError(f"malformed store URL {redact_url(url)!r}: {exc}") from None
+    scheme = parsed.scheme.lower()
+    params = dict(query)  # a repeated parameter: the last one wins
+    if scheme == "memory":
+        if parsed.netloc or parsed.path.strip("/") or parsed.fragment:
+            raise StoreConfigError(
+                f"memory:// takes no host or path, got {redact_url(url)!r}; use memory://?max_bytes=2GB"
+            )
+        return "memory", "", _checked({**params, **options}, _MEMORY_OPTIONS, "memory"), 0
+    if scheme == "sqlite":
+        path = _sqlite_path(parsed, url)
+        opts = _checked({**params, **options}, _SQLITE_OPTIONS, "sqlite")
+        return "sqlite", path, opts, opts.pop("memory_tier", 0)
+    if scheme in ("redis", "rediss", "unix"):
+        extra = sorted(set(options) - set(_REDIS_OPTIONS))
+        if extra:  # connection options go in the URL, where RedisStore parses them
+            name = extra[0]
+            raise StoreConfigError(
+                f"unknown keyword option {name!r} for a Redis store{did_you_mean(name, _REDIS_OPTIONS)}; "
+                f"keywords: {sorted(_REDIS_OPTIONS)}; connection options (db, password, ssl_*, ...) go in the URL"
+            )
+        opts = _checked(
+            {k: v for k, v in {**params, **options}.items() if k in _REDIS_OPTIONS}, _REDIS_OPTIONS, "redis"
+        )
+        rest = [(k, v) for k, v in query if k not in _REDIS_OPTIONS]
+        base = url.split("#", 1)[0].split("?", 1)[0]
+        fragment = f"#{parsed.fragment}" if parsed.fragment else ""  # refused by the Redis URL check
+        server_url = base + (f"?{urlencode(rest)}" if rest else "") + fragment
+        return "redis", server_url, opts, opts.pop("memory_tier", 0)
+    raise StoreConfigError(
+        f"unknown store URL scheme {parsed.scheme!r} in {redact_url(url)!r}; "
+        "expected memory://, sqlite:///path.db, redis://host:port/db, rediss:// or unix:///path.sock"
     )
 
 
-def _take(query: dict[str, str], options: dict[str, Any], parsers: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
-    """Move known URL parameters into ``options`` (parsed; keyword options win); return ``options``."""
-    for name, parse in parsers.items():
-        if name in query:
-            raw = query.pop(name)
-            try:
-                value = parse(raw)
-            except ValueError as exc:
-                raise ValueError(f"bad store URL parameter {name}={raw!r}: {exc}") from None
-            options.setdefault(name, value)
-    if "memory_tier" in options:
-        options["memory_tier"] = parse_bytes(options["memory_tier"])
-    return options
+def _checked(given: dict[str, Any], parsers: dict[str, Parser], scheme: str) -> dict[str, Any]:
+    """``given`` with every option parsed by its check; an unknown name is refused with a suggestion."""
+    out = {}
+    for name, value in given.items():
+        if name not in parsers:
+            raise StoreConfigError(
+                f"unknown parameter {name!r} for a {scheme} store{did_you_mean(name, parsers)}; "
+                f"known: {sorted(parsers)}"
+            )
+        out[name] = parsers[name](value)
+    return out
 
 
-def _refuse_unknown(query: dict[str, str], url: str, known: list[str]) -> None:
-    if query:
-        raise ValueError(f"unknown parameter(s) {sorted(query)} in store URL {url!r}; known: {known}")
-
-
-def _sqlite_path(parsed: ParseResult, url: str) -> str:
+def _sqlite_path(parsed: SplitResult, url: str) -> str:
     """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db`` (SQLAlchemy's convention)."""
-    if parsed.netloc or not parsed.path.startswith("/") or len(parsed.path) < 2:
-        raise ValueError(f"SQLite store URL must be sqlite:///relative.db or sqlite:////absolute/path.db, got {url!r}")
-    return unquote(parsed.path[1:])
+    if parsed.netloc or not parsed.path.startswith("/") or len(parsed.path) < 2 or parsed.fragment:
+        raise StoreConfigError(
+            "SQLite store URL must be sqlite:///relative.db or sqlite:////absolute/path.db, "
+            f"got {redact_url(url)!r:.200}"
+        )
+    path = unquote(parsed.path[1:])
+    if path == ":memory:" or path.startswith("file:"):
+        raise StoreConfigError(
+            f"{redact_url(url)!r:.200} is not a database file: SQLite in-memory and URI databases are not supported; "
+            "use memory:// for a store in this process"
+        )
+    if "\0" in path:
+        raise StoreConfigError(f"SQLite store path contains a NUL character: {redact_url(url)!r:.200}")
+    return path
 
 
 def _with_tier(store: PassageStore, memory_tier: int) -> PassageStore:

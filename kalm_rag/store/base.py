@@ -67,11 +67,19 @@ class PassageStore(ABC):
 
     @abstractmethod
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[PooledPassage | None]:
-        """Entries for ``keys`` in order; ``None`` where missing (or found corrupt, which is then dropped)."""
+        """Entries for ``keys`` in order; ``None`` where missing (or found corrupt or non-finite, which is then
+        dropped and counted in ``stats()["corrupt"]``).
+        """
 
     @abstractmethod
     def put_many(self, namespace: str, entries: Mapping[str, PooledPassage]) -> None:
-        """Insert or replace entries, atomically per entry."""
+        """Insert or replace entries, atomically per entry.
+
+        Raises:
+            StoreError: some entries were not written (a full disk, a read-only file, a Redis server that
+                is down or full, an entry too large or malformed); never returns normally in that case.
+                :class:`~kalm_rag.errors.StoreUnavailableError` when the server cannot be reached.
+        """
 
     @abstractmethod
     def contains_many(self, namespace: str, keys: Sequence[str]) -> list[bool]:

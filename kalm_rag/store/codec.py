@@ -23,7 +23,7 @@ follow from ``ratio``, ``W`` and the token count and are not stored: an entry is
 ``HEADER_SIZE + W * d * itemsize`` bytes. Any other (valid, all > 0) counts are stored explicitly.
 
 :func:`decode_entry` verifies everything (size, magic, version, dtype, shape, checksum, namespace, key,
-counts) and raises :class:`CorruptEntryError` on any mismatch; backends turn that into a miss, drop the
+counts, finite values) and raises :class:`CorruptEntryError` on any mismatch; backends turn that into a miss, drop the
 value and count it in ``stats()["corrupt"]``, so a bad value is recomputed and never served.
 
 >>> import torch
@@ -60,6 +60,7 @@ __all__ = [
     "decode_entry",
     "encode_entry",
     "entry_size",
+    "validate_entry",
 ]
 
 MAGIC = b"KLMP"
@@ -82,7 +83,8 @@ _ITEMSIZE: dict[torch.dtype, int] = {dtype: torch.empty((), dtype=dtype).element
 
 
 class CorruptEntryError(StoreError):
-    """A stored value failed a check: truncated, bad checksum, unknown format, or another namespace/key.
+    """A stored value failed a check: truncated, bad checksum, unknown format, another namespace/key, or
+    non-finite values (NaN/inf written with a valid checksum).
 
     Backends never let it reach the caller: they count it, drop the value and report a miss.
 
@@ -138,25 +140,45 @@ def _tensor_bytes(t: torch.Tensor, np_dtype: str) -> bytes:
     return t.numpy().astype(np_dtype, copy=False).tobytes()
 
 
-def encode_entry(namespace: str, key: str, entry: PooledPassage) -> bytes:
-    """Serialise ``entry`` (stored under ``namespace``/``key``) into header + raw tensor bytes.
+def validate_entry(entry: PooledPassage) -> None:
+    """Check that ``entry`` can be stored and served: shapes, dtype, counts, and finite vectors.
+
+    Every backend calls it before writing, so a value that :func:`decode_entry` would refuse (or that
+    would make every later score on the passage non-finite) never enters a store.
 
     Raises:
-        StoreError: the entry is malformed (shapes, dtype, counts) and would not decode.
+        StoreError: the entry is malformed, names what is wrong.
     """
-    vectors, counts, ratio = entry.vectors, entry.counts, int(entry.ratio)
+    vectors, counts, ratio = entry.vectors, entry.counts, entry.ratio
+    if not isinstance(vectors, torch.Tensor) or not isinstance(counts, torch.Tensor):
+        raise StoreError("vectors and counts must be tensors")
     if vectors.dim() != 2:
         raise StoreError(f"vectors must be (W, d), got shape {tuple(vectors.shape)}")
     W, d = vectors.shape
     if counts.shape != (W,):
         raise StoreError(f"counts must be ({W},) to match vectors {tuple(vectors.shape)}, got {tuple(counts.shape)}")
-    if ratio < 1:
-        raise StoreError(f"ratio must be >= 1, got {ratio}")
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise StoreError(f"ratio must be an int >= 1, got {ratio!r}")
+    if counts.dtype.is_floating_point or counts.dtype == torch.bool:
+        raise StoreError(f"counts must be integers, got {counts.dtype}")
     if W and int(counts.min()) < 1:
         raise StoreError("every window count must be >= 1 (empty windows are not stored)")
-    code = DTYPE_CODES.get(vectors.dtype)
-    if code is None:
+    if vectors.dtype not in DTYPE_CODES:
         raise StoreError(f"cannot store vectors of dtype {vectors.dtype}; supported: {sorted(map(str, DTYPE_CODES))}")
+    if not bool(torch.isfinite(vectors).all()):
+        raise StoreError("vectors hold NaN or infinite values; such an entry would poison every later score")
+
+
+def encode_entry(namespace: str, key: str, entry: PooledPassage) -> bytes:
+    """Serialise ``entry`` (stored under ``namespace``/``key``) into header + raw tensor bytes.
+
+    Raises:
+        StoreError: the entry is malformed (shapes, dtype, counts, non-finite values) and would not decode.
+    """
+    validate_entry(entry)
+    vectors, counts, ratio = entry.vectors, entry.counts, int(entry.ratio)
+    W, d = vectors.shape
+    code = DTYPE_CODES[vectors.dtype]
     explicit = not _implicit_counts(counts, ratio)
     payload = _tensor_bytes(vectors, _DTYPES[code][1])
     if explicit:
@@ -211,6 +233,8 @@ def decode_entry(blob: bytes | bytearray | memoryview, *, namespace: str, key: s
     flat = np.frombuffer(payload, dtype=np_dtype, count=n_vec).astype(np_dtype[1:], copy=True)
     vectors = torch.from_numpy(flat).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(flat)
     vectors = vectors.reshape(W, d)
+    if not bool(torch.isfinite(vectors).all()):  # a valid checksum over NaN/inf: recompute, never serve
+        raise CorruptEntryError("vectors hold NaN or infinite values")
     if explicit:
         raw = np.frombuffer(payload, dtype="<i4", count=W, offset=n_vec * _itemsize(dtype))
         counts = torch.from_numpy(raw.astype(np.int32, copy=True))

@@ -6,7 +6,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 
+from kalm_rag.errors import StoreConfigError, StoreError
 from kalm_rag.store.base import PassageStore, PooledPassage
+from kalm_rag.store.codec import validate_entry
+from kalm_rag.store.options import parse_bytes
 
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: about 400 Nano passages of 1024 tokens at ratio 1 in fp32
 
@@ -15,14 +18,19 @@ class MemoryStore(PassageStore):
     """A thread-safe LRU of pooled passages bounded by the bytes of its tensors.
 
     Args:
-        max_bytes: the most tensor bytes held; least recently used entries are evicted beyond it.
-            An entry larger than ``max_bytes`` on its own is not kept.
+        max_bytes: the most tensor bytes held (an int or a size such as ``"2GB"``); least recently used
+            entries are evicted beyond it. An entry larger than ``max_bytes`` on its own is not kept:
+            ``put_many`` keeps the others and then raises :class:`~kalm_rag.errors.StoreError` saying so.
+
+    Raises:
+        StoreConfigError: ``max_bytes`` is not a positive size.
     """
 
-    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        self.max_bytes = int(max_bytes)
+    def __init__(self, *, max_bytes: int | str = DEFAULT_MAX_BYTES) -> None:
+        size = parse_bytes(max_bytes, "max_bytes")
+        if size <= 0:
+            raise StoreConfigError(f"max_bytes must be > 0, got {max_bytes!r}")
+        self.max_bytes = size
         self._entries: OrderedDict[tuple[str, str], PooledPassage] = OrderedDict()
         self._bytes = 0
         self._hits = 0
@@ -44,14 +52,23 @@ class MemoryStore(PassageStore):
         return out
 
     def put_many(self, namespace: str, entries: Mapping[str, PooledPassage]) -> None:
+        for entry in entries.values():
+            validate_entry(entry)  # all or nothing: a malformed or non-finite entry stores none of the batch
+        too_big = 0
         with self._lock:
             for key, entry in entries.items():
                 self._remove((namespace, key))
                 if entry.nbytes > self.max_bytes:
+                    too_big += 1
                     continue
                 self._entries[(namespace, key)] = entry
                 self._bytes += entry.nbytes
             self._evict_to_budget()
+        if too_big:
+            raise StoreError(
+                f"{too_big} of {len(entries)} entries are larger than the memory store's max_bytes "
+                f"({self.max_bytes} bytes) and were not kept"
+            )
 
     def contains_many(self, namespace: str, keys: Sequence[str]) -> list[bool]:
         with self._lock:

@@ -1,9 +1,10 @@
 """Schema migrations of the SQLite passage store: named functions, each applied once and recorded.
 
 A migration is a function ``mNNN_what_it_does(conn)`` appended to :data:`MIGRATIONS`; never edit or
-reorder one that has shipped. :func:`migrate` runs the pending ones in order, each inside its own
-``BEGIN IMMEDIATE`` transaction (so concurrent openers apply it exactly once), records its name in
-``_migrations`` and sets ``PRAGMA user_version`` to the number applied.
+reorder one that has shipped. :func:`migrate` first reads ``_migrations`` without a lock; only when a
+migration is pending does it run the pending ones in order, each inside its own ``BEGIN IMMEDIATE``
+transaction (so concurrent openers apply it exactly once), record its name in ``_migrations`` and set
+``PRAGMA user_version`` to the number applied. Opening an up-to-date database never waits for a writer.
 """
 
 from __future__ import annotations
@@ -70,6 +71,26 @@ MIGRATIONS: list[Migration] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def _pending(conn: sqlite3.Connection, known: list[str]) -> bool:
+    """Whether a migration is still to apply (read without a write lock; WAL readers never wait for writers)."""
+    try:
+        done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return True  # a new database
+        raise
+    _refuse_newer(done, known)
+    return not set(known) <= done
+
+
+def _refuse_newer(done: set[str], known: list[str]) -> None:
+    unknown = sorted(done - set(known))
+    if unknown:
+        raise StoreError(
+            f"the passage database was written by a newer kalm-rag (unknown migrations {unknown}); upgrade kalm-rag"
+        )
+
+
 def migrate(conn: sqlite3.Connection) -> list[str]:
     """Apply every pending migration to ``conn`` (an autocommit connection); return the names applied.
 
@@ -77,18 +98,15 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
         StoreError: the database was written by a newer kalm-rag (it records migrations this one lacks).
     """
     known = [m.__name__ for m in MIGRATIONS]
+    if not _pending(conn, known):  # the usual case: a plain read, so opening never waits for a writer
+        return []
     applied_now = []
     for migration in MIGRATIONS:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
             done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
-            unknown = sorted(done - set(known))
-            if unknown:
-                raise StoreError(
-                    f"the passage database was written by a newer kalm-rag (unknown migrations {unknown}); "
-                    "upgrade kalm-rag"
-                )
+            _refuse_newer(done, known)
             if migration.__name__ not in done:
                 migration(conn)
                 conn.execute(

@@ -10,26 +10,39 @@ and ``clear`` removes it with the namespace.)
 ``get_many`` is one ``MGET``; ``put_many`` and ``contains_many`` are one pipeline each. ``iter_keys``,
 ``clear`` and ``stats`` walk the keys with ``SCAN`` (O(entries), meant for maintenance, not the hot path).
 
-The store is a cache, so an unreachable server must not stop scoring: while Redis is down, reads are
-misses, writes are skipped, one warning is logged per outage, and calls are not even attempted for
-``retry_after`` seconds after a failure. When the server is back the client reconnects by itself.
-An error reply (``OOM`` under ``maxmemory`` with ``noeviction``, ``READONLY`` from a replica) is
-treated the same way for that call, without the pause, and logged once until a call succeeds.
-Maintenance calls (``delete_many``, ``clear``, ``iter_keys``) raise :class:`~kalm_rag.errors.StoreError`
-instead, since silently doing nothing there would be a lie.
+The store is a cache, so a server that is down, hung or refusing must not stop scoring, nor slow it down:
+
+- timeouts are short (``socket_timeout`` and ``connect_timeout`` 0.5 s), and a timed-out command is not
+  retried (a dropped connection is retried once, on a fresh connection, so a server restart between two
+  calls is invisible);
+- a circuit breaker: after a failure Redis is skipped for ``retry_after`` seconds (doubling after each
+  further failure, up to ``max_retry_after``); then one call probes it while the others keep skipping it.
+  A call therefore waits for Redis at most about one ``socket_timeout`` (+ ``connect_timeout``), and
+  while the breaker is open it does not wait at all;
+- while Redis is skipped or failing, reads are misses (the engine recomputes), and writes raise
+  :class:`~kalm_rag.errors.StoreUnavailableError` (the engine warns at query time and fails an indexing
+  call); one warning is logged per outage and one when the server is back;
+- an error reply (``OOM`` under ``maxmemory`` with ``noeviction``, ``READONLY`` from a replica) makes that
+  call's reads misses and its writes raise :class:`~kalm_rag.errors.StoreError`, without the pause; its
+  warning is logged at most once a minute;
+- a wrong password is reported as refused credentials, not as an unreachable server.
+
+Maintenance calls (``delete_many``, ``clear``, ``iter_keys``) always try the server and raise
+:class:`~kalm_rag.errors.StoreError` on failure, since silently doing nothing there would be a lie.
+Passwords never appear in ``repr``, logs or errors.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TypeVar, cast
-from urllib.parse import quote, unquote
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from kalm_rag.errors import MissingDependencyError, StoreError
+from kalm_rag._logs import RateLimitedWarning
+from kalm_rag.errors import MissingDependencyError, StoreConfigError, StoreError, StoreUnavailableError
 
 try:
     import redis
@@ -40,12 +53,24 @@ except ModuleNotFoundError as exc:  # redis-py is an optional dependency
 
 from kalm_rag.store.base import PassageStore, PooledPassage
 from kalm_rag.store.codec import CorruptEntryError, decode_entry, encode_entry
+from kalm_rag.store.options import (
+    check_bool,
+    check_count,
+    check_prefix,
+    check_seconds,
+    did_you_mean,
+    redact_url,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DEFAULT_URL = "redis://localhost:6379/0"
+DEFAULT_SOCKET_TIMEOUT = 0.5
+DEFAULT_CONNECT_TIMEOUT = 0.5
+DEFAULT_RETRY_AFTER = 1.0
+DEFAULT_MAX_RETRY_AFTER = 30.0
 _SCAN_COUNT = 1000
 # One SCAN step counted server-side: returns {next cursor, keys seen, their total value length}, so
 # stats() moves no key names over the wire. (It reads keys it does not declare: standalone Redis only.)
@@ -55,19 +80,125 @@ local n, bytes = 0, 0
 for _, k in ipairs(page[2]) do n = n + 1; bytes = bytes + redis.call('STRLEN', k) end
 return {page[1], n, bytes}
 """
+_CREDENTIALS = (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError)
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise StoreConfigError(f"{name} must be a non-empty string")
+    return value
+
+
+def _cert_reqs(value: object) -> str:
+    if value not in ("none", "optional", "required"):
+        raise StoreConfigError(f"ssl_cert_reqs must be none, optional or required, got {value!r:.40}")
+    return str(value)
+
+
+#: Connection options a Redis URL may carry (``?name=value``), passed to redis-py after these checks.
+CONNECTION_OPTIONS: dict[str, Callable[[object], Any]] = {
+    "db": lambda v: check_count(v, "db"),
+    "username": lambda v: _text(v, "username"),
+    "password": lambda v: _text(v, "password"),
+    "health_check_interval": lambda v: check_count(v, "health_check_interval"),
+    "max_connections": lambda v: check_count(v, "max_connections", minimum=1),
+    "socket_keepalive": lambda v: check_bool(v, "socket_keepalive"),
+    "client_name": lambda v: _text(v, "client_name"),
+    "ssl_cert_reqs": _cert_reqs,
+    "ssl_ca_certs": lambda v: _text(v, "ssl_ca_certs"),
+    "ssl_certfile": lambda v: _text(v, "ssl_certfile"),
+    "ssl_keyfile": lambda v: _text(v, "ssl_keyfile"),
+    "ssl_check_hostname": lambda v: check_bool(v, "ssl_check_hostname"),
+}
+_OWN_OPTIONS = ("prefix", "ttl", "socket_timeout", "connect_timeout", "retry_after", "max_retry_after", "memory_tier")
+
+
+def parse_redis_url(url: str) -> dict[str, Any]:
+    """The ``redis.Redis`` keyword arguments of ``url``, every part checked (nothing is connected).
+
+    ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or ``unix://[[user]:password@]/path``;
+    ``db`` may also be a URL parameter, and so may ``username``/``password`` and the options of
+    :data:`CONNECTION_OPTIONS` (``ssl_*`` with ``rediss://`` only).
+
+    Raises:
+        StoreConfigError: anything malformed or unknown (an unknown parameter names the closest known one).
+    """
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        params = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError as exc:
+        raise StoreConfigError(f"malformed Redis URL {shown!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise StoreConfigError(f"a Redis URL starts with redis://, rediss:// or unix://, got {shown!r}")
+    if parts.fragment:
+        raise StoreConfigError(f"a Redis URL has no #fragment: {shown!r}")
+    kwargs: dict[str, Any] = {}
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if user:
+            kwargs["username"] = unquote(user)
+        if colon and password:
+            kwargs["password"] = unquote(password)
+    for name, value in params:
+        if name not in CONNECTION_OPTIONS:
+            hint = did_you_mean(name, [*CONNECTION_OPTIONS, *_OWN_OPTIONS])
+            raise StoreConfigError(
+                f"unknown Redis URL parameter {name!r}{hint} in {shown!r}; "
+                f"known: {sorted([*CONNECTION_OPTIONS, *_OWN_OPTIONS])}"
+            )
+        if name in kwargs:
+            raise StoreConfigError(f"Redis URL parameter {name!r} is given twice in {shown!r}")
+        if name.startswith("ssl_") and scheme != "rediss":
+            raise StoreConfigError(f"{name} needs a rediss:// (TLS) URL, got {shown!r}")
+        kwargs[name] = CONNECTION_OPTIONS[name](value)
+    if scheme == "unix":
+        if hostport or port:
+            raise StoreConfigError(
+                f"a unix:// URL names a socket path, not a host: unix:///path/redis.sock, got {shown!r}"
+            )
+        path = unquote(parts.path)
+        if not path or path == "/" or "\0" in path:
+            raise StoreConfigError(f"a unix:// URL needs the socket's path: unix:///path/redis.sock, got {shown!r}")
+        kwargs["unix_socket_path"] = path
+        return kwargs
+    kwargs["host"] = parts.hostname or "localhost"
+    kwargs["port"] = 6379 if port is None else port
+    if port == 0:
+        raise StoreConfigError(f"Redis port must be 1..65535, got 0 in {shown!r}")
+    db_path = unquote(parts.path).strip("/")
+    if db_path:
+        if not db_path.isascii() or not db_path.isdigit():
+            raise StoreConfigError(
+                f"the path of a Redis URL is the database number (/0, /1, ...), got /{db_path!r:.40}"
+            )
+        if "db" in kwargs:
+            raise StoreConfigError(f"the database is given twice (path and ?db=) in {shown!r}")
+        kwargs["db"] = check_count(db_path, "db")
+    if scheme == "rediss":
+        kwargs["ssl"] = True
+    return kwargs
 
 
 class RedisStore(PassageStore):
     """A passage store in a Redis server.
 
     Args:
-        url: ``redis://[user:password@]host:port/db`` (or ``rediss://`` for TLS, ``unix://`` for a socket).
+        url: ``redis://[user:password@]host:port/db`` (or ``rediss://`` for TLS, ``unix:///path/redis.sock?db=0``
+            for a local socket), with optional connection parameters (see :func:`parse_redis_url`).
         prefix: first component of every key (letters, digits, ``_ . -``), to share a server with others.
         ttl: seconds an entry lives after it is written; ``None`` keeps entries until deleted or evicted.
-        socket_timeout: seconds to wait for a reply before the server counts as unreachable.
+        socket_timeout: seconds to wait for a reply before the server counts as failing (not retried).
         connect_timeout: seconds to wait for a connection.
-        retry_after: seconds to skip Redis after a failure (misses, skipped writes) before trying again.
+        retry_after: seconds to skip Redis after a failure (misses, refused writes) before probing it again.
+        max_retry_after: the longest skip: each failed probe doubles the skip up to this.
+
+    Raises:
+        StoreConfigError: a malformed URL, an unknown parameter or a value out of range.
     """
 
     def __init__(
@@ -76,36 +207,45 @@ class RedisStore(PassageStore):
         *,
         prefix: str = "kalm",
         ttl: float | None = None,
-        socket_timeout: float = 5.0,
-        connect_timeout: float = 1.0,
-        retry_after: float = 1.0,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        retry_after: float = DEFAULT_RETRY_AFTER,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
     ) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", prefix):
-            raise ValueError(f"prefix must be letters, digits, '_', '.' or '-', got {prefix!r}")
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl must be > 0 seconds or None, got {ttl}")
-        if retry_after < 0:
-            raise ValueError(f"retry_after must be >= 0 seconds, got {retry_after}")
-        self.url = url
-        self.prefix = prefix
-        self.ttl = ttl
-        self.retry_after = float(retry_after)
-        # one retry on a fresh connection: a server restart between two calls is then invisible
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
+        if not isinstance(url, str):
+            raise StoreConfigError(f"url must be a str, got {type(url).__name__}")
+        self.prefix = check_prefix(prefix)
+        self.ttl = check_seconds(ttl, "ttl", allow_none=True)
+        self.socket_timeout = cast(float, check_seconds(socket_timeout, "socket_timeout"))
+        self.connect_timeout = cast(float, check_seconds(connect_timeout, "connect_timeout"))
+        self.retry_after = cast(float, check_seconds(retry_after, "retry_after", allow_zero=True))
+        self.max_retry_after = cast(float, check_seconds(max_retry_after, "max_retry_after", allow_zero=True))
+        if self.max_retry_after < self.retry_after:
+            raise StoreConfigError(f"max_retry_after ({max_retry_after}) must be >= retry_after ({retry_after})")
+        #: The server's URL with any password masked (safe to log).
+        self.url = redact_url(url)
+        kwargs = parse_redis_url(url)
+        try:
+            # retried once on a dropped connection (a restart between two calls), never on a timeout (a hung server)
+            self._client = redis.Redis(
+                **kwargs,
+                socket_timeout=self.socket_timeout,
+                socket_connect_timeout=self.connect_timeout,
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            )
+        except (TypeError, ValueError, redis.RedisError) as exc:
+            raise StoreConfigError(f"cannot configure a Redis client for {self.url!r}: {exc}") from None
         self._scan_sizes = self._client.register_script(_SCAN_SIZES)
         self._lock = threading.Lock()
         self._counters = {"hits": 0, "misses": 0, "corrupt": 0, "errors": 0, "skipped_writes": 0}
-        self._down_until = 0.0
-        self._down = False
-        self._refusals: set[type[Exception]] = set()  # error replies already warned about
+        self._failures = 0  # consecutive failed attempts (0: the breaker is closed)
+        self._open_until = 0.0  # monotonic time before which Redis is not tried
+        self._probing = False  # one call is trying Redis after a skip; the others keep skipping it
+        self._last_failure = ""
+        self._warnings = RateLimitedWarning(logger)
 
     def __repr__(self) -> str:
-        return f"RedisStore({_redact(self.url)!r}, prefix={self.prefix!r})"
+        return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
 
     # ----- keys ------------------------------------------------------------------------------------
 
@@ -115,62 +255,105 @@ class RedisStore(PassageStore):
     def _entry_key(self, namespace: str, key: str) -> str:
         return f"{self._ns(namespace)}:p:{quote(key, safe='')}"
 
-    # ----- outage handling -------------------------------------------------------------------------
+    # ----- failures: the circuit breaker ------------------------------------------------------------
 
-    def _degrade(self, action: str, call: Callable[[], T], fallback: T) -> T:
-        """Run ``call``; while Redis is unreachable return ``fallback`` instead (warning once per outage)."""
-        if time.monotonic() < self._down_until:
-            self._count("errors")
-            return fallback
+    def _attempt(self, action: str, call: Callable[[], T]) -> T:
+        """Run ``call`` through the circuit breaker.
+
+        Raises:
+            StoreUnavailableError: Redis is being skipped, or failed now (unreachable, hung, refused credentials).
+            StoreError: the server answered with an error (out of memory, read-only replica).
+        """
+        with self._lock:
+            now = time.monotonic()
+            if self._failures and (now < self._open_until or self._probing):
+                self._counters["errors"] += 1
+                wait = max(0.0, self._open_until - now)
+                raise StoreUnavailableError(
+                    f"Redis passage store {self.url} is skipped for {wait:.1f}s more after a failure "
+                    f"({self._last_failure})"
+                )
+            probing = self._probing = bool(self._failures)
         try:
             result = call()
-        except _UNAVAILABLE as exc:
+        except _CREDENTIALS as exc:
+            raise self._trip(action, f"refused the credentials (wrong user name or password?): {exc}") from exc
+        except redis.TimeoutError as exc:
+            raise self._trip(action, f"did not answer within {self.socket_timeout:g}s: {exc}") from exc
+        except redis.ConnectionError as exc:
+            raise self._trip(action, f"is unreachable: {exc}") from exc
+        except redis.RedisError as exc:  # the server answered with an error: it is up, so the breaker closes
+            self._close_breaker()
             self._count("errors")
-            with self._lock:
-                self._down_until = time.monotonic() + self.retry_after
-                first = not self._down
-                self._down = True
-            if first:
-                logger.warning(
-                    "Redis passage store %s is unreachable during %s (%s); scoring goes on without it "
-                    "(passages are re-encoded, writes skipped) and retries every %gs",
-                    _redact(self.url),
-                    action,
-                    exc,
-                    self.retry_after,
-                )
-            return fallback
-        except redis.RedisError as exc:  # the server answered with an error (out of memory, read-only replica)
-            self._count("errors")
-            with self._lock:
-                first = type(exc) not in self._refusals
-                self._refusals.add(type(exc))
-            if first:
-                logger.warning(
-                    "Redis passage store %s refused %s (%s); going on without it", _redact(self.url), action, exc
-                )
-            return fallback
-        if self._down or self._refusals:
-            with self._lock:
-                was_down, self._down = self._down, False
-                self._refusals.clear()
-            if was_down:
-                logger.warning("Redis passage store %s is reachable again", _redact(self.url))
+            reply = _reply(exc)
+            self._warnings.warn(
+                f"refused:{type(exc).__name__}",
+                "Redis passage store %s refused %s (%s); going on without it",
+                self.url,
+                action,
+                reply,
+            )
+            raise StoreError(f"Redis passage store {self.url} refused {action}: {reply}") from exc
+        finally:
+            if probing:
+                with self._lock:
+                    self._probing = False
+        self._close_breaker()
         return result
 
+    def _trip(self, action: str, what: str) -> StoreUnavailableError:
+        """Open the breaker after a failure (longer after each consecutive one); the error to raise."""
+        with self._lock:
+            self._counters["errors"] += 1
+            self._failures += 1
+            first = self._failures == 1
+            pause = min(self.retry_after * 2 ** (self._failures - 1), self.max_retry_after)
+            self._open_until = time.monotonic() + pause
+            self._last_failure = what
+        if first:
+            logger.warning(
+                "Redis passage store %s %s (during %s); scoring goes on without it (passages are re-encoded, "
+                "writes fail) and it is tried again in %gs, then less often while it keeps failing",
+                self.url,
+                what,
+                action,
+                pause,
+            )
+        return StoreUnavailableError(f"Redis passage store {self.url} {what}")
+
+    def _close_breaker(self) -> None:
+        if not self._failures:  # the usual case: no lock taken
+            return
+        with self._lock:
+            was_failing, self._failures = self._failures, 0
+            self._open_until = 0.0
+        if was_failing:
+            logger.warning("Redis passage store %s is reachable again", self.url)
+
+    def _degrade(self, action: str, call: Callable[[], T], fallback: T) -> T:
+        """``call`` through the breaker; ``fallback`` when Redis is skipped or fails (for reads)."""
+        try:
+            return self._attempt(action, call)
+        except StoreError:
+            return fallback
+
     def _strict(self, action: str, call: Callable[[], T]) -> T:
-        """Run ``call``; a Redis failure raises :class:`StoreError` naming the action and the server."""
+        """Run ``call`` now (maintenance: never skipped); a failure raises :class:`StoreError` naming the action."""
         try:
             return call()
+        except _CREDENTIALS as exc:
+            raise StoreUnavailableError(f"{action} on Redis {self.url}: the server refused the credentials") from exc
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailableError(f"{action} on Redis {self.url} failed: {exc}") from exc
         except redis.RedisError as exc:
-            raise StoreError(f"{action} on Redis {_redact(self.url)} failed: {exc}") from exc
+            raise StoreError(f"{action} on Redis {self.url} failed: {exc}") from exc
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counters[name] += n
 
     def healthy(self) -> bool:
-        """Whether the server answers a ``PING`` now."""
+        """Whether the server answers a ``PING`` now (waits at most about ``socket_timeout``)."""
         try:
             return bool(self._client.ping())
         except redis.RedisError:
@@ -193,7 +376,9 @@ class RedisStore(PassageStore):
                 try:
                     entry = decode_entry(blob, namespace=namespace, key=key)
                 except CorruptEntryError as exc:
-                    logger.warning("dropping a corrupt passage entry %s in Redis: %s", name[:80], exc.reason)
+                    self._warnings.warn(
+                        "corrupt", "dropping a corrupt passage entry %s in Redis: %s", name[:80], exc.reason
+                    )
                     corrupt.append(name)
             out.append(entry)
         if corrupt:
@@ -210,15 +395,17 @@ class RedisStore(PassageStore):
             return
         blobs = {self._entry_key(namespace, key): encode_entry(namespace, key, entry) for key, entry in entries.items()}
 
-        def write() -> bool:
+        def write() -> None:
             pipe = self._client.pipeline(transaction=False)
             for name, blob in blobs.items():
                 pipe.set(name, blob, px=None if self.ttl is None else max(1, int(self.ttl * 1000)))
             pipe.execute()
-            return True
 
-        if not self._degrade("put_many", write, False):
+        try:
+            self._attempt("put_many", write)
+        except StoreError:
             self._count("skipped_writes", len(blobs))
+            raise
 
     def contains_many(self, namespace: str, keys: Sequence[str]) -> list[bool]:
         if not keys:
@@ -263,6 +450,7 @@ class RedisStore(PassageStore):
         """Counters of this process, plus ``entries``/``bytes`` of every namespace under the prefix.
 
         ``entries`` and ``bytes`` walk the keys (O(entries)); they are -1 while the server is unreachable.
+        ``errors`` counts calls that failed or were skipped, ``skipped_writes`` the entries not written.
         """
 
         def sizes() -> tuple[int, int]:
@@ -282,6 +470,8 @@ class RedisStore(PassageStore):
         self._client.close()
 
 
-def _redact(url: str) -> str:
-    """``url`` without its password (for logs and errors)."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+def _reply(exc: Exception) -> str:
+    """The server's error reply, without the failed command (a pipeline error quotes it, value bytes included)."""
+    text = str(exc)
+    _, sep, reply = text.partition(" of pipeline caused error: ")
+    return reply if sep else text

@@ -21,10 +21,11 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from kalm_rag.errors import StoreError
+from kalm_rag.errors import StoreConfigError, StoreError
 from kalm_rag.store.base import PassageStore, PooledPassage
 from kalm_rag.store.codec import CorruptEntryError, decode_entry, encode_entry
 from kalm_rag.store.migrations import SCHEMA_VERSION, migrate
+from kalm_rag.store.options import check_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,12 @@ class SQLiteStore(PassageStore):
 
     Args:
         path: database file; created (with its parent folders) if missing.
-        timeout: seconds to wait for another writer's lock before raising :class:`StoreTimeoutError`.
+        timeout: seconds to wait for another writer's lock before raising :class:`StoreTimeoutError`
+            (``0 < timeout <= 1e6``).
+
+    Raises:
+        StoreConfigError: a bad path or timeout.
+        StoreError: the file cannot be created or opened, or was written by a newer kalm-rag.
 
     Example:
         >>> import tempfile, torch
@@ -61,10 +67,17 @@ class SQLiteStore(PassageStore):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.path = Path(os.path.abspath(os.path.expanduser(path)))
-        self.timeout = float(timeout)
+        checked = check_seconds(timeout, "timeout")
+        assert checked is not None  # allow_none is off
+        if not isinstance(path, (str, os.PathLike)):
+            raise StoreConfigError(f"path must be a str or a path, got {type(path).__name__}")
+        try:
+            self.path = Path(os.path.abspath(os.path.expanduser(path)))
+        except (TypeError, ValueError) as exc:  # bytes paths, NUL characters
+            raise StoreConfigError(f"bad SQLite store path {path!r:.200}: {exc}") from None
+        if "\0" in str(self.path) or os.fspath(path) in (":memory:", ""):
+            raise StoreConfigError(f"bad SQLite store path {path!r:.200}: give a database file (memory:// for no file)")
+        self.timeout = checked
         self._local = threading.local()
         self._lock = threading.Lock()  # guards the counters and the connection list
         self._generation = 0  # bumped by close(): every thread reconnects on next use
@@ -72,7 +85,7 @@ class SQLiteStore(PassageStore):
         self._counters = {"hits": 0, "misses": 0, "corrupt": 0}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise StoreError(f"cannot create the folder of the passage database {self.path}: {exc}") from exc
         with self._errors("open"):
             migrate(self._conn())

@@ -7,8 +7,10 @@ another process or machine may still be served from this process's tier until it
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 
+from kalm_rag.errors import StoreError
 from kalm_rag.store.base import PassageStore, PooledPassage
 from kalm_rag.store.memory import MemoryStore
 
@@ -25,7 +27,7 @@ class TieredStore(PassageStore):
     ``memory_max_bytes``, ``memory_hits`` and ``memory_evictions``.
     """
 
-    def __init__(self, back: PassageStore, *, max_bytes: int) -> None:
+    def __init__(self, back: PassageStore, *, max_bytes: int | str) -> None:
         self.back = back
         self.front = MemoryStore(max_bytes=max_bytes)
 
@@ -39,12 +41,15 @@ class TieredStore(PassageStore):
             return out
         found = {k: e for k, e in zip(missing, self.back.get_many(namespace, missing)) if e is not None}
         if found:
-            self.front.put_many(namespace, found)
+            with contextlib.suppress(StoreError):
+                self.front.put_many(namespace, found)
         return [e if e is not None else found.get(k) for k, e in zip(keys, out)]
 
     def put_many(self, namespace: str, entries: Mapping[str, PooledPassage]) -> None:
+        # the store of record first: when it fails (raises), the tier does not claim to hold the entries
         self.back.put_many(namespace, entries)
-        self.front.put_many(namespace, entries)
+        with contextlib.suppress(StoreError):  # an entry larger than the tier is simply not cached in it
+            self.front.put_many(namespace, entries)
 
     def contains_many(self, namespace: str, keys: Sequence[str]) -> list[bool]:
         here = self.front.contains_many(namespace, keys)

@@ -12,10 +12,10 @@ class TrainConfig:
     :meth:`cross_encoder` gives the cross-encoder baseline's.
     """
 
-    steps: int = 2000
-    groups_per_step: int = 6
-    negatives: int = 11
-    random_negatives: int = 3  # of the negatives, drawn from the source's whole pool instead of the hard ones
+    steps: int = 1500
+    groups_per_step: int = 4
+    negatives: int = 7
+    random_negatives: int = 2  # of the negatives, drawn from the source's whole pool instead of the hard ones
     echo_probability: float = 0.5  # chance that a group whose query has an echo negative includes it
     ratios: list[int] = field(default_factory=lambda: [1, 4])  # every step: ratio 1 must work as well as 4
     extra_ratios: list[int] = field(default_factory=lambda: [2, 8, 16, 32])  # one of them, at random, each step
@@ -26,9 +26,11 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     source_weights: dict[str, float] = field(default_factory=lambda: {"squad": 0.6, "medquad": 0.25, "wiki": 0.15})
-    eval_every: int = 250
+    max_passage_tokens: int = 512  # encoder positions read per passage in training (two windows)
+    chunk_rows: int = 24  # rows per decoder call, longest first (a long passage pads only its own chunk)
+    eval_every: int = 300
     dev_ratio: int = 4
-    dev_max_queries: int | None = 100  # per source
+    dev_max_queries: int | None = 50  # per source
     dev_candidates: int = 100  # BM25 candidates per dev query, as many as at test time
     max_minutes: float | None = None
     seed: int = 0

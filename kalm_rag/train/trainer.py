@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kalm_rag.padding import right_pad_vectors
 from kalm_rag.pooling import mep_pool
 from kalm_rag.prompt import DEFAULT_INSTRUCTION  # the engine's default: train as the model is used
 from kalm_rag.train.cache import EncodingCache
@@ -186,14 +187,27 @@ class MiniTask:
         return self._qcache[query]
 
     def logits(self, queries: list[str], passages: list[list[str]], ratio: int) -> torch.Tensor:
-        """Logits ``(G, K)`` for G queries with K passages each, at ``ratio``."""
+        """Logits ``(G, K)`` for G queries with K passages each, at ``ratio``.
+
+        Each passage is read up to ``cfg.max_passage_tokens`` encoder positions (whole windows, so exactly what
+        encoding it at that limit gives). The G*K rows go through the decoder longest first, ``cfg.chunk_rows``
+        at a time, so a long passage pads only rows of its own length.
+        """
         G, K = len(passages), len(passages[0])
-        flat = [p for ps in passages for p in ps]
-        h, m = self.cache.padded(flat)
-        pooled, counts = mep_pool(h, m, ratio)  # (G*K, W, d), (G*K, W)
-        qs = [self._query_segment(q) for q in queries for _ in range(K)]
-        out = self.backend.forward_scores(self.instr, qs, pooled, (counts > 0).long())
-        return out.view(G, K)
+        states = [self.cache.get(p)[: self.cfg.max_passage_tokens] for ps in passages for p in ps]  # (n_i, d) each
+        queries_per_row = [self._query_segment(q) for q in queries for _ in range(K)]
+        order = sorted(range(G * K), key=lambda i: -states[i].shape[0])
+        parts = []
+        for start in range(0, G * K, self.cfg.chunk_rows):
+            rows = order[start : start + self.cfg.chunk_rows]
+            h, m = right_pad_vectors([states[i] for i in rows])  # (R, n, d), (R, n)
+            pooled, counts = mep_pool(h, m, ratio)  # (R, W, d), (R, W)
+            parts.append(
+                self.backend.forward_scores(self.instr, [queries_per_row[i] for i in rows], pooled, (counts > 0).long())
+            )
+        where = torch.empty(G * K, dtype=torch.long)
+        where[torch.tensor(order)] = torch.arange(G * K)  # row i's logit sits at position where[i] of the chunks
+        return torch.cat(parts)[where].view(G, K)
 
     def train_loss(
         self, queries: list[str], passages: list[list[str]], teacher: torch.Tensor | None = None

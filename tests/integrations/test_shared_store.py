@@ -149,7 +149,7 @@ def test_ranking_rule(reranker):
     cut = ranked[1].score
     assert adapters.rank(reranker, QUERY, texts, score_threshold=cut) == [r for r in ranked if r.score >= cut]
     assert adapters.rank(reranker, QUERY, [None, ""]) == [adapters.Ranked(0, 0.0), adapters.Ranked(1, 0.0)]
-    assert adapters.encode(reranker, [None, " "]) == 0
+    assert adapters.encode(reranker, [None, " "]) == adapters.EncodeReport()  # nothing to encode
 
 
 def test_conventional_import_paths_coexist_with_the_frameworks_namespaces():

@@ -441,3 +441,22 @@ def test_manifest_lists_every_source_with_its_licence() -> None:
     assert all("NC" not in info["licence"] for info in TRAINING_SOURCES.values())
     with pytest.raises(ValueError, match="licence"):
         training_manifest(TrainingData([Example("q", ["p"], ["n"], "scifact")], []))
+
+
+def test_rows_in_length_chunks_give_the_logits_of_one_batch(backend: MiniBackend, tmp_path: Path) -> None:
+    texts = [v[3] for v in ARTICLES.values()] + [" ".join(f"word{i}" for i in range(700))]
+    cache = EncodingCache(tmp_path / "cache", backend, max_tokens=1024)
+    cache.ensure(texts)
+    queries, passages = ["Which planet is smallest?", "Who was Curie?"], [texts[:3], texts[2:]]
+    decoder = copy.deepcopy(backend)
+    decoder.decoder.eval()
+    with torch.no_grad():
+        one = MiniTask(decoder, cache, TrainConfig(chunk_rows=100)).logits(queries, passages, 4)
+        chunked = MiniTask(decoder, cache, TrainConfig(chunk_rows=2)).logits(queries, passages, 4)
+    assert torch.allclose(one, chunked, atol=1e-5)
+    # training reads a long passage up to max_passage_tokens: exactly the encoding at that limit
+    assert cache.get(texts[-1]).shape[0] > 512
+    ids = backend.tokenize_passages([texts[-1]], 512)[0]
+    x = torch.tensor([ids])
+    want = backend.encode(x, torch.ones_like(x))[0]
+    torch.testing.assert_close(cache.get(texts[-1])[:512], want.float(), atol=2e-2, rtol=0)  # fp16 cache

@@ -92,3 +92,29 @@ def endless_writer(url: str, batch: int, start: int, progress) -> None:
         store.put_many(WORKER_NS, {f"k{j:06d}": worker_entry(f"k{j:06d}") for j in range(i, i + batch)})
         i += batch
         progress.value = i
+
+
+def full_sqlite(path):  # -> SQLiteStore
+    """A SQLite store on a "full disk": the file may not grow and every free byte is taken, so every write fails
+    with SQLite's own "database or disk is full" (the real error, not a mock).
+    """
+    import sqlite3
+
+    from kalm_rag.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(path)
+    conn = store._conn()  # the pragma holds for this thread's connection: use the store from this thread
+    conn.execute("PRAGMA max_page_count = 1")  # capped at the current size (it never shrinks a file)
+    n = 0
+    for size in (4096, 512, 16):  # fill the free pages, then the gaps left in the last ones
+        while n < 100_000:
+            n += 1
+            try:
+                conn.execute(
+                    "INSERT INTO passages (namespace, key, nbytes, created, value) "
+                    "VALUES ('filler', ?, 0, 0, zeroblob(?))",
+                    (str(n), size),
+                )
+            except sqlite3.OperationalError:
+                break
+    return store

@@ -37,7 +37,8 @@ def test_non_mep_counts_are_stored_explicitly_and_round_trip():
 
 
 def test_bfloat16_bits_and_special_values_survive():
-    vectors = torch.tensor([[0.0, -0.0, 1e30, -1e-30], [float("inf"), 3.140625, -2.5, 1.0]], dtype=torch.bfloat16)
+    # signed zeros, the extremes of the range (infinities are refused: see test_non_finite_*)
+    vectors = torch.tensor([[0.0, -0.0, 1e30, -1e-30], [3.3e38, 3.140625, -2.5, 1.0]], dtype=torch.bfloat16)
     entry = PooledPassage(vectors, torch.tensor([1, 1], dtype=torch.int32), 1)
     out = decode_entry(encode_entry(NS, KEY, entry), namespace=NS, key=KEY)
     assert out.vectors.dtype == torch.bfloat16

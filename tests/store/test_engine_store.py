@@ -139,7 +139,7 @@ def test_a_second_process_scores_what_the_first_encoded_without_the_encoder(
     expected = {}
     for url in urls:
         first = Reranker(backend, store=url)
-        assert first.encode(PASSAGES) == 4
+        assert first.encode(PASSAGES).encoded == 4
         ranked = [r.index for r in first.rerank(QUERY, PASSAGES)]
         expected[url] = (first.score(QUERY, PASSAGES, return_margin=True), ranked)
         first.close()

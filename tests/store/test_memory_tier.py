@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kalm_rag.errors import StoreError
 from kalm_rag.store import MemoryStore, open_store
 from tests.store.helpers import make_entry, same_entry
 
@@ -34,7 +35,8 @@ def test_least_recently_used_entries_go_first():
 def test_an_entry_larger_than_the_budget_is_not_kept_and_evicts_nothing():
     store = MemoryStore(max_bytes=make_entry(0).nbytes)
     store.put_many(NS, {"small": make_entry(0)})
-    store.put_many(NS, {"huge": make_entry(1, n_tokens=400)})
+    with pytest.raises(StoreError, match="1 of 1 entries are larger than the memory store's max_bytes"):
+        store.put_many(NS, {"huge": make_entry(1, n_tokens=400)})  # not kept, and the caller is told
     assert store.contains_many(NS, ["small", "huge"]) == [True, False]
 
 

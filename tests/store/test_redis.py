@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from kalm_rag.errors import StoreError
+from kalm_rag.errors import StoreError, StoreUnavailableError
 from kalm_rag.store import passage_key
 from kalm_rag.store.redis import RedisStore
 from tests.store.helpers import make_entry, same_entry
@@ -38,7 +38,8 @@ def test_a_stopped_server_gives_misses_and_skipped_writes_then_recovers(redis_se
     redis_server.stop()
     with caplog.at_level(logging.WARNING, logger="kalm_rag.store.redis"):
         assert store.get_many(NS, ["a", "b"]) == [None, None]
-        store.put_many(NS, {"b": make_entry(2)})
+        with pytest.raises(StoreUnavailableError, match="unreachable"):  # a write is never silently dropped
+            store.put_many(NS, {"b": make_entry(2)})
         assert store.contains_many(NS, ["a"]) == [False]
         assert not store.healthy()
     unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
@@ -63,10 +64,11 @@ def test_retry_after_skips_the_server_for_a_while_after_a_failure(redis_server):
     redis_server.start()
     t0 = time.monotonic()
     assert store.get_many(NS, ["a"]) == [None]  # not even tried
-    store.put_many(NS, {"a": make_entry(1)})
+    with pytest.raises(StoreUnavailableError, match="skipped"):
+        store.put_many(NS, {"a": make_entry(1)})
     assert time.monotonic() - t0 < 0.5
     assert store.stats()["skipped_writes"] == 1
-    store._down_until = 0.0  # the interval has passed
+    store._open_until = 0.0  # the interval has passed
     store.put_many(NS, {"a": make_entry(1)})
     assert same_entry(store.get_many(NS, ["a"])[0], make_entry(1))
     store.close()
@@ -75,7 +77,8 @@ def test_retry_after_skips_the_server_for_a_while_after_a_failure(redis_server):
 def test_an_unreachable_server_at_start_is_not_fatal():
     store = RedisStore("redis://127.0.0.1:1/0", connect_timeout=0.2)  # nothing listens on port 1
     assert store.get_many(NS, ["a"]) == [None]
-    store.put_many(NS, {"a": make_entry(1)})
+    with pytest.raises(StoreUnavailableError):
+        store.put_many(NS, {"a": make_entry(1)})
     assert not store.healthy()
     store.close()
 
@@ -126,8 +129,10 @@ def test_an_error_reply_skips_the_write_and_warns_once(redis_server, caplog):
     raw = redis.Redis.from_url(redis_server.url)
     raw.config_set("maxmemory", "1")  # every write now fails with OOM (default policy: noeviction)
     with caplog.at_level(logging.WARNING, logger="kalm_rag.store.redis"):
-        store.put_many(NS, {"a": make_entry(1)})
-        store.put_many(NS, {"b": make_entry(2)})
+        for key in ("a", "b"):
+            with pytest.raises(StoreError, match="refused put_many") as err:
+                store.put_many(NS, {key: make_entry(1)})
+            assert not isinstance(err.value, StoreUnavailableError)  # the server is up: no back-off
     assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
     assert store.stats()["skipped_writes"] == 2
     raw.config_set("maxmemory", "0")

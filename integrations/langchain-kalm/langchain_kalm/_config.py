@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from kalm_rag import PassageStore, Reranker
-from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, RerankerHandle, handle_from_fields
+from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, RerankerHandle, handle_from_fields, kalm_error_in
 
 
 class KaLMEngineConfig(BaseModel):
@@ -30,6 +30,15 @@ class KaLMEngineConfig(BaseModel):
     """Passages per encoder or decoder batch."""
 
     _handle: RerankerHandle = PrivateAttr()
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:  # a KalmError raised while building is re-raised as itself
+            cause = kalm_error_in(exc)
+            if cause is None:
+                raise
+            raise cause from None
 
     def model_post_init(self, context: Any, /) -> None:
         self._handle = handle_from_fields(self, self.model_fields_set)

@@ -7,7 +7,6 @@ from the allow-list :data:`~kalm_rag.models.mini.config.ENCODERS` and never deci
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -23,6 +22,7 @@ import torch.nn as nn
 
 from kalm_rag.errors import ModelLoadError
 from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
 from kalm_rag.models.mini.modeling import MiniDecoder
 from kalm_rag.padding import right_pad
@@ -50,25 +50,9 @@ def encoder_version(spec: EncoderSpec) -> str:
         return "unknown"
 
 
-@functools.lru_cache(maxsize=8)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file's bytes, streamed; memoised per (path, size, mtime) so each process pays it once."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def encoder_fingerprint(spec: EncoderSpec) -> str:
-    """Identity of the encoder's bytes: sha256 over its folder's weight and tokenizer files."""
-    folder = encoder_dir(spec)
-    parts = []
-    for file in sorted(folder.iterdir()):
-        if file.is_file() and file.suffix in (".safetensors", ".bin", ".json", ".txt"):
-            st = file.stat()
-            parts.append(f"{file.name}:{_file_sha256(str(file), st.st_size, st.st_mtime_ns)}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    """Identity of the encoder's bytes: every weight, config and tokenizer file of its folder."""
+    return checkpoint_identity(encoder_dir(spec))
 
 
 def load_encoder(config: MiniConfig, *, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
@@ -82,8 +66,8 @@ def load_encoder(config: MiniConfig, *, device: torch.device, dtype: torch.dtype
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # loading a 22M-parameter encoder needs no progress bar
     try:
-        encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        encoder = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a damaged folder
         raise ModelLoadError(f"cannot load the kalm-mini encoder from {path}: {exc}") from exc
     finally:

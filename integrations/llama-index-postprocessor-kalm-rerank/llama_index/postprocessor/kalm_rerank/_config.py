@@ -6,11 +6,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from llama_index.core.bridge.pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer
+from llama_index.core.bridge.pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_serializer,
+)
 from llama_index.core.schema import BaseNode, MetadataMode
 
 from kalm_rag import PassageStore, Reranker
-from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, RerankerHandle, handle_from_fields, store_url
+from kalm_rag.adapters import (
+    DEFAULT_MODEL,
+    DEFAULT_STORE_URL,
+    RerankerHandle,
+    handle_from_fields,
+    kalm_error_in,
+    store_url,
+)
 
 
 def node_text(node: BaseNode) -> str:
@@ -37,6 +51,15 @@ class KaLMEngineConfig(BaseModel):
     batch_size: int = Field(default=32, description="Passages per encoder or decoder batch.")
 
     _handle: RerankerHandle = PrivateAttr()
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:  # a KalmError raised while building is re-raised as itself
+            cause = kalm_error_in(exc)
+            if cause is None:
+                raise
+            raise cause from None
 
     def model_post_init(self, context: Any, /) -> None:
         self._handle = handle_from_fields(self, self.model_fields_set)

@@ -28,7 +28,12 @@ class KaLMComponentBase:
         batch_size: int,
     ) -> None:
         if isinstance(device, str):
-            device = ComponentDevice.from_str(device)
+            try:
+                device = ComponentDevice.from_str(device)
+            except ValueError as exc:  # haystack's own error for a malformed device string
+                raise InvalidInputError(
+                    f"device {device!r} is not a device string such as 'cpu' or 'cuda:0': {exc}"
+                ) from None
         if device is not None and not isinstance(device, ComponentDevice):
             raise InvalidInputError(f"device must be a ComponentDevice, a device string or None, got {device!r}")
         self.model = os.fspath(model)

@@ -5,6 +5,7 @@ pipeline before the ``DocumentWriter``; :class:`~.ranker.KaLMRanker` on the same
 the documents in the cache and runs only the decoder.
 """
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from haystack import Document, component, default_from_dict, default_to_dict
 from haystack.utils import ComponentDevice
 
 from haystack_integrations.components.rankers.kalm._base import KaLMComponentBase
-from kalm_rag import PassageStore
+from kalm_rag import EncodeReport, InvalidInputError, PassageStore
 from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, aencode, encode
 
 
@@ -42,6 +43,7 @@ class KaLMPassageEncoder(KaLMComponentBase):
         store: str | PassageStore = DEFAULT_STORE_URL,
         device: ComponentDevice | None = None,
         batch_size: int = 32,
+        strict: bool = True,
     ) -> None:
         """Create a KaLMPassageEncoder; the model is loaded by :meth:`warm_up` (or the first run), not here.
 
@@ -53,35 +55,47 @@ class KaLMPassageEncoder(KaLMComponentBase):
             The device to run on; ``None``: CUDA when available, else CPU.
         :param batch_size:
             Passages per encoder batch.
+        :param strict:
+            Raise ``kalm_rag.errors.NotStoredError`` when the store does not keep the encoded passages (full
+            disk, Redis down or full), so that an indexing pipeline never succeeds with the cache unfilled;
+            ``False`` lets the documents through and reports it in the ``report`` output.
         """
         # explicit base call: @component rebuilds the class, which breaks zero-argument super()
         KaLMComponentBase.__init__(self, model=model, store=store, device=device, batch_size=batch_size)
+        if not isinstance(strict, bool):
+            raise InvalidInputError(f"strict must be True or False, got {strict!r}")
+        self.strict = strict
 
     def to_dict(self) -> dict[str, Any]:
         """Serialize the component to a dictionary of basic types."""
-        return default_to_dict(self, **self._base_init_parameters())
+        return default_to_dict(self, **self._base_init_parameters(), strict=self.strict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "KaLMPassageEncoder":
         """Deserialize the component from a dictionary."""
         return default_from_dict(cls, data)
 
-    @component.output_types(documents=list[Document])
-    def run(self, documents: list[Document]) -> dict[str, list[Document]]:
+    @component.output_types(documents=list[Document], report=dict[str, Any])
+    def run(self, documents: list[Document]) -> dict[str, Any]:
         """Encode the documents not yet in the store.
 
         :param documents:
             Documents to pre-encode; those without ``content`` are skipped.
         :returns:
-            ``documents``: the input documents, unchanged.
+            ``documents``: the input documents, unchanged; ``report``: the engine's ``EncodeReport`` as a dict
+            (``passages``, ``already_present``, ``encoded``, ``stored``, ``not_stored``, ``errors``).
+        :raises NotStoredError:
+            ``strict`` and the store did not keep some passages.
         """
+        report = EncodeReport()
         if documents:
-            encode(self.get_reranker(), [d.content for d in documents])
-        return {"documents": documents}
+            report = encode(self.get_reranker(), [d.content for d in documents], strict=self.strict)
+        return {"documents": documents, "report": dataclasses.asdict(report)}
 
-    @component.output_types(documents=list[Document])
-    async def run_async(self, documents: list[Document]) -> dict[str, list[Document]]:
+    @component.output_types(documents=list[Document], report=dict[str, Any])
+    async def run_async(self, documents: list[Document]) -> dict[str, Any]:
         """Async :meth:`run`: encoding runs on the reranker's worker thread, never the event loop."""
+        report = EncodeReport()
         if documents:
-            await aencode(await self._handle.aget(), [d.content for d in documents])
-        return {"documents": documents}
+            report = await aencode(await self._handle.aget(), [d.content for d in documents], strict=self.strict)
+        return {"documents": documents, "report": dataclasses.asdict(report)}
