@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kalm_rag._version import __version__
 from kalm_rag.engine import Reranker, ScoreRequest
-from kalm_rag.errors import InvalidInputError, KalmError
+from kalm_rag.errors import InvalidInputError, KalmError, StoreError
 from kalm_rag.models import DEFAULT_MODEL
 from kalm_rag.serve.batching import DynamicBatcher, ServiceStoppingError, probabilities
 from kalm_rag.serve.metrics import CONTENT_TYPE, ServeMetrics
@@ -557,9 +557,11 @@ class _Service:
 
     def _encode_chunk(self, reranker: Reranker, chunk: list[str]) -> int:
         before = reranker.counters["encoded_passages"]
-        n = reranker.encode(chunk, show_progress_bar=False)
-        self.metrics.encoded_passages.inc(reranker.counters["encoded_passages"] - before)
-        return n
+        try:
+            report = reranker.encode(chunk, show_progress_bar=False)  # strict: raises when the store does not keep them
+        finally:
+            self.metrics.encoded_passages.inc(reranker.counters["encoded_passages"] - before)
+        return report.encoded
 
 
 async def _disconnected(http: Request) -> None:
@@ -682,6 +684,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidInputError)
     async def invalid(request: Request, exc: InvalidInputError) -> JSONResponse:
         return _error_response(422, str(exc), error_type="invalid_request")
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        # /v1/encode must not answer 200 with the cache unfilled; scoring never gets here (it recomputes)
+        logger.error("%s on %s: %s", type(exc).__name__, request.url.path, exc)
+        return _error_response(
+            503, f"{type(exc).__name__}: {exc}", error_type="store_unavailable", headers={"Retry-After": "1"}
+        )
 
     @app.exception_handler(KalmError)
     async def kalm_error(request: Request, exc: KalmError) -> JSONResponse:

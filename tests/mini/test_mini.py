@@ -463,4 +463,3 @@ def test_an_answer_at_the_end_of_a_long_passage_is_found(rr: Reranker, ratio: in
     at_start, at_end, neither = rr.score(query, [answer + filler, filler + answer, filler + filler[:200]], ratio=ratio)
     assert at_end > neither and at_start > neither
     assert at_end > 0.5 * at_start  # found as well as at the start, not merely above zero
-
