@@ -63,7 +63,7 @@ def run(
     )
     label = "kalm-mini" if model == "kalm-mini" else Path(model).name
     ratio_list = [int(r) for r in ratios.split(",") if r.strip()]
-    scorers: list = [CosineScorer()] if cosine else []
+    scorers: list = [CosineScorer(stored_from=rr)] if cosine else []  # reads the states the model stored
     scorers += [RerankerScorer(rr, r, label=label) for r in ratio_list]
     results = []
     for folder in datasets:

@@ -195,3 +195,25 @@ def test_eval_run_scores_any_model_through_the_reranker(tiny_checkpoint: Path, t
     ]
     want = rr.score("capital of France", texts, ratio=4, return_margin=True)
     assert [scores["q1"][d] for d in docs] == pytest.approx(want, abs=1e-5)
+
+
+def test_cosine_from_kalm_minis_stored_states_equals_encoding_again() -> None:
+    from kalm_rag import Reranker
+    from kalm_rag.eval.rerankers import CosineScorer
+
+    passages = [
+        "Paris is the capital of France.",
+        "The Eiffel Tower was built for the 1889 World's Fair. " * 40,  # ~560 tokens: past MiniLM's 256
+        "Photosynthesis turns light into chemical energy.",
+    ]
+    rr = Reranker.from_pretrained("kalm-mini")
+    rr.encode(passages)
+    direct = CosineScorer()
+    stored = CosineScorer(stored_from=rr)
+    assert set(stored.stored_embeddings(passages)) == set(passages)  # read from the store, not encoded
+    want = direct("What is the capital of France?", passages)
+    got = stored("What is the capital of France?", passages)
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5
+    coarse = Reranker(rr.backend, base_ratio=2)  # pooled states are not token states: encode directly
+    coarse.encode(passages)
+    assert CosineScorer(stored_from=coarse).stored_embeddings(passages) == {}
