@@ -249,9 +249,9 @@ def test_out_of_memory_halves_the_batch_for_that_call_and_keeps_finished_work(ti
     assert rr.batch_size == 8  # a one-off out-of-memory does not shrink every later call (issue #15, item 14)
     batch_sizes.clear()
 
-    def margins_with_memory(prompt_ids, *args):
-        batch_sizes.append(prompt_ids.shape[0])
-        return real_margins(prompt_ids, *args)
+    def margins_with_memory(prompt_ids, passage_vectors, passage_mask):
+        batch_sizes.append(passage_vectors.shape[0])
+        return real_margins(prompt_ids, passage_vectors, passage_mask)
 
     rr.backend.margins = margins_with_memory
     assert rr.score(QUERY, passages) == pytest.approx(want, abs=1e-5)
