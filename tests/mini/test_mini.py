@@ -6,6 +6,7 @@ Uses only the shipped weights and the installed encoder package (no network, no 
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -463,3 +464,14 @@ def test_an_answer_at_the_end_of_a_long_passage_is_found(rr: Reranker, ratio: in
     at_start, at_end, neither = rr.score(query, [answer + filler, filler + answer, filler + filler[:200]], ratio=ratio)
     assert at_end > neither and at_start > neither
     assert at_end > 0.5 * at_start  # found as well as at the start, not merely above zero
+
+
+def test_a_passage_past_the_token_limit_is_cut_with_a_warning(rr: Reranker, caplog: pytest.LogCaptureFixture) -> None:
+    short = Reranker(rr.backend, max_passage_tokens=64)
+    before = rr.backend.passages_cut
+    with caplog.at_level(logging.DEBUG, logger="kalm_rag.models.mini.backend"):
+        short.encode(["A short passage that fits.", FILLER * 2], show_progress_bar=False)
+    assert rr.backend.passages_cut == before + 1  # the long one only
+    assert "1 passage(s) longer than max_passage_tokens=64 were cut" in caplog.text
+    fits = rr.backend.tokenize_passages([" ".join(["word"] * 62)], 64)[0]  # 62 tokens + [CLS] [SEP]: not cut
+    assert len(fits) == 64 and rr.backend.passages_cut == before + 1

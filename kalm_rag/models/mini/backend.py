@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
 from kalm_rag.models.mini.modeling import MiniDecoder
 from kalm_rag.padding import right_pad
+
+logger = logging.getLogger(__name__)
 
 #: Where the embedded checkpoint lives inside the package.
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent.parent / "weights" / "kalm-mini"
@@ -152,6 +155,8 @@ class MiniBackend(FBNLBackend):
         spec = config.encoder_spec
         #: Identity of the passage encoder alone: cached token states depend only on this (and the window).
         self.encoder_id = f"{spec.distribution}-{encoder_version(spec)}"
+        #: Passages cut to the token limit so far (text past ``max_tokens`` is not read).
+        self.passages_cut = 0
 
     @property
     def passage_encoder_id(self) -> str:
@@ -227,17 +232,34 @@ class MiniBackend(FBNLBackend):
         if limit < 3:
             raise ValueError(f"max_tokens must be >= 3 for kalm-mini ([CLS], a token, [SEP]), got {max_tokens}")
         body = self.config.encoder_window - 2
-        # no passage needs more content tokens than its position budget: cut before framing
-        enc = self.tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=limit)
+        # no passage needs more content tokens than its position budget: cut before framing (one token more,
+        # to tell a passage that fills the budget from one that is cut)
+        enc = self.tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=limit + 1)
         out = []
+        cut = 0
         for tokens in enc["input_ids"]:
             framed: list[int] = []
+            windows = 0
             for start in range(0, max(len(tokens), 1), body):
                 room = limit - len(framed) - 2
                 if room < 1 and framed:
                     break
                 framed += [self.cls_id, *tokens[start : start + min(body, room)], self.sep_id]
+                windows += 1
+            cut += len(framed) - 2 * windows < len(tokens)
             out.append(framed)
+        if cut:
+            # quiet after the first time: an indexing job over long documents would otherwise log every batch
+            log = logger.warning if self.passages_cut == 0 else logger.debug
+            log(
+                "%d passage(s) longer than max_passage_tokens=%d were cut (kalm-mini reads %d-token windows up to "
+                "that limit; raise it, e.g. Reranker.from_pretrained(..., max_passage_tokens=2048), or split "
+                "long documents)",
+                cut,
+                limit,
+                self.config.encoder_window,
+            )
+            self.passages_cut += cut
         return out
 
     @torch.inference_mode()
