@@ -278,6 +278,10 @@ def index(
         str | None, typer.Option(help="Ray cluster to join (auto, or host:port); default: start a local Ray.")
     ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray actors (each loads the model once).")] = 1,
+    cpus_per_worker: Annotated[
+        float, typer.Option(min=0.1, help="CPUs each Ray actor reserves (torch threads).")
+    ] = 1.0,
+    gpus_per_worker: Annotated[float, typer.Option(min=0.0, help="GPUs each Ray actor reserves.")] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1, help="Passages per encoder batch.")] = 32,
     text_field: Annotated[str, typer.Option(help="The field (column) holding the passage text.")] = "text",
     title_field: Annotated[
@@ -309,6 +313,8 @@ def index(
             engine=engine,
             ray_address=ray_address,
             workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
             batch_size=batch_size,
             text_field=text_field,
             title_field=title_field,
