@@ -103,6 +103,25 @@ def entry_bytes(args: argparse.Namespace, sqlite_url: str) -> dict[str, Any]:
     }
 
 
+def steady_rate(args: argparse.Namespace) -> dict[str, Any]:
+    """Passages/s of ``Reranker.encode`` alone (model loaded, memory store) at 1 and 2 torch threads."""
+    texts = list(dict.fromkeys(t for _, t in read_texts(args.corpus)))[: args.limit]
+    out: dict[str, Any] = {"passages": len(texts)}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rr = Reranker.from_pretrained(args.model, store="memory://", batch_size=args.batch_size)
+            start = time.monotonic()
+            rr.encode(texts)
+            out[f"threads_{threads}_passages_per_s"] = round(len(texts) / (time.monotonic() - start), 2)
+            print(f"[bench] steady encode, {threads} threads: {out}", file=sys.stderr, flush=True)
+            rr.close()
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", type=Path, help="A corpus file or folder (e.g. ../shared/data/nfcorpus).")
@@ -112,6 +131,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--configs", default="local,ray1,ray2", help=f"Among {', '.join(CONFIGS)}.")
     parser.add_argument("--stores", default="sqlite,redis", help="sqlite and/or redis.")
+    parser.add_argument("--steady", action="store_true", help="Also time Reranker.encode alone at 1 and 2 threads.")
     parser.add_argument("--cpus", type=int, default=2, help="num_cpus of the local Ray.")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/index.json"))
     args = parser.parse_args()
@@ -142,6 +162,7 @@ def main() -> None:
                 ray_started = True
             for target in args.stores.split(","):
                 results.append(run_one(args, engine, workers, target, url_for(target)))
+        steady = steady_rate(args) if args.steady else {}
         sizes = entry_bytes(args, f"sqlite:///{work / 'local1-full.db'}") if "local" in args.configs else {}
     finally:
         if ray_started:
@@ -162,6 +183,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "runs": results,
         "sizes": sizes,
+        "steady_encode": steady,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -289,6 +289,10 @@ def index(
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Read only the first N rows.")] = None,
     storage_dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (as the query side's).")] = "float32",
+    base_ratio: Annotated[
+        int, typer.Option(min=1, max=32, help="Ratio passages are stored at (as the query side's).")
+    ] = 1,
+    max_passage_tokens: Annotated[int, typer.Option(min=1, help="Passage length cut (as the query side's).")] = 1024,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA when available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="Compute dtype: float32 or bfloat16.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
@@ -320,6 +324,8 @@ def index(
             title_field=title_field,
             limit=limit,
             storage_dtype=storage_dtype,
+            base_ratio=base_ratio,
+            max_passage_tokens=max_passage_tokens,
             device=device,
             dtype=dtype,
             show_progress_bar=progress,

@@ -32,6 +32,8 @@ def index_corpus(
     title_field: str | None = None,
     limit: int | None = None,
     storage_dtype: str = "float32",
+    base_ratio: int = 1,
+    max_passage_tokens: int = 1024,
     device: str | None = None,
     dtype: str | None = None,
     cpus_per_worker: float = 1.0,
@@ -64,6 +66,9 @@ def index_corpus(
         title_field: a field holding a title: the passage is then ``passage_text(title, text)``.
         limit: read only the first ``limit`` rows.
         storage_dtype: ``"float32"`` or ``"bfloat16"``, as the query-side reranker's ``storage_dtype``.
+        base_ratio: the ratio passages are stored at, as the query-side reranker's ``base_ratio`` (1: every
+            ratio is derived exactly; 4: a quarter of the store size, call ratios multiples of 4).
+        max_passage_tokens: passage length cut, as the query-side reranker's ``max_passage_tokens``.
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available.
         dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; default float32 on CPU, bfloat16 on CUDA.
         cpus_per_worker: CPUs each Ray actor reserves (and its torch threads).
@@ -108,6 +113,9 @@ def index_corpus(
     options: dict[str, Any] = {
         "batch_size": batch_size,
         "storage_dtype": storage_dtype,
+        "base_ratio": base_ratio,
+        "ratio": base_ratio,  # the call ratio must be a multiple of base_ratio; indexing never scores
+        "max_passage_tokens": max_passage_tokens,
         "device": device,
         "dtype": dtype,
     }

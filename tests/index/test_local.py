@@ -226,3 +226,17 @@ def test_options_are_checked_before_any_work(tiny_checkpoint, tmp_path):
     with pytest.raises(KalmError, match="memory store"):
         index_corpus(corpus, model=tiny_checkpoint, store="memory://", engine="ray")
     assert not (tmp_path / "p.db").exists()
+
+
+def test_passage_side_settings_match_the_query_side(tiny_checkpoint, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", ROWS)
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    settings = {"base_ratio": 4, "storage_dtype": "bfloat16", "max_passage_tokens": 64}
+    assert index_corpus(corpus, model=tiny_checkpoint, store=url, **settings).encoded == len(TEXTS)
+    rr = Reranker.from_pretrained(tiny_checkpoint, store=url, ratio=8, **settings)
+    rr.score("which topic?", TEXTS)
+    assert rr.counters["encoded_passages"] == 0  # same settings: every passage is a hit
+    other = Reranker.from_pretrained(tiny_checkpoint, store=url)  # other settings, other namespace: no hits
+    assert other.store.contains_many(other.namespace, [passage_key(t) for t in TEXTS]) == [False] * len(TEXTS)
+    rr.close()
+    other.close()
