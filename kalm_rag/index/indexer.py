@@ -140,13 +140,14 @@ def index_corpus(
     else:
         from kalm_rag.index.ray_engine import index_ray
 
-        url = shared_store_url(store)
+        shared = refuse_unshared(store)
+        check_store_url(shared)  # a bad URL fails before the corpus is read; the store is opened after it
         if dtype is None:  # one namespace for every worker: a GPU worker would default to bfloat16, a CPU one not
             options["dtype"] = "bfloat16" if gpus_per_worker else "float32"
         report = index_ray(
             corpus,
             model=os.fspath(model),
-            store_url=url,
+            store_url=lambda: shared_store_url(shared),
             options=options,
             text_field=text_field,
             title_field=title_field,
@@ -169,26 +170,36 @@ def index_corpus(
     return report
 
 
-def shared_store_url(store: PassageStore | str | os.PathLike[str]) -> str:
-    """The URL every Ray worker opens: a SQLite file by absolute path, or the Redis URL as given.
-
-    The store is opened once here, so that a bad URL, an unreachable server or a file that cannot be created
-    fails before the corpus is read.
+def refuse_unshared(store: PassageStore | str | os.PathLike[str]) -> str:
+    """The store URL as a string, refusing one the Ray workers cannot share: a store object, or ``memory://``.
 
     Raises:
         StoreConfigError: a store object, or a ``memory://`` URL (each worker would have its own, lost at the end).
-        StoreUnavailableError: a Redis server that cannot be reached.
     """
     if isinstance(store, PassageStore):
         raise StoreConfigError(
             "the Ray engine needs a store URL that every worker can open (sqlite:///path.db on one machine, "
             "redis://host:6379/0 for a cluster), not a store object"
         )
-    if isinstance(store, str) and store.split(":", 1)[0].lower() == "memory":
+    if isinstance(store, str) and store.split(":", 1)[0].lower() == "memory":  # (a path is never memory)
         raise StoreConfigError(
             f"{redact_url(store)!r}: a memory store lives in one process, so the Ray workers' encodings would be "
             "lost; use sqlite:///path.db (one machine) or redis://host:6379/0 (a cluster)"
         )
+    return os.fspath(store)
+
+
+def shared_store_url(store: str) -> str:
+    """The URL every Ray worker opens: a SQLite file by absolute path, or the Redis URL as given.
+
+    The store is opened once here (after the corpus is checked), so that an unreachable server or a file that
+    cannot be created fails before Ray starts.
+
+    Raises:
+        StoreConfigError: a store object, or a ``memory://`` URL.
+        StoreUnavailableError: a Redis server that cannot be reached.
+    """
+    refuse_unshared(store)
     opened = open_store(store)
     try:
         from kalm_rag.store.sqlite import SQLiteStore
@@ -199,6 +210,6 @@ def shared_store_url(store: PassageStore | str | os.PathLike[str]) -> str:
             return f"sqlite:///{base.path}"  # absolute (the workers' working folder is not ours); no memory tier
         if not opened.healthy():
             raise StoreUnavailableError(f"the store {opened!r} cannot be reached from the driver")
-        return os.fspath(store)
+        return store
     finally:
         opened.close()

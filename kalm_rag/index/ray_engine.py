@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,7 @@ def index_ray(
     corpus: str | Path,
     *,
     model: str,
-    store_url: str,
+    store_url: str | Callable[[], str],
     options: dict[str, Any],
     text_field: str,
     title_field: str | None,
@@ -138,7 +139,8 @@ def index_ray(
     Args:
         corpus: a corpus file or folder (read by the driver).
         model: the checkpoint every actor loads.
-        store_url: a SQLite URL with an absolute path, or a Redis URL: every actor opens it.
+        store_url: a SQLite URL with an absolute path, or a Redis URL: every actor opens it; or a function giving
+            it, called once the corpus is read and checked (so that a bad corpus leaves no store file behind).
         options: ``Reranker.from_pretrained`` keyword arguments for the actors.
         text_field: the field holding the text.
         title_field: a field holding a title to put before the text, or ``None``.
@@ -163,6 +165,15 @@ def index_ray(
     import pyarrow as pa
 
     start = time.monotonic()
+    counts = Counts()
+    batch_rows = max(1, int(options.get("batch_size", 32))) * BATCHES_PER_CALL
+    tables = [  # the whole corpus read and checked before Ray starts or the store is opened
+        pa.table({"text": [text for _, text in chunk]})
+        for chunk in unique_passages(
+            corpus, text_field=text_field, title_field=title_field, limit=limit, chunk_size=batch_rows, counts=counts
+        )
+    ]
+    url = store_url() if callable(store_url) else store_url
     started_here = False
     if not ray.is_initialized():
         if ray_address is not None:
@@ -176,12 +187,8 @@ def index_ray(
     context.enable_progress_bars = show_progress_bar
     refs: list[Any] = []
     try:
-        counts = Counts()
-        batch_rows = max(1, int(options.get("batch_size", 32))) * BATCHES_PER_CALL
-        for chunk in unique_passages(
-            corpus, text_field=text_field, title_field=title_field, limit=limit, chunk_size=batch_rows, counts=counts
-        ):
-            refs.append(ray.put(pa.table({"text": [text for _, text in chunk]})))
+        while tables:  # into the object store, released here as they go
+            refs.append(ray.put(tables.pop(0)))
         present = encoded = 0
         errors: list[str] = []
         namespaces: set[str] = set()
@@ -207,7 +214,7 @@ def index_ray(
             _Encoder,
             fn_constructor_kwargs={
                 "model": model,
-                "store": store_url,
+                "store": url,
                 "options": options,
                 "threads": max(1, int(cpus_per_worker)),
                 "fault": fault,

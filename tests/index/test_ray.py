@@ -7,6 +7,7 @@ import os
 import pytest
 
 from kalm_rag import Reranker
+from kalm_rag.errors import InvalidInputError
 from kalm_rag.index import index_corpus
 from kalm_rag.store.sqlite import SQLiteStore
 from tests.index.helpers import ROWS, TEXTS, assert_same_entries, entries_of, write_jsonl
@@ -53,6 +54,14 @@ def test_ray_fills_the_store_as_the_local_engine_does(local_ray, tiny_checkpoint
     namespace = Reranker.from_pretrained(tiny_checkpoint).namespace
     assert sorted(stored.iter_keys(namespace)) == sorted(local.iter_keys(namespace))
     assert_same_entries(entries_of(stored, namespace, TEXTS), entries_of(local, namespace, TEXTS))
+
+
+def test_a_bad_corpus_fails_before_ray_starts_or_the_store_is_created(tiny_checkpoint, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"body": "no text"}])
+    db = tmp_path / "ray.db"
+    with pytest.raises(InvalidInputError, match=r"bad\.jsonl:2: no 'text' field"):
+        index_corpus(bad, model=tiny_checkpoint, store=f"sqlite:///{db}", engine="ray")
+    assert not db.exists()  # read and checked before the store is opened (and before a Ray is started)
 
 
 @pytest.mark.slow
