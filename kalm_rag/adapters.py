@@ -11,7 +11,10 @@ helpers in one place is what makes the adapters agree with each other and with `
   ``(model, store, device, batch_size)`` and keeps it while any adapter holds it (a weak registry).
 - **One passage text per document.** The text sent to the engine is LangChain ``page_content``,
   LlamaIndex ``node.get_content(MetadataMode.NONE)`` and Haystack ``Document.content``: the same
-  document has the same text, hence the same cache key, in every framework.
+  document has the same text, hence the same cache key, in every framework (and in ``kalm-rag index``).
+  With ``title_key`` set, a document whose metadata has a title under that key is sent as
+  :func:`kalm_rag.index.passage_text` of the title and the text (:func:`document_text`), the join
+  ``kalm-rag index --title-field`` uses; without it (the default) the text goes alone.
 - **One ranking rule.** :func:`rank` / :func:`arank`: documents with text are ranked by the engine
   (best first, ties keep input order); documents without text (``None``, empty, whitespace) score
   ``0.0`` and come after every scored document; ``score_threshold`` keeps scores ``>= threshold``;
@@ -29,10 +32,11 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kalm_rag.data import passage_text
 from kalm_rag.engine import EncodeReport, RankedPassage, Reranker
 from kalm_rag.errors import InvalidInputError, KalmError
 from kalm_rag.models import DEFAULT_MODEL
@@ -47,7 +51,9 @@ __all__ = [
     "RerankerHandle",
     "aencode",
     "arank",
+    "check_title_key",
     "close_shared_stores",
+    "document_text",
     "encode",
     "handle_from_fields",
     "has_text",
@@ -265,6 +271,40 @@ class Ranked:
 def has_text(text: object) -> bool:
     """Whether ``text`` is something the engine can score (a str with a non-space character)."""
     return isinstance(text, str) and bool(text.strip())
+
+
+def check_title_key(title_key: object) -> str | None:
+    """``title_key`` as given, checked: ``None`` (no title: the text alone) or a non-empty metadata key."""
+    if title_key is not None and (not isinstance(title_key, str) or not title_key):
+        raise InvalidInputError(f"title_key must be None or a non-empty str, got {title_key!r}")
+    return title_key
+
+
+def document_text(text: str | None, metadata: Mapping[str, Any] | None, title_key: str | None) -> str | None:
+    """The passage text of a framework document: its text, with its title in front when ``title_key`` finds one.
+
+    Args:
+        text: the document's text (``page_content``, node content, ``Document.content``).
+        metadata: the document's metadata (``metadata``, node ``metadata``, ``Document.meta``).
+        title_key: the metadata key of the title, or ``None`` (the default of every adapter: the text alone).
+
+    Returns:
+        ``text`` unchanged when ``title_key`` is ``None``, the document has no text, or its metadata has no
+        non-blank string under ``title_key``; else ``passage_text(title, text)``, exactly what
+        ``kalm-rag index --title-field`` stores for the same row.
+
+    Example:
+        >>> document_text("is the capital.", {"title": "Paris"}, "title")
+        'Paris is the capital.'
+        >>> document_text("is the capital.", {"title": "Paris"}, None)
+        'is the capital.'
+    """
+    if title_key is None or not has_text(text) or not metadata:
+        return text
+    title = metadata.get(title_key)
+    if not isinstance(title, str) or not title.strip():
+        return text
+    return passage_text(title, text)
 
 
 def _split(texts: Sequence[str | None]) -> tuple[list[int], list[str]]:

@@ -3,6 +3,9 @@
 - Row readers: :func:`read_jsonl` (plain or gzip), :func:`read_csv` and :func:`read_parquet` (through
   ``pyarrow``, imported on first use: ``pip install "kalm-rag[data]"``), and :func:`read_rows` /
   :func:`read_passages`, which pick one by the file's suffix.
+- Corpora to index: :func:`corpus_files` (a file, a folder of files, or a BEIR folder) and :func:`read_texts`,
+  the passage texts with where each comes from; every error names the file and line (or row).
+- :func:`passage_text`: the one join of a title and a text (the indexer, the adapters and BEIR all use it).
 - BEIR folders: :func:`load_beir` reads ``corpus.jsonl[.gz]`` (``_id``, ``title``, ``text``),
   ``queries.jsonl[.gz]`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id``, ``corpus-id``,
   ``score``, header line).
@@ -12,8 +15,10 @@
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import json
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +47,41 @@ def _first_existing(folder: Path, stem: str) -> Path:
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Rows of a JSON-lines file (gzip or plain)."""
-    with _open_text(Path(path)) as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
+    """Rows of a JSON-lines file (gzip or plain); blank lines are skipped.
+
+    Raises:
+        InvalidInputError: a line that is not a JSON object, or a file that cannot be decoded (the message
+            names the file and line).
+    """
+    for _, row in read_jsonl_numbered(path):
+        yield row
+
+
+def read_jsonl_numbered(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` for each non-blank line of a JSON-lines file (gzip or plain), numbered from 1.
+
+    Raises:
+        InvalidInputError: a line that is not a JSON object (``path:line: not JSON ...``), text that is not
+            UTF-8, or a damaged gzip stream.
+    """
+    path = Path(path)
+    n = 0
+    try:
+        with _open_text(path) as fh:
+            for n, line in enumerate(fh, start=1):  # noqa: B007  (n names the line of a decoding error)
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InvalidInputError(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(row, dict):
+                    raise InvalidInputError(f"{path}:{n}: a line must be a JSON object, got {type(row).__name__}")
+                yield n, row
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path}:{n + 1}: not UTF-8 text ({exc.reason})") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InvalidInputError(f"{path}: damaged gzip file after line {n} ({exc})") from None
 
 
 def _require_pyarrow(what: str) -> None:
@@ -134,18 +169,133 @@ def _passages(
     for n, row in enumerate(rows, start=1):
         if row.get(id_field) in (None, ""):
             raise InvalidInputError(f"{where}: row {n} has no {id_field!r} field")
-        text = " ".join(str(row[f]).strip() for f in text_fields if row.get(f) not in (None, "")).strip()
+        parts = [str(row[f]) for f in text_fields if row.get(f) not in (None, "")]
+        text = functools.reduce(passage_text, parts).strip() if parts else ""
         if not text:
             raise InvalidInputError(f"{where}: row {n} (id {row[id_field]!r}) has no text in {list(text_fields)}")
         yield Passage(str(row[id_field]), text)
 
 
-# ----- BEIR folders --------------------------------------------------------------------------------
-
-
 def passage_text(title: str | None, text: str | None) -> str:
-    """The passage string given to rerankers for a BEIR document: ``title + " " + text``."""
-    return f"{(title or '').strip()} {(text or '').strip()}".strip()
+    """The passage text of a document with a title: ``title + " " + text``; the text alone when there is no title.
+
+    The one join of kalm-rag (public as ``kalm_rag.index.passage_text``): ``kalm-rag index --title-field``, the
+    framework adapters' ``title_key`` option and the BEIR loader all call it, so that the same document gives
+    the same passage text, hence the same store key, through every entry point. With a title, both parts are
+    stripped and joined by one space; without one (``None``, empty or blank) the text is returned unchanged,
+    exactly as the adapters and the service send a document that has no title.
+
+    Args:
+        title: the document's title, or ``None``.
+        text: the document's text (``None`` is taken as empty).
+
+    Returns:
+        The passage text.
+
+    Example:
+        >>> passage_text("Paris", "Paris is the capital of France. ")
+        'Paris Paris is the capital of France.'
+        >>> passage_text(None, " Bananas are yellow.")
+        ' Bananas are yellow.'
+    """
+    text = "" if text is None else text
+    if title is None or not title.strip():
+        return text
+    return f"{title.strip()} {text.strip()}".strip()
+
+
+# ----- corpora to index ----------------------------------------------------------------------------
+
+#: File names a corpus folder may hold (other files, and names starting with a dot, are ignored).
+CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet", ".pq")
+
+
+def corpus_files(path: str | Path) -> list[Path]:
+    """The files of a corpus: the file itself, a BEIR folder's ``corpus.jsonl[.gz]``, or a folder's corpus files.
+
+    A folder that holds ``corpus.jsonl`` or ``corpus.jsonl.gz`` is a BEIR folder: only that file is read (not its
+    queries). Any other folder gives its JSON-lines, CSV/TSV and Parquet files (see :data:`CORPUS_SUFFIXES`),
+    sorted by name, not recursing into sub-folders.
+
+    Raises:
+        InvalidInputError: the path does not exist, or the folder holds no corpus file.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InvalidInputError(f"corpus {path} does not exist")
+    for name in ("corpus.jsonl.gz", "corpus.jsonl"):
+        if (path / name).is_file():
+            return [path / name]
+    found = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(CORPUS_SUFFIXES)
+    )
+    if not found:
+        raise InvalidInputError(f"corpus folder {path} holds no .jsonl[.gz], .csv[.gz], .tsv[.gz] or .parquet file")
+    return found
+
+
+def _located_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` for each row of a corpus file: ``file:line`` for JSON lines, ``file: row N`` otherwise."""
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    kind = suffixes[-1] if suffixes else ""
+    if kind in (".jsonl", ".json"):
+        for n, row in read_jsonl_numbered(path):
+            yield f"{path}:{n}", row
+        return
+    try:
+        for n, row in enumerate(read_rows(path), start=1):
+            yield (f"{path}: row {n} (line {n + 1})" if kind in (".csv", ".tsv") else f"{path}: row {n}"), row
+    except (InvalidInputError, MissingDependencyError):
+        raise
+    except Exception as exc:  # pyarrow's ArrowInvalid and OSError: a malformed file or one that cannot be read
+        raise InvalidInputError(f"{path}: cannot read it as {kind[1:].upper()} ({exc})") from None
+
+
+def read_texts(
+    path: str | Path, *, text_field: str = "text", title_field: str | None = None
+) -> Iterator[tuple[str, str]]:
+    """``(where, passage text)`` for every row of a corpus (see :func:`corpus_files`), file by file, in order.
+
+    The passage is the ``text_field`` alone, unchanged (what the adapters send for the same document); with
+    ``title_field`` it is ``passage_text(title, text)``. ``where`` is ``file:line`` (JSON lines) or
+    ``file: row N`` (CSV, Parquet), for messages.
+
+    Args:
+        path: a corpus file or folder.
+        text_field: the field (column) holding the text.
+        title_field: a field holding a title to put before the text (a missing or empty title is no title).
+
+    Raises:
+        InvalidInputError: a row without the text field, with a text that is not a string or has no non-space
+            character, a line that is not JSON, an empty file, or a file that cannot be read; the message names
+            the file and line (or row).
+    """
+    for file in corpus_files(path):
+        empty = True
+        for where, row in _located_rows(file):
+            empty = False
+            if text_field not in row:
+                raise InvalidInputError(f"{where}: no {text_field!r} field (fields: {sorted(row)[:10]})")
+            text = row[text_field]
+            if not isinstance(text, str):
+                raise InvalidInputError(f"{where}: {text_field!r} must be a string, got {type(text).__name__}")
+            if title_field is not None:
+                title = row.get(title_field)
+                if title is not None and not isinstance(title, str):
+                    raise InvalidInputError(f"{where}: {title_field!r} must be a string, got {type(title).__name__}")
+                text = passage_text(title, text)
+            if not text.strip():
+                raise InvalidInputError(f"{where}: empty {text_field!r} (a passage needs a non-space character)")
+            yield where, text
+        if empty:
+            raise InvalidInputError(f"{file}: empty file (no rows)")
+
+
+# ----- BEIR folders --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -190,7 +340,7 @@ def load_beir(folder: str | Path, split: str = "test", *, name: str | None = Non
     """Load a BEIR folder (the queries kept are those with judgements in ``split``)."""
     folder = Path(folder)
     corpus = {
-        str(r["_id"]): passage_text(r.get("title"), r.get("text"))
+        str(r["_id"]): passage_text(r.get("title"), r.get("text")).strip()  # as before: a title-less text stripped too
         for r in read_jsonl(_first_existing(folder, "corpus"))
     }
     all_queries = {str(r["_id"]): r["text"] for r in read_jsonl(_first_existing(folder, "queries"))}

@@ -122,7 +122,8 @@ def test_optional_dependencies_stay_in_the_module_that_needs_them():
     serve = {"kalm_rag.serve", "kalm_rag.serve.app", "kalm_rag.serve.schemas", "kalm_rag.serve.metrics"}
     owners = {
         "redis": {"kalm_rag.store.redis"},
-        "pyarrow": {"kalm_rag.data"},
+        "pyarrow": {"kalm_rag.data", "kalm_rag.index.ray_engine"},  # Ray Data's blocks are Arrow tables
+        "ray": {"kalm_rag.index.ray_engine"},
         "matplotlib": {"kalm_rag.bench.suite"},
         "bm25s": {"kalm_rag.data"},
         "pytrec_eval": {"kalm_rag.eval.run"},
@@ -135,6 +136,15 @@ def test_optional_dependencies_stay_in_the_module_that_needs_them():
     for dep, allowed in owners.items():
         users = {module_name(p) for p in PACKAGE.rglob("*.py") if any(is_under(n, (dep,)) for n in imports(p))}
         assert users <= allowed, f"{dep} imported by {sorted(users - allowed)}"
+
+
+def test_the_indexer_depends_on_the_engine_never_the_other_way_round():
+    for p in files("index"):
+        bad = sorted(n for n in imports(p) if is_under(n, TOOLS + FRAMEWORKS))
+        assert not bad, f"{p.relative_to(ROOT)} imports {bad}"
+    users = {module_name(p) for p in PACKAGE.rglob("*.py") if any(is_under(n, ("kalm_rag.index",)) for n in imports(p))}
+    assert users <= {"kalm_rag.cli"} | {module_name(p) for p in files("index")}, users
+    assert not {n for n in imports(PACKAGE / "index" / "__init__.py") if is_under(n, ("kalm_rag.index.ray_engine",))}
 
 
 @pytest.mark.parametrize("dist", sorted(INTEGRATIONS))
@@ -155,10 +165,10 @@ def test_adapters_use_the_engine_and_their_framework_only(dist: str):
 
 def test_import_kalm_rag_loads_no_optional_dependency():
     probe = (
-        "import sys, kalm_rag, kalm_rag.store, kalm_rag.adapters, kalm_rag.data; "
+        "import sys, kalm_rag, kalm_rag.store, kalm_rag.adapters, kalm_rag.data, kalm_rag.index; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'redis', 'pyarrow', 'matplotlib', 'bm25s', "
         "'pytrec_eval', 'langchain_core', 'llama_index', 'haystack', 'ranx', 'fastapi', 'starlette', 'uvicorn', "
-        "'prometheus_client'}))"
+        "'prometheus_client', 'ray'}))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr

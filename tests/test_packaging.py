@@ -15,7 +15,7 @@ pytest.importorskip("build", reason="the build frontend is in the dev extra")
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("langchain", "llama-index", "llama_index", "haystack")
-OPTIONAL = ("redis", "pyarrow", "matplotlib", "bm25s", "pytrec-eval", "ovos")
+OPTIONAL = ("redis", "pyarrow", "matplotlib", "bm25s", "pytrec-eval", "ovos", "ray")
 
 
 def build_wheel(src: Path, out: Path) -> Path:
@@ -83,6 +83,8 @@ def test_the_core_wheel_holds_kalm_rag_only_with_its_weights_and_licence(tmp_pat
     assert not [r for r in always if r.lower().startswith(FRAMEWORKS + OPTIONAL)], always
     assert any(line.startswith("Project-URL:") for line in meta)
     assert any(line == "Provides-Extra: redis" for line in meta)
+    assert any(line == "Provides-Extra: ray" for line in meta)  # kalm-rag index --engine ray
+    assert any(n == "kalm_rag/index/ray_engine.py" for n in names)
 
 
 @pytest.mark.timeout(600)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from langchain_core.documents import Document
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from kalm_rag import PassageStore, Reranker
-from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, RerankerHandle, handle_from_fields, kalm_error_in
+from kalm_rag.adapters import (
+    DEFAULT_MODEL,
+    DEFAULT_STORE_URL,
+    RerankerHandle,
+    check_title_key,
+    document_text,
+    handle_from_fields,
+    kalm_error_in,
+)
 
 
 class KaLMEngineConfig(BaseModel):
@@ -28,6 +38,9 @@ class KaLMEngineConfig(BaseModel):
     """Torch device (``cpu``, ``cuda``); ``None``: CUDA when available."""
     batch_size: int = 32
     """Passages per encoder or decoder batch."""
+    title_key: str | None = None
+    """Metadata key of a title to put before ``page_content`` (``kalm_rag.index.passage_text``); ``None``: the
+    text alone. Use the same setting as ``kalm-rag index --title-field`` so that indexed passages are hits."""
 
     _handle: RerankerHandle = PrivateAttr()
 
@@ -42,6 +55,15 @@ class KaLMEngineConfig(BaseModel):
 
     def model_post_init(self, context: Any, /) -> None:
         self._handle = handle_from_fields(self, self.model_fields_set)
+
+    @field_validator("title_key", mode="before")
+    @classmethod
+    def _check_title_key(cls, value: Any) -> str | None:
+        return check_title_key(value)
+
+    def passage_texts(self, documents: Sequence[Document]) -> list[str | None]:
+        """The passage text of each document: ``page_content``, with its title in front when ``title_key`` is set."""
+        return [document_text(d.page_content, d.metadata, self.title_key) for d in documents]
 
     def get_reranker(self) -> Reranker:
         """The ``kalm_rag.Reranker`` in use, loading the model on the first call."""

@@ -50,7 +50,7 @@ class KaLMPassageEncoder(KaLMEngineConfig, BaseDocumentTransformer):
         """
         docs = list(documents)
         if docs:
-            self._last_report = encode(self.get_reranker(), [d.page_content for d in docs], strict=self.strict)
+            self._last_report = encode(self.get_reranker(), self.passage_texts(docs), strict=self.strict)
         return docs
 
     async def atransform_documents(self, documents: Sequence[Document], **kwargs: Any) -> Sequence[Document]:
@@ -58,5 +58,5 @@ class KaLMPassageEncoder(KaLMEngineConfig, BaseDocumentTransformer):
         docs = list(documents)
         if docs:
             reranker = await self._handle.aget()
-            self._last_report = await aencode(reranker, [d.page_content for d in docs], strict=self.strict)
+            self._last_report = await aencode(reranker, self.passage_texts(docs), strict=self.strict)
         return docs

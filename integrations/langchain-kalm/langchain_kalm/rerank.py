@@ -68,7 +68,7 @@ class KaLMRerank(KaLMEngineConfig, BaseDocumentCompressor):
         docs = list(documents)
         if not docs:
             return []
-        ranked = rank(self.get_reranker(), query, [d.page_content for d in docs], **self._options())
+        ranked = rank(self.get_reranker(), query, self.passage_texts(docs), **self._options())
         return [_with_score(docs[r.index], r.score) for r in ranked]
 
     async def acompress_documents(
@@ -82,7 +82,7 @@ class KaLMRerank(KaLMEngineConfig, BaseDocumentCompressor):
         if not docs:
             return []
         reranker = await self._handle.aget()
-        ranked = await arank(reranker, query, [d.page_content for d in docs], **self._options())
+        ranked = await arank(reranker, query, self.passage_texts(docs), **self._options())
         return [_with_score(docs[r.index], r.score) for r in ranked]
 
     def _options(self) -> dict[str, Any]:

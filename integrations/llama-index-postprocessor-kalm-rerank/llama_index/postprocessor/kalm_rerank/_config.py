@@ -13,6 +13,7 @@ from llama_index.core.bridge.pydantic import (
     PrivateAttr,
     ValidationError,
     field_serializer,
+    field_validator,
 )
 from llama_index.core.schema import BaseNode, MetadataMode
 
@@ -21,15 +22,19 @@ from kalm_rag.adapters import (
     DEFAULT_MODEL,
     DEFAULT_STORE_URL,
     RerankerHandle,
+    check_title_key,
+    document_text,
     handle_from_fields,
     kalm_error_in,
     store_url,
 )
 
 
-def node_text(node: BaseNode) -> str:
-    """The passage text of a node: its content without metadata (the same text in every framework)."""
-    return node.get_content(metadata_mode=MetadataMode.NONE)
+def node_text(node: BaseNode, title_key: str | None = None) -> str | None:
+    """The passage text of a node: its content without metadata (the same text in every framework), with the
+    title from ``node.metadata[title_key]`` in front when ``title_key`` is set (``kalm_rag.index.passage_text``).
+    """
+    return document_text(node.get_content(metadata_mode=MetadataMode.NONE), node.metadata, title_key)
 
 
 class KaLMEngineConfig(BaseModel):
@@ -49,6 +54,11 @@ class KaLMEngineConfig(BaseModel):
     )
     device: str | None = Field(default=None, description="Torch device; None: CUDA when available.")
     batch_size: int = Field(default=32, description="Passages per encoder or decoder batch.")
+    title_key: str | None = Field(
+        default=None,
+        description="Metadata key of a title put before the node text (kalm_rag.index.passage_text); None: the "
+        "text alone. Use the same setting as kalm-rag index --title-field.",
+    )
 
     _handle: RerankerHandle = PrivateAttr()
 
@@ -63,6 +73,11 @@ class KaLMEngineConfig(BaseModel):
 
     def model_post_init(self, context: Any, /) -> None:
         self._handle = handle_from_fields(self, self.model_fields_set)
+
+    @field_validator("title_key", mode="before")
+    @classmethod
+    def _check_title_key(cls, value: Any) -> str | None:
+        return check_title_key(value)
 
     @field_serializer("reranker")
     def _serialize_reranker(self, reranker: Reranker | None) -> str | None:

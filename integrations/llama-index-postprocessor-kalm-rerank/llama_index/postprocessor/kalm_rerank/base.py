@@ -106,9 +106,8 @@ class KaLMRerank(KaLMEngineConfig, BaseNodePostprocessor):
     def _options(self) -> dict[str, Any]:
         return dict(top=self.top_n, instruction=self.instruction, ratio=self.ratio)
 
-    @staticmethod
-    def _texts(nodes: list[NodeWithScore]) -> list[str]:
-        return [node_text(n.node) for n in nodes]
+    def _texts(self, nodes: list[NodeWithScore]) -> list[str | None]:
+        return [node_text(n.node, self.title_key) for n in nodes]
 
     def _rescored(self, nodes: list[NodeWithScore], ranked: list[Ranked]) -> list[NodeWithScore]:
         out = []

@@ -58,7 +58,9 @@ class KaLMPassageEncoder(KaLMEngineConfig, TransformComponent):
         """
         nodes = list(nodes)
         if nodes:
-            self._last_report = encode(self.get_reranker(), [node_text(n) for n in nodes], strict=self.strict)
+            self._last_report = encode(
+                self.get_reranker(), [node_text(n, self.title_key) for n in nodes], strict=self.strict
+            )
         return nodes
 
     async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
@@ -66,5 +68,7 @@ class KaLMPassageEncoder(KaLMEngineConfig, TransformComponent):
         nodes = list(nodes)
         if nodes:
             reranker = await self._handle.aget()
-            self._last_report = await aencode(reranker, [node_text(n) for n in nodes], strict=self.strict)
+            self._last_report = await aencode(
+                reranker, [node_text(n, self.title_key) for n in nodes], strict=self.strict
+            )
         return nodes

@@ -6,15 +6,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from haystack import Document
 from haystack.core.errors import SerializationError
 from haystack.utils import ComponentDevice
 
 from kalm_rag import InvalidInputError, PassageStore, Reranker
-from kalm_rag.adapters import RerankerHandle, store_url
+from kalm_rag.adapters import RerankerHandle, check_title_key, document_text, store_url
 
 
 class KaLMComponentBase:
-    """Model, store, device and batch size of a KaLM component; the model loads in :meth:`warm_up`.
+    """Model, store, device, batch size and title key of a KaLM component; the model loads in :meth:`warm_up`.
 
     Components configured with the same model and store URL share one loaded model and one cache.
     """
@@ -26,7 +27,9 @@ class KaLMComponentBase:
         store: str | PassageStore,
         device: ComponentDevice | str | None,
         batch_size: int,
+        title_key: str | None = None,
     ) -> None:
+        self.title_key = check_title_key(title_key)
         if isinstance(device, str):
             try:
                 device = ComponentDevice.from_str(device)
@@ -56,6 +59,10 @@ class KaLMComponentBase:
         """The ``kalm_rag.Reranker`` in use, loading the model on the first call."""
         return self._handle.get()
 
+    def passage_texts(self, documents: list[Document]) -> list[str | None]:
+        """The passage text of each document: ``content``, with ``meta[title_key]`` in front when it is set."""
+        return [document_text(d.content, d.meta, self.title_key) for d in documents]
+
     def _base_init_parameters(self) -> dict[str, Any]:
         url = store_url(self.store)
         if url is None:
@@ -68,4 +75,5 @@ class KaLMComponentBase:
             store=url,
             device=None if self.device is None else self.device.to_dict(),
             batch_size=self.batch_size,
+            title_key=self.title_key,
         )

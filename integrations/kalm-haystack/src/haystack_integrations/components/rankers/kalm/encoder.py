@@ -44,6 +44,7 @@ class KaLMPassageEncoder(KaLMComponentBase):
         device: ComponentDevice | None = None,
         batch_size: int = 32,
         strict: bool = True,
+        title_key: str | None = None,
     ) -> None:
         """Create a KaLMPassageEncoder; the model is loaded by :meth:`warm_up` (or the first run), not here.
 
@@ -59,9 +60,14 @@ class KaLMPassageEncoder(KaLMComponentBase):
             Raise ``kalm_rag.errors.NotStoredError`` when the store does not keep the encoded passages (full
             disk, Redis down or full), so that an indexing pipeline never succeeds with the cache unfilled;
             ``False`` lets the documents through and reports it in the ``report`` output.
+        :param title_key:
+            Metadata key of a title put before ``content`` (``kalm_rag.index.passage_text``); ``None``: the text
+            alone. Must match the ranker's, and ``kalm-rag index --title-field``.
         """
         # explicit base call: @component rebuilds the class, which breaks zero-argument super()
-        KaLMComponentBase.__init__(self, model=model, store=store, device=device, batch_size=batch_size)
+        KaLMComponentBase.__init__(
+            self, model=model, store=store, device=device, batch_size=batch_size, title_key=title_key
+        )
         if not isinstance(strict, bool):
             raise InvalidInputError(f"strict must be True or False, got {strict!r}")
         self.strict = strict
@@ -89,7 +95,7 @@ class KaLMPassageEncoder(KaLMComponentBase):
         """
         report = EncodeReport()
         if documents:
-            report = encode(self.get_reranker(), [d.content for d in documents], strict=self.strict)
+            report = encode(self.get_reranker(), self.passage_texts(documents), strict=self.strict)
         return {"documents": documents, "report": dataclasses.asdict(report)}
 
     @component.output_types(documents=list[Document], report=dict[str, Any])
@@ -97,5 +103,5 @@ class KaLMPassageEncoder(KaLMComponentBase):
         """Async :meth:`run`: encoding runs on the reranker's worker thread, never the event loop."""
         report = EncodeReport()
         if documents:
-            report = await aencode(await self._handle.aget(), [d.content for d in documents], strict=self.strict)
+            report = await aencode(await self._handle.aget(), self.passage_texts(documents), strict=self.strict)
         return {"documents": documents, "report": dataclasses.asdict(report)}

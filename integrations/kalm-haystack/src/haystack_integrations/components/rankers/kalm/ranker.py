@@ -46,6 +46,7 @@ class KaLMRanker(KaLMComponentBase):
         instruction: str | None = None,
         ratio: int | None = None,
         batch_size: int = 32,
+        title_key: str | None = None,
     ) -> None:
         """Create a KaLMRanker; the model is loaded by :meth:`warm_up` (or the first run), not here.
 
@@ -66,6 +67,9 @@ class KaLMRanker(KaLMComponentBase):
             MEP pooling ratio (1..32); ``None``: the reranker's default (4).
         :param batch_size:
             Passages per encoder or decoder batch.
+        :param title_key:
+            Metadata key of a title put before ``content`` (``kalm_rag.index.passage_text``); ``None``: the text
+            alone. Use the same setting as ``kalm-rag index --title-field``.
         :raises ValueError:
             If ``top_k`` is not > 0 or another option is out of range.
         """
@@ -74,7 +78,9 @@ class KaLMRanker(KaLMComponentBase):
         self.instruction = check_instruction(instruction)
         self.ratio = None if ratio is None else check_ratio(ratio)
         # explicit base call: @component rebuilds the class, which breaks zero-argument super()
-        KaLMComponentBase.__init__(self, model=model, store=store, device=device, batch_size=batch_size)
+        KaLMComponentBase.__init__(
+            self, model=model, store=store, device=device, batch_size=batch_size, title_key=title_key
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Serialize the component to a dictionary of basic types."""
@@ -118,7 +124,7 @@ class KaLMRanker(KaLMComponentBase):
         options, docs = self._prepare(documents, top_k, score_threshold)
         if not docs:
             return {"documents": []}
-        ranked = rank(self.get_reranker(), query, [d.content for d in docs], **options)
+        ranked = rank(self.get_reranker(), query, self.passage_texts(docs), **options)
         return {"documents": [replace(docs[r.index], score=r.score) for r in ranked]}
 
     @component.output_types(documents=list[Document])
@@ -134,7 +140,7 @@ class KaLMRanker(KaLMComponentBase):
         if not docs:
             return {"documents": []}
         reranker = await self._handle.aget()
-        ranked = await arank(reranker, query, [d.content for d in docs], **options)
+        ranked = await arank(reranker, query, self.passage_texts(docs), **options)
         return {"documents": [replace(docs[r.index], score=r.score) for r in ranked]}
 
     def _prepare(

@@ -1,0 +1,85 @@
+"""``--engine local``: one process (torch uses every core), a progress bar, no Ray."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from kalm_rag.engine import Reranker
+from kalm_rag.errors import NotStoredError
+from kalm_rag.index.corpus import Counts, check_corpus, unique_passages
+from kalm_rag.index.report import IndexReport, build_report
+
+#: Passages per ``Reranker.encode`` call, in encoder batches: the engine sorts each call by length (less
+#: padding) and writes each encoder batch to the store as soon as it is done (an interruption loses one batch).
+CHUNK_BATCHES = 16
+
+
+def index_local(
+    corpus: str | Path,
+    load_reranker: Callable[[], Reranker],
+    *,
+    text_field: str,
+    title_field: str | None,
+    limit: int | None,
+    show_progress_bar: bool,
+) -> IndexReport:
+    """Index ``corpus`` with one reranker in this process.
+
+    The whole corpus is read and checked first (nothing is written if a row is bad), then read again and
+    encoded chunk by chunk with ``Reranker.encode(strict=True)``, which skips the passages already in the store
+    before any encoder work. The first chunk the store does not keep stops the run; the report says how many
+    passages are missing.
+
+    Args:
+        corpus: a corpus file or folder (see :func:`kalm_rag.data.corpus_files`).
+        load_reranker: builds the reranker (called after the corpus is checked); closed at the end.
+        text_field: the field holding the text.
+        title_field: a field holding a title to put before the text, or ``None``.
+        limit: read only the first ``limit`` rows.
+        show_progress_bar: show a progress bar (on stderr).
+
+    Returns:
+        The :class:`IndexReport` (``engine="local"``, ``workers=1``).
+    """
+    start = time.monotonic()
+    counts = check_corpus(corpus, text_field=text_field, title_field=title_field, limit=limit)
+    reranker = load_reranker()
+    present = encoded = 0
+    errors: list[str] = []
+    bar = tqdm(total=counts.unique, desc="Indexing", unit="passage", disable=not show_progress_bar)
+    try:
+        for chunk in unique_passages(
+            corpus,
+            text_field=text_field,
+            title_field=title_field,
+            limit=limit,
+            chunk_size=reranker.batch_size * CHUNK_BATCHES,
+            counts=Counts(),
+        ):
+            try:
+                report = reranker.encode([text for _, text in chunk], strict=True, show_progress_bar=False)
+            except NotStoredError as exc:  # the store refused a batch: stop, and say how many are missing
+                present += exc.report.already_present
+                encoded += exc.report.stored
+                errors += exc.report.errors or (str(exc),)
+                break
+            present += report.already_present
+            encoded += report.stored
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        reranker.close()
+    return build_report(
+        read=counts.read,
+        unique=counts.unique,
+        already_present=present,
+        encoded=encoded,
+        seconds=time.monotonic() - start,
+        engine="local",
+        workers=1,
+        errors=tuple(errors),
+    )
