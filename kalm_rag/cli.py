@@ -375,6 +375,8 @@ def serve(
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
 def index(
     corpus: Annotated[
         Path,
