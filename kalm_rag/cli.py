@@ -377,6 +377,7 @@ def serve(
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+@app.command()
 def index(
     corpus: Annotated[
         Path,
