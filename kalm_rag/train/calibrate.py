@@ -24,23 +24,22 @@ def fit_temperature_and_bias(
 ) -> tuple[float, float]:
     """``(a, b)`` minimising the mean BCE of ``sigmoid(a * logit + b)`` against 0/1 ``labels`` (``a`` kept > 0).
 
-    Positives and negatives get equal total weight, so the fit does not depend on how many negatives each
-    list holds (a list of 100 candidates holds one or two positives): P = 0.5 is the point where relevant
-    and irrelevant passages are equally likely a priori.
+    Plain Platt scaling: every labelled pair counts once, so ``sigmoid`` of the result estimates how often a
+    passage with that score is relevant among candidates like the dev lists' (a first stage's top 100).
+    Weighting the classes equally instead would move the bias by the log prior odds and overstate every
+    probability (measured: expected calibration error 0.03-0.05 before such a fit, 0.13-0.15 after).
     """
     z = torch.tensor(list(logits), dtype=torch.float64)
     y = torch.tensor(list(labels), dtype=torch.float64)
     if z.numel() == 0 or y.min() == y.max():
         raise ValueError("calibration needs both relevant and irrelevant examples")
-    n_pos = float(y.sum())
-    weights = torch.where(y > 0, 0.5 / n_pos, 0.5 / (len(y) - n_pos))
     log_a = torch.zeros((), dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_a, b], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = (weights * F.binary_cross_entropy_with_logits(log_a.exp() * z + b, y, reduction="none")).sum()
+        loss = F.binary_cross_entropy_with_logits(log_a.exp() * z + b, y)
         loss.backward()
         return loss
 
@@ -91,6 +90,17 @@ def calibration_report(probabilities: Sequence[float], labels: Sequence[int], *,
             else math.nan
         ),
     )
+
+
+def first_lists_per_source(dev: list, n: int) -> list:
+    """The first ``n`` dev lists of each source, in their order (a smaller, still balanced calibration set)."""
+    taken: dict[str, int] = {}
+    out = []
+    for dq in dev:
+        if taken.get(dq.source, 0) < n:
+            out.append(dq)
+            taken[dq.source] = taken.get(dq.source, 0) + 1
+    return out
 
 
 def calibrate_checkpoint(checkpoint: Path, dev: list, cache, *, ratio: int = 4) -> dict:

@@ -225,6 +225,9 @@ def calibrate(
     data_dir: DataDir,
     cache_dir: CacheDir = DEFAULT_CACHE,
     ratio: Annotated[int, typer.Option(min=1, max=32, help="Ratio the logits are collected at.")] = 4,
+    max_lists: Annotated[
+        int | None, typer.Option(min=1, help="Use only the first N dev lists of each source (N x 100 pairs each).")
+    ] = None,
     threads: Threads = None,
 ) -> None:
     """Fit the checkpoint's score temperature and bias on the dev lists (SQuAD dev, held-out MedQuAD).
@@ -234,14 +237,15 @@ def calibrate(
     """
     import torch
 
-    from kalm_rag.train.calibrate import calibrate_checkpoint
+    from kalm_rag.train.calibrate import calibrate_checkpoint, first_lists_per_source
     from kalm_rag.train.prepare import prepare as run_prepare
 
     _logging()
     if threads:
         torch.set_num_threads(threads)
     data, cache = run_prepare(data_dir, cache_dir, threads=threads)
-    result = calibrate_checkpoint(checkpoint, data.dev, cache, ratio=ratio)
+    dev = data.dev if max_lists is None else first_lists_per_source(data.dev, max_lists)
+    result = calibrate_checkpoint(checkpoint, dev, cache, ratio=ratio)
     typer.echo(json.dumps(result, indent=2))
 
 
