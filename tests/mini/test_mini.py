@@ -306,8 +306,9 @@ CASES = [
         ],
     ),
 ]
-# (question, ratio) pairs the shipped checkpoint gets wrong (0.1 missed the plants case at every ratio; 0.3 none).
-KNOWN_MISSES: set[tuple[str, int]] = set()
+# (question, ratio) pairs the shipped checkpoint gets wrong (0.1 missed the plants case at every ratio, 0.3 none;
+# 1.0 misses it at every ratio again: "Many animals eat plants as their main food." comes first).
+KNOWN_MISSES: set[tuple[str, int]] = {("How do plants make their food?", r) for r in (1, 4, 16)}
 
 
 def case_params() -> list:
@@ -438,11 +439,23 @@ ECHO_CASES = [
 
 
 # kalm-mini 0.3 (the embedded weights until 1.0 lands) was never trained on echoes or passages over 256 tokens.
-PRE_1_0 = pytest.mark.xfail(strict=False, reason="kalm-mini 0.3 weights; kalm-mini 1.0 is trained for this")
+# The echo cases kalm-mini 1.0 still loses (14 of the 20 pass).
+ECHO_MISSES = {
+    "What is the capital of France?",
+    "Who wrote Pride and Prejudice?",
+    "Which language has the most native speakers?",
+    "What is the speed of sound in air?",
+    "How many bones are in the adult human body?",
+    "What year did the Berlin Wall fall?",
+}
 
 
-@PRE_1_0
-@pytest.mark.parametrize(("query", "answer", "echo"), ECHO_CASES, ids=[c[0] for c in ECHO_CASES])
+def echo_params() -> list:
+    miss = pytest.mark.xfail(strict=False, reason="kalm-mini 1.0 ranks this echo above the answer")
+    return [pytest.param(*case, marks=[miss] if case[0] in ECHO_MISSES else [], id=case[0]) for case in ECHO_CASES]
+
+
+@pytest.mark.parametrize(("query", "answer", "echo"), echo_params())
 def test_the_answer_beats_an_echo_of_the_question(rr: Reranker, query: str, answer: str, echo: str) -> None:
     answer_score, echo_score = rr.score(query, [answer, echo])
     assert answer_score > echo_score, (answer_score, echo_score)
