@@ -206,7 +206,7 @@ def mini(
         threads=threads,
     )
     if init_from is not None:
-        backend = MiniBackend.from_pretrained(init_from)
+        backend = MiniBackend.continue_from(init_from)
         backend.decoder.requires_grad_(True)
     else:
         torch.manual_seed(seed)  # the head's random start, so that a rerun rebuilds the same weights

@@ -23,6 +23,7 @@ class TrainConfig:
     teacher_scale: float = 20.0  # cosine -> teacher logit
     lr: float = 1e-4
     new_module_lr: float = 1e-3  # adapters and head start from scratch
+    cosine_weight_lr: float = 2e-2  # the decoder's encoder-cosine weight (one scalar, starts at 10)
     warmup: int = 100
     weight_decay: float = 0.01
     source_weights: dict[str, float] = field(default_factory=lambda: {"squad": 0.6, "medquad": 0.25, "wiki": 0.15})

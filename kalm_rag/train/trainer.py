@@ -171,12 +171,13 @@ class MiniTask:
     def param_groups(self) -> list[dict]:
         dec = self.backend.decoder
         new = list(dec.adapters.parameters()) + list(dec.head.parameters())
-        if getattr(dec, "prior", None) is not None:
-            new.append(dec.prior)
-        layers = list(dec.layers.parameters())
-        if getattr(dec, "relevance", None) is not None:  # initialised to a useful reading: the slow LR
-            layers += list(dec.relevance.parameters())
-        return [{"params": layers, "lr": self.cfg.lr}, {"params": new, "lr": self.cfg.new_module_lr}]
+        layers = list(dec.layers.parameters()) + list(dec.relevance.parameters())  # start useful: the slow LR
+        return [
+            {"params": layers, "lr": self.cfg.lr},
+            {"params": new, "lr": self.cfg.new_module_lr},
+            # one scalar on a scale of ~10: Adam moves it by ~lr a step, so it needs its own LR (and no decay)
+            {"params": [dec.cosine_weight], "lr": self.cfg.cosine_weight_lr, "weight_decay": 0.0},
+        ]
 
     def _query_segment(self, query: str) -> list[int]:
         if query not in self._qcache:

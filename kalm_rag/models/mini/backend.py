@@ -124,6 +124,10 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
             )
 
 
+#: Decoder parameters added after kalm-mini 1.0 (a checkpoint saved before them can be continued from).
+ADDED_PARAMETERS = frozenset({"cosine_weight"})
+
+
 class MiniBackend(FBNLBackend):
     """kalm-mini as an engine backend.
 
@@ -197,6 +201,22 @@ class MiniBackend(FBNLBackend):
             decoder,
             weights_id=f"kalm-mini-{digest[:16]}-{config_digest}+{spec.distribution}=={encoder_version(spec)}",
         )
+
+    @classmethod
+    def continue_from(cls, folder: str | os.PathLike[str], *, device: torch.device | None = None) -> MiniBackend:
+        """A checkpoint to continue training from, fp32: parameters the architecture gained since it was saved
+        (:data:`ADDED_PARAMETERS`) start at their config's initial value; any other difference is refused."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        folder = Path(folder)
+        config, state, digest = read_checkpoint(folder)
+        encoder, tokenizer = load_encoder(config, device=device, dtype=torch.float32)
+        decoder = MiniDecoder(config)
+        expected = decoder.state_dict()
+        state = {**{k: v for k, v in expected.items() if k in ADDED_PARAMETERS and k not in state}, **state}
+        check_state_dict(state, expected, str(folder / "model.safetensors"))
+        decoder.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        decoder.to(device)
+        return cls(config, encoder, tokenizer, decoder, weights_id=f"kalm-mini-{digest[:16]}-continued")
 
     @classmethod
     def fresh(cls, config: MiniConfig | None = None, *, device: torch.device | None = None) -> MiniBackend:

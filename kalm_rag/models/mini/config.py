@@ -53,6 +53,10 @@ class MiniConfig:
     relevance_temperature_init: float = 10.0
     relevance_sink_init: float = 5.0
     relevance_scale_init: float = 10.0  # head weight . value bias at step 0: logit change per unit of mass
+    # Encoder-cosine skip: the logit gets ``cosine_weight * cos(mean query state, mean passage window)``, the
+    # encoder's own bi-encoder score, so the decoder learns what cosine similarity misses (a learned weight;
+    # this is its start, on the scale of the MiniLM teacher's 20 * cosine).
+    cosine_weight_init: float = 10.0
     # Calibration: the reported logit is score_scale * head(...) + score_bias (fitted after training on held-in
     # data; 1 and 0 leave the head's logit as it is).
     score_scale: float = 1.0

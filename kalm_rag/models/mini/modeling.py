@@ -13,8 +13,10 @@ states live in one space, and the MEP-pooled passage vectors ``(B, W, d)`` from 
    tokens attend to the concatenation of the instruction tokens' states, the passage windows (through a
    per-layer LayerNorm + linear adapter) and their own states, with one set of key/value projections, as
    T5Gemma 2 does. The instruction tokens attend only to themselves, so their states are computed once;
-4. the head: a linear map of the mean of the query tokens' final states gives the relevance logit, then the
-   calibration ``score_scale * logit + score_bias``.
+4. the head: a linear map of the mean of the query tokens' final states, plus the encoder-cosine skip
+   ``cosine_weight * cos(mean of the query's input states, whole-passage window)`` (the frozen encoder's own
+   bi-encoder score, so the layers learn what it misses), gives the relevance logit, then the calibration
+   ``score_scale * logit + score_bias``.
 
 At inference every layer's passage keys/values come from one fused matrix product
 (:func:`fused_passage_kv_weights`). Follows karpathy/nanoGPT ``model.py`` (shape comments) and transformers
@@ -154,6 +156,17 @@ def with_summary_window(passages: torch.Tensor, passage_mask: torch.Tensor) -> t
     return torch.cat([summary, passages], dim=1), torch.cat([ones, passage_mask], dim=1)
 
 
+def encoder_cosine(h_query: torch.Tensor, query_mask: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """Cosine ``(B,)`` of the mean query state ``(B, Tq, d)`` (mask ``(B, Tq)``) and the whole-passage window ``(B, d)``.
+
+    Mean pooling of MiniLM's states is how all-MiniLM-L6-v2 embeds text, so this is (up to the query's dropped
+    ``[CLS]``) the encoder's own bi-encoder score.
+    """
+    w = query_mask.to(h_query.dtype).unsqueeze(-1)  # (B, Tq, 1)
+    q = (h_query * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)  # (B, d)
+    return F.cosine_similarity(q, summary, dim=-1)  # (B,)
+
+
 @torch.no_grad()
 def fused_passage_kv_weights(layers: nn.ModuleList, adapters: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
     """Every layer's passage key/value map folded into one linear map of the *normalised* passage vectors.
@@ -184,6 +197,7 @@ class MiniDecoder(nn.Module):
         self.adapters = nn.ModuleList(PassageAdapter(config) for _ in range(config.num_layers))
         self.relevance = RelevanceAttention(config)
         self.head = nn.Linear(config.hidden_size, 1)
+        self.cosine_weight = nn.Parameter(torch.full((1,), config.cosine_weight_init))
         # (parameter versions, fused passage K/V weights): rebuilt by fused_weights() when a parameter changes
         self._fused: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         with torch.no_grad():
@@ -210,6 +224,7 @@ class MiniDecoder(nn.Module):
             passage_mask: 1 for real windows ``(B, W)``.
         """
         passages, passage_mask = with_summary_window(passages, passage_mask)  # (B, 1+W, d), (B, 1+W)
+        cosine = encoder_cosine(h_query, query_mask, passages[:, 0])  # (B,): before any layer reads the query
         relevance = self.relevance(h_query, passages, passage_mask)  # (B, Tq, d): what each token read
         B = h_query.shape[0]
         Ti = h_instr.shape[1]
@@ -224,7 +239,7 @@ class MiniDecoder(nn.Module):
         h_query = h_query + relevance  # (B, Tq, d)
         w = query_mask.to(h_query.dtype).unsqueeze(-1)  # (B, Tq, 1)
         h_out = (h_query * w).sum(dim=1) / w.sum(dim=1)  # (B, d): mean of the query tokens
-        logits = self.head(h_out).squeeze(-1).float()  # (B,)
+        logits = (self.head(h_out).squeeze(-1) + self.cosine_weight * cosine).float()  # (B,)
         return self.config.score_scale * logits + self.config.score_bias
 
     def passage_kvs(self, passages: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
