@@ -42,20 +42,55 @@ def test_default_is_kalm_mini(rr: Reranker) -> None:
     assert (EMBEDDED_DIR / "README.md").is_file()
 
 
-def test_shipped_checkpoint_is_fbnl_without_a_similarity_term(rr: Reranker) -> None:
-    assert not hasattr(rr.backend.decoder, "prior")  # no learned cosine term on top of the decoder
-    # the score comes from the head alone: zeroing it leaves nothing that compares query and passage
+def minilm_embeddings(texts: list[str], *, drop_cls: bool = False) -> torch.Tensor:
+    """Mean-pooled all-MiniLM-L6-v2 embeddings ``(N, d)`` with plain transformers calls (the reference)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from kalm_rag.models.mini import MiniConfig, encoder_dir
+
+    path = encoder_dir(MiniConfig().encoder_spec)
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state  # (N, T, d)
+    m = enc["attention_mask"].unsqueeze(-1).float()  # (N, T, 1)
+    if drop_cls:
+        h, m = h[:, 1:], m[:, 1:]
+    return (h * m).sum(1) / m.sum(1)
+
+
+def test_shipped_score_is_the_decoder_head_plus_the_encoder_cosine_skip(rr: Reranker) -> None:
+    # With the head's weight zeroed the decoder's layers no longer reach the score: what is left must be the
+    # documented skip, score_scale * (head bias + cosine_weight * MiniLM cosine) + score_bias, computed here
+    # with plain transformers calls (query: its tokens and [SEP], the [CLS] dropped; passage: all its states).
     q = "What is the capital of France?"
-    head = rr.backend.decoder.head
+    passages = PASSAGES[:4]  # short: one window, so ratio 1 holds every token state
+    dec, cfg = rr.backend.decoder, rr.backend.config
+    assert dec.cosine_weight.item() > 1.0  # the skip is in use, on a scale where it matters
+    head = dec.head
     saved = head.weight.detach().clone()
     try:
         with torch.no_grad():
             head.weight.zero_()
-        margins = rr.score(q, PASSAGES, return_margin=True)
-        assert max(margins) - min(margins) == 0.0
+        got = torch.tensor(rr.score(q, passages, ratio=1, return_margin=True))
     finally:
         with torch.no_grad():
             head.weight.copy_(saved)
+    query = minilm_embeddings([q], drop_cls=True)  # (1, d)
+    cos = torch.nn.functional.cosine_similarity(query, minilm_embeddings(passages), dim=-1)  # (4,)
+    want = cfg.score_scale * (head.bias.item() + dec.cosine_weight.item() * cos) + cfg.score_bias
+    assert torch.allclose(got, want, atol=1e-3), (got, want)
+    # the decoder's layers are more than a correction of the cosine: alone, they still find the answer
+    with torch.no_grad():
+        saved_w = dec.cosine_weight.detach().clone()
+        dec.cosine_weight.zero_()
+    try:
+        decoder_alone = rr.score(q, PASSAGES, ratio=4, return_margin=True)
+    finally:
+        with torch.no_grad():
+            dec.cosine_weight.copy_(saved_w)
+    assert max(decoder_alone) - min(decoder_alone) > 0.5
+    assert decoder_alone[0] == max(decoder_alone)
 
 
 def test_named_load_matches_default(rr: Reranker) -> None:

@@ -458,3 +458,74 @@ def test_rows_in_length_chunks_give_the_logits_of_one_batch(backend: MiniBackend
     x = torch.tensor([ids])
     want = backend.encode(x, torch.ones_like(x))[0]
     torch.testing.assert_close(cache.get(texts[-1])[:512], want.float(), atol=2e-2, rtol=0)  # fp16 cache
+
+
+def test_training_continues_from_a_checkpoint_saved_before_the_cosine_skip(
+    backend: MiniBackend, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from kalm_rag.errors import ModelLoadError
+
+    backend.save_pretrained(tmp_path / "old", weights_dtype=torch.float32)
+    state = load_file(str(tmp_path / "old" / "model.safetensors"))
+    del state["cosine_weight"]  # a kalm-mini 1.0 checkpoint has no skip
+    save_file(state, str(tmp_path / "old" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="missing"):
+        MiniBackend.from_pretrained(tmp_path / "old")  # inference loading stays strict
+    continued = MiniBackend.continue_from(tmp_path / "old")
+    assert continued.decoder.cosine_weight.item() == MiniConfig().cosine_weight_init
+    for key, value in state.items():
+        assert torch.equal(continued.decoder.state_dict()[key], value), key
+    del state["head.bias"]  # anything else missing is a damaged checkpoint, not an older one
+    save_file(state, str(tmp_path / "old" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="head.bias"):
+        MiniBackend.continue_from(tmp_path / "old")
+
+
+def test_the_instruction_is_encoded_once_per_instruction(backend: MiniBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    rr = Reranker(backend)
+    texts = [ARTICLES["Mercury (planet)"][3], ARTICLES["Marie Curie"][3]]
+    rr.score("Which planet is smallest?", texts)  # warm: the default instruction is cached
+    calls: list[int] = []
+    encode = backend.encode_segments
+
+    def spy(segments, prefix=()):
+        calls.append(len(segments))
+        return encode(segments, prefix)
+
+    monkeypatch.setattr(backend, "encode_segments", spy)
+    first = rr.score("Which planet is smallest?", texts, return_margin=True)
+    assert len(calls) == 1  # the query alone
+    other = rr.score("Which planet is smallest?", texts, instruction="Find the biography.", return_margin=True)
+    assert len(calls) == 3  # a new instruction is encoded (and the query)
+    assert other != first  # and used
+    again = rr.score("Which planet is smallest?", texts, return_margin=True)
+    assert len(calls) == 4 and again == first
+
+
+@pytest.mark.parametrize("same_query", [False, True])
+def test_folded_passage_attention_equals_the_training_path(backend: MiniBackend, same_query: bool) -> None:
+    # inference folds the passage key/value maps into the query side when that is cheaper (short queries,
+    # many passage vectors) and shares the first layer's query projections when every row is the same query
+    dec = copy.deepcopy(backend.decoder).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for adapter in dec.adapters:  # not the identity start
+            adapter.norm.weight.add_(0.3 * torch.randn(adapter.norm.weight.shape, generator=g))
+            adapter.proj.bias.add_(0.1 * torch.randn(adapter.proj.bias.shape, generator=g))
+    passages = torch.randn(3, 40, 384, generator=g)
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 25:], mask[2, 3:] = 0, 0
+    h_instr = torch.randn(1, 4, 384, generator=g)
+    if same_query:
+        h_query, q_mask = torch.randn(1, 6, 384, generator=g).expand(3, -1, -1), torch.ones(3, 6, dtype=torch.long)
+    else:
+        h_query = torch.randn(3, 6, 384, generator=g)
+        q_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    assert dec.folding_pays(6, 41) and not dec.folding_pays(40, 41)
+    with torch.enable_grad():
+        slow = dec(h_instr, h_query.contiguous(), q_mask, passages, mask)
+    with torch.no_grad():
+        fast = dec(h_instr, h_query, q_mask, passages, mask)
+    assert torch.allclose(slow, fast, atol=1e-4), (slow - fast).abs().max()

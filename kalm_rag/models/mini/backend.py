@@ -161,6 +161,7 @@ class MiniBackend(FBNLBackend):
         self.encoder_id = f"{spec.distribution}-{encoder_version(spec)}"
         #: Passages cut to the token limit so far (text past ``max_tokens`` is not read).
         self.passages_cut = 0
+        self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def passage_encoder_id(self) -> str:
@@ -205,7 +206,8 @@ class MiniBackend(FBNLBackend):
     @classmethod
     def continue_from(cls, folder: str | os.PathLike[str], *, device: torch.device | None = None) -> MiniBackend:
         """A checkpoint to continue training from, fp32: parameters the architecture gained since it was saved
-        (:data:`ADDED_PARAMETERS`) start at their config's initial value; any other difference is refused."""
+        (:data:`ADDED_PARAMETERS`) start at their config's initial value; any other difference is refused.
+        """
         device = torch.device("cpu") if device is None else torch.device(device)
         folder = Path(folder)
         config, state, digest = read_checkpoint(folder)
@@ -353,6 +355,19 @@ class MiniBackend(FBNLBackend):
         P, T = len(prefix), max(len(seg) for seg in segments)
         return h[rows, P : P + T].to(self.dtype), mask[rows, P : P + T]  # (B, T, d), (B, T)
 
+    def instruction_states(self, instruction_ids: Sequence[int]) -> torch.Tensor:
+        """Encoder states ``(1, Ti, d)`` of ``[CLS] instruction [SEP]``, kept for the few instructions in use
+        (the encoder is frozen, so they never change; most calls use the default instruction).
+        """
+        key = tuple(int(i) for i in instruction_ids)
+        states = self._instruction_cache.pop(key, None)
+        if states is None:
+            states, _ = self.encode_segments([key])
+        self._instruction_cache[key] = states  # most recent last
+        while len(self._instruction_cache) > 16:
+            self._instruction_cache.pop(next(iter(self._instruction_cache)))
+        return states
+
     def forward_scores(
         self,
         instruction_ids: Sequence[int],
@@ -377,7 +392,7 @@ class MiniBackend(FBNLBackend):
     ) -> torch.Tensor:
         """Relevance logits ``(B,)`` fp32 of one prompt against B passages (see ``FBNLBackend.margins``)."""
         instruction, query = self.split_prompt(prompt_ids)
-        h_instr, _ = self.encode_segments([instruction])  # (1, Ti, d)
+        h_instr = self.instruction_states(instruction)  # (1, Ti, d)
         h_query, query_mask = self.encode_segments([query], prefix=[self.cls_id])  # (1, Tq, d): once per query
         B = passage_vectors.shape[0]
         out = self.decoder(

@@ -25,6 +25,7 @@ At inference every layer's passage keys/values come from one fused matrix produc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -32,6 +33,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kalm_rag.models.mini.config import MiniConfig
+
+
+def linear_rows(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``lin(x)`` for ``x`` ``(B, T, d)``, computed once when every row is the same (``x`` is an expanded
+    ``(1, T, d)``, as the query is at inference before it has read a passage).
+    """
+    if x.shape[0] > 1 and x.stride(0) == 0:
+        return lin(x[:1]).expand(x.shape[0], -1, -1)  # (B, T, d_out)
+    return lin(x)
 
 
 class MergedAttentionLayer(nn.Module):
@@ -59,29 +69,86 @@ class MergedAttentionLayer(nn.Module):
         self,
         x: torch.Tensor,
         x_mask: torch.Tensor,
-        context_k: torch.Tensor | None = None,
-        context_v: torch.Tensor | None = None,
+        context: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x`` ``(B, T, d)`` with mask ``(B, T)``; optional context keys/values ``(B, M, d)`` with mask ``(B, M)``.
+        """``x`` ``(B, T, d)`` with mask ``(B, T)``; optional context ``[(keys, values), ...]``, each ``(B, M_i, d)``,
+        whose concatenation ``(B, M, d)`` has mask ``context_mask`` ``(B, M)``.
 
         The context keys/values are this layer's ``key``/``value`` projections of the context vectors,
-        computed by the caller so that shared or fused parts are computed once.
+        computed by the caller so that shared or fused parts are computed once; the parts are joined here in
+        one copy.
         """
         B, T, C = x.shape
         hs = C // self.n_head
-        k, v = self.key(x), self.value(x)  # (B, T, d)
+        k, v = linear_rows(self.key, x), linear_rows(self.value, x)  # (B, T, d)
         src_mask = x_mask
-        if context_k is not None and context_v is not None and context_mask is not None:
-            k = torch.cat([context_k, k], dim=1)  # (B, M+T, d)
-            v = torch.cat([context_v, v], dim=1)  # (B, M+T, d)
+        if context:
+            assert context_mask is not None, "context needs its mask"
+            k = torch.cat([*(ck.expand(B, -1, -1) for ck, _ in context), k], dim=1)  # (B, M+T, d)
+            v = torch.cat([*(cv.expand(B, -1, -1) for _, cv in context), v], dim=1)  # (B, M+T, d)
             src_mask = torch.cat([context_mask, x_mask], dim=1)  # (B, M+T)
         S = k.shape[1]
-        q = self.query(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        q = linear_rows(self.query, x).reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, S, self.n_head, hs).transpose(1, 2)  # (B, nh, S, hs)
         v = v.view(B, S, self.n_head, hs).transpose(1, 2)  # (B, nh, S, hs)
         allowed = src_mask.bool()[:, None, None, :]  # (B, 1, 1, S): bidirectional, padding hidden
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, nh, T, hs)
+        return self.finish(x, y)
+
+    def forward_folded(
+        self,
+        x: torch.Tensor,
+        x_mask: torch.Tensor,
+        instruction: tuple[torch.Tensor, torch.Tensor],
+        passages_hat: torch.Tensor,
+        passage_mask: torch.Tensor,
+        passage_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """:meth:`forward` with context ``[instruction, (K p, V p)]``, without forming the passage keys/values.
+
+        ``passage_kv = (Wk, bk, Wv, bv)`` map the normalised passage vectors ``passages_hat`` ``(B, P, d)`` to
+        this layer's keys/values (:func:`fused_passage_kv_weights`). Per head, ``q . (Wk p + bk) =
+        (Wk^T q) . p + q . bk`` and ``sum_p a_p (Wv p + bv) = Wv (sum_p a_p p) + (sum_p a_p) bv``: the query
+        side is folded into the weights, which costs ``nh * T`` products per passage vector instead of ``2 * d``
+        (cheaper while ``nh * T < 2 * d``: short queries against many passage vectors). Inference only.
+        """
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        P = passages_hat.shape[1]
+        Wk, bk, Wv, bv = passage_kv
+        heads = lambda t: t.reshape(t.shape[0], -1, nh, hs).transpose(1, 2)  # noqa: E731  (N, S, d) -> (N, nh, S, hs)
+        shared = B > 1 and x.stride(0) == 0  # every row the same query (the first layer): its side once
+        x1 = x[:1] if shared else x  # (B', T, d), B' = 1 or B
+        q = heads(self.query(x1) * hs**-0.5)  # (B', nh, T, hs): the attention scale applied here
+        k_i, v_i = (heads(t) for t in instruction)  # (1, nh, Ti, hs)
+        k_x, v_x = heads(self.key(x1)), heads(self.value(x1))  # (B', nh, T, hs)
+        u = torch.einsum("bhts,hsd->bhtd", q, Wk.view(nh, hs, C))  # (B', nh, T, d): the key map folded in
+        if shared:  # one product against every passage vector of the batch
+            s_p = (u.reshape(nh * T, C) @ passages_hat.reshape(B * P, C).T).view(nh, T, B, P).permute(2, 0, 1, 3)
+        else:
+            s_p = (u.reshape(B, nh * T, C) @ passages_hat.transpose(1, 2)).view(B, nh, T, P)  # (B, nh, T, P)
+        s_p = s_p + (q * bk.view(1, nh, 1, hs)).sum(-1, keepdim=True)  # + q . bk
+        s_i, s_x = q @ k_i.transpose(-1, -2), q @ k_x.transpose(-1, -2)  # (B', nh, T, Ti), (B', nh, T, T)
+        scores = torch.cat([s_i.expand(B, -1, -1, -1), s_p, s_x.expand(B, -1, -1, -1)], dim=-1)  # (B, nh, T, S)
+        Ti = k_i.shape[2]
+        allowed = torch.cat(
+            [torch.ones_like(x_mask[:, :1]).expand(B, Ti), passage_mask.to(x_mask.dtype), x_mask], dim=1
+        ).bool()[:, None, None, :]  # (B, 1, 1, S)
+        a = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)  # (B, nh, T, S)
+        a_i, a_p, a_x = a.split([Ti, P, T], dim=-1)
+        read = (a_p.reshape(B, nh * T, P) @ passages_hat).view(B, nh, T, C)  # (B, nh, T, d): sum_p a_p p
+        y = a_i @ v_i + a_x @ v_x.expand(B, -1, -1, -1)  # (B, nh, T, hs)
+        y = (
+            y
+            + torch.einsum("bhtd,hsd->bhts", read, Wv.view(nh, hs, C))
+            + a_p.sum(-1, keepdim=True) * bv.view(1, nh, 1, hs)
+        )
+        return self.finish(x, y)
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Attention output ``y`` ``(B, nh, T, hs)`` -> output projection, residual, LayerNorm, FFN ``(B, T, d)``."""
+        B, T, C = x.shape
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, d)
         x = self.attn_norm(x + self.dropout(self.attn_out(y)))
         x = self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
@@ -136,13 +203,15 @@ class RelevanceAttention(nn.Module):
     def forward(self, x: torch.Tensor, passages: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
         """Query states ``(B, T, d)`` and passage vectors ``(B, W, d)`` with mask ``(B, W)`` -> ``(B, T, d)``."""
         B, T, _ = x.shape
-        q = F.normalize(self.query(x), dim=-1)  # (B, T, d)
+        q = F.normalize(linear_rows(self.query, x), dim=-1)  # (B, T, d)
         k = F.normalize(self.key(passages), dim=-1)  # (B, W, d)
         logits = self.temperature * (q @ k.transpose(-1, -2))  # (B, T, W)
         logits = logits.masked_fill(~passage_mask.bool()[:, None, :], float("-inf"))
         sink = self.sink.to(logits.dtype).expand(B, T, 1)  # (B, T, 1)
         attn = torch.softmax(torch.cat([sink, logits], dim=-1), dim=-1)[..., 1:]  # (B, T, W): sink dropped
-        return attn @ self.value(passages)  # (B, T, d)
+        # attn @ value(passages), mapped after the mixing: T query tokens are far fewer than W windows
+        read = attn @ passages  # (B, T, d)
+        return F.linear(read, self.value.weight) + attn.sum(dim=-1, keepdim=True) * self.value.bias  # (B, T, d)
 
 
 def with_summary_window(passages: torch.Tensor, passage_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +226,7 @@ def with_summary_window(passages: torch.Tensor, passage_mask: torch.Tensor) -> t
 
 
 def encoder_cosine(h_query: torch.Tensor, query_mask: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-    """Cosine ``(B,)`` of the mean query state ``(B, Tq, d)`` (mask ``(B, Tq)``) and the whole-passage window ``(B, d)``.
+    """Cosine ``(B,)`` of the mean query state ``(B, Tq, d)`` (mask ``(B, Tq)``) and the passage summary ``(B, d)``.
 
     Mean pooling of MiniLM's states is how all-MiniLM-L6-v2 embeds text, so this is (up to the query's dropped
     ``[CLS]``) the encoder's own bi-encoder score.
@@ -230,17 +299,36 @@ class MiniDecoder(nn.Module):
         Ti = h_instr.shape[1]
         instr_mask = torch.ones((1, Ti), dtype=query_mask.dtype, device=query_mask.device)  # (1, Ti)
         ctx_mask = torch.cat([instr_mask.expand(B, -1), passage_mask.to(query_mask.dtype)], dim=1)  # (B, Ti+1+W)
-        for layer, (k_p, v_p) in zip(self.layers, self.passage_kvs(passages), strict=True):
-            # instruction keys/values: computed once, shared by every row
-            k_i, v_i = layer.key(h_instr).expand(B, -1, -1), layer.value(h_instr).expand(B, -1, -1)  # (B, Ti, d)
-            ctx_k, ctx_v = torch.cat([k_i, k_p], dim=1), torch.cat([v_i, v_p], dim=1)  # (B, Ti+1+W, d)
-            h_query = layer(h_query, query_mask, ctx_k, ctx_v, ctx_mask)  # (B, Tq, d)
-            h_instr = layer(h_instr, instr_mask)  # (1, Ti, d): the instruction never sees a passage
+        if not torch.is_grad_enabled() and self.folding_pays(h_query.shape[1], passages.shape[1]):
+            x_hat = F.layer_norm(passages, passages.shape[-1:], eps=self.config.layer_norm_eps)  # (B, 1+W, d)
+            W, b = self.fused_weights()
+            d = self.config.hidden_size
+            W, b = W.view(len(self.layers), 2, d, d), b.view(len(self.layers), 2, d)  # [layer, k/v]
+            for i, folded in enumerate(cast(list[MergedAttentionLayer], self.layers)):
+                k_i, v_i = folded.key(h_instr), folded.value(h_instr)  # (1, Ti, d)
+                h_query = folded.forward_folded(
+                    h_query, query_mask, (k_i, v_i), x_hat, passage_mask, (W[i, 0], b[i, 0], W[i, 1], b[i, 1])
+                )  # (B, Tq, d)
+                h_instr = folded(h_instr, instr_mask)  # (1, Ti, d)
+        else:
+            for layer, (k_p, v_p) in zip(self.layers, self.passage_kvs(passages), strict=True):
+                # instruction keys/values: computed once, shared by every row
+                k_i, v_i = layer.key(h_instr), layer.value(h_instr)  # (1, Ti, d)
+                h_query = layer(h_query, query_mask, [(k_i, v_i), (k_p, v_p)], ctx_mask)  # (B, Tq, d)
+                h_instr = layer(h_instr, instr_mask)  # (1, Ti, d): the instruction never sees a passage
         h_query = h_query + relevance  # (B, Tq, d)
         w = query_mask.to(h_query.dtype).unsqueeze(-1)  # (B, Tq, 1)
         h_out = (h_query * w).sum(dim=1) / w.sum(dim=1)  # (B, d): mean of the query tokens
         logits = (self.head(h_out).squeeze(-1) + self.cosine_weight * cosine).float()  # (B,)
         return self.config.score_scale * logits + self.config.score_bias
+
+    def folding_pays(self, query_tokens: int, passage_vectors: int) -> bool:
+        """Whether :meth:`MergedAttentionLayer.forward_folded` costs fewer products than forming passage keys/values.
+
+        Per row and layer, folded: ``2 * nh * Tq * P * d + 2 * Tq * d^2`` multiply-adds; explicit: ``2 * P * d^2``.
+        """
+        nh, d = self.config.num_attention_heads, self.config.hidden_size
+        return nh * query_tokens * passage_vectors + query_tokens * d < passage_vectors * d
 
     def passage_kvs(self, passages: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's passage keys and values ``(B, W, d)``; one fused product at inference."""
