@@ -88,6 +88,11 @@ def _source_weights(text: str | None) -> dict[str, float]:
 DEFAULT_CACHE = default_cache_dir()
 
 
+def _read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when there is none."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("bm25s").setLevel(logging.WARNING)
@@ -213,7 +218,15 @@ def mini(
         backend = MiniBackend.fresh(MiniConfig())
     data, cache = run_prepare(data_dir, cache_dir, threads=threads)  # after the options are known to be valid
     teacher = BiEncoderTeacher(backend, cache, scale=cfg.teacher_scale) if distill > 0 else None
-    summary = train(MiniTask(backend, cache, cfg), data, cfg, out, teacher, manifest=training_manifest(data))
+    manifest = training_manifest(data)
+    if init_from is not None:  # the start's own training is part of these weights' provenance
+        earlier = Path(init_from) / "training.json"
+        manifest["continued_from"] = {
+            "checkpoint": str(init_from),
+            "dev": _read_json(Path(init_from) / "dev.json"),
+            "training": _read_json(earlier),
+        }
+    summary = train(MiniTask(backend, cache, cfg), data, cfg, out, teacher, manifest=manifest)
     typer.echo(json.dumps(summary))
 
 

@@ -474,19 +474,19 @@ ECHO_CASES = [
 
 
 # kalm-mini 0.3 (the embedded weights until 1.0 lands) was never trained on echoes or passages over 256 tokens.
-# The echo cases kalm-mini 1.0 still loses (14 of the 20 pass).
+# The echo cases kalm-mini 1.1 still loses (14 of the 20 pass).
 ECHO_MISSES = {
     "What is the capital of France?",
     "Who wrote Pride and Prejudice?",
     "Which language has the most native speakers?",
     "What is the speed of sound in air?",
     "How many bones are in the adult human body?",
-    "What year did the Berlin Wall fall?",
+    "What is the chemical symbol for gold?",
 }
 
 
 def echo_params() -> list:
-    miss = pytest.mark.xfail(strict=False, reason="kalm-mini 1.0 ranks this echo above the answer")
+    miss = pytest.mark.xfail(strict=False, reason="kalm-mini 1.1 ranks this echo above the answer")
     return [pytest.param(*case, marks=[miss] if case[0] in ECHO_MISSES else [], id=case[0]) for case in ECHO_CASES]
 
 

@@ -124,7 +124,7 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
             )
 
 
-#: Decoder parameters added after kalm-mini 1.0 (a checkpoint saved before them can be continued from).
+#: Decoder parameters added in kalm-mini 1.1 (a checkpoint saved before them can be continued from).
 ADDED_PARAMETERS = frozenset({"cosine_weight"})
 
 
