@@ -277,7 +277,13 @@ def markdown_tables(results: list[dict], *, title: str, calibration_method: str 
             c = row["calibration"]
             lines.append(
                 f"| {res['dataset']} | {c['pairs']} | {c['positives']} | {c['ece']:.3f} | "
-                f"{c['precision_at_05']:.3f} | {c['recall_at_05']:.3f} | {c['mean_score_relevant']:.3f} | "
+                f"{_share(c['precision_at_05'])} | {c['recall_at_05']:.3f} | {c['mean_score_relevant']:.3f} | "
                 f"{c['mean_score_irrelevant']:.3f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _share(value: float | None) -> str:
+    """A share for the table: three decimals, or "n/a" where it is undefined (no passage scored >= 0.5)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+

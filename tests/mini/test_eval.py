@@ -217,3 +217,22 @@ def test_cosine_from_kalm_minis_stored_states_equals_encoding_again() -> None:
     coarse = Reranker(rr.backend, base_ratio=2)  # pooled states are not token states: encode directly
     coarse.encode(passages)
     assert CosineScorer(stored_from=coarse).stored_embeddings(passages) == {}
+
+
+def test_the_calibration_table_says_na_where_no_score_reaches_one_half(tmp_path: Path) -> None:
+    from kalm_rag.eval.run import evaluate_set, load_eval_set, markdown_tables
+
+    folder = tmp_path / "toy"
+    _write_beir(folder)
+    es = load_eval_set(folder)
+
+    class LowScorer:  # every P(yes) below 0.5: precision at 0.5 is undefined, not a number
+        name, identity, ratio = "model r=4", "model@4", 4
+
+        def __call__(self, query: str, passages: list[str]) -> list[float]:
+            return [-3.0 - i for i, _ in enumerate(passages)]
+
+    result = evaluate_set(es, [LowScorer()], tmp_path / "out")
+    table = markdown_tables([result], title="toy", calibration_method="model r=4")
+    row = next(line for line in table.splitlines() if line.startswith(f"| {result['dataset']} | ") and "n/a" in line)
+    assert "nan" not in table and "| 0.000 |" in row  # recall is defined (0), precision is not
