@@ -286,4 +286,3 @@ def markdown_tables(results: list[dict], *, title: str, calibration_method: str 
 def _share(value: float | None) -> str:
     """A share for the table: three decimals, or "n/a" where it is undefined (no passage scored >= 0.5)."""
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
-
