@@ -110,8 +110,8 @@ class MergedAttentionLayer(nn.Module):
         ``passage_kv = (Wk, bk, Wv, bv)`` map the normalised passage vectors ``passages_hat`` ``(B, P, d)`` to
         this layer's keys/values (:func:`fused_passage_kv_weights`). Per head, ``q . (Wk p + bk) =
         (Wk^T q) . p + q . bk`` and ``sum_p a_p (Wv p + bv) = Wv (sum_p a_p p) + (sum_p a_p) bv``: the query
-        side is folded into the weights, which costs ``nh * T`` products per passage vector instead of ``2 * d``
-        (cheaper while ``nh * T < 2 * d``: short queries against many passage vectors). Inference only.
+        side is folded into the weights (cheaper for short queries against many passage vectors; the decoder
+        picks it with :meth:`MiniDecoder.folding_pays`). Inference only.
         """
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
@@ -298,7 +298,6 @@ class MiniDecoder(nn.Module):
         B = h_query.shape[0]
         Ti = h_instr.shape[1]
         instr_mask = torch.ones((1, Ti), dtype=query_mask.dtype, device=query_mask.device)  # (1, Ti)
-        ctx_mask = torch.cat([instr_mask.expand(B, -1), passage_mask.to(query_mask.dtype)], dim=1)  # (B, Ti+1+W)
         if not torch.is_grad_enabled() and self.folding_pays(h_query.shape[1], passages.shape[1]):
             x_hat = F.layer_norm(passages, passages.shape[-1:], eps=self.config.layer_norm_eps)  # (B, 1+W, d)
             W, b = self.fused_weights()
@@ -311,6 +310,7 @@ class MiniDecoder(nn.Module):
                 )  # (B, Tq, d)
                 h_instr = folded(h_instr, instr_mask)  # (1, Ti, d)
         else:
+            ctx_mask = torch.cat([instr_mask.expand(B, -1), passage_mask.to(query_mask.dtype)], dim=1)  # (B, Ti+1+W)
             for layer, (k_p, v_p) in zip(self.layers, self.passage_kvs(passages), strict=True):
                 # instruction keys/values: computed once, shared by every row
                 k_i, v_i = layer.key(h_instr), layer.value(h_instr)  # (1, Ti, d)
