@@ -35,6 +35,7 @@ import httpx
 import torch
 
 from kalm_rag import Reranker, ScoreRequest
+from kalm_rag.bench.suite import cpu_name
 
 CONCURRENCY = (1, 4, 16, 64)
 _TEXT = (
@@ -114,16 +115,6 @@ def serve_cross_encoder(port: int, threads: int, batch_size: int) -> None:
 
 
 # ----- load generation ---------------------------------------------------------------------------------
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def free_port() -> int:

@@ -290,7 +290,7 @@ def run_suite(cfg: BenchConfig) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=False)
     res = cfg.results
     res["machine"] = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -486,7 +486,8 @@ def _checkpoint(cfg: BenchConfig) -> Path:
     return ckpt
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (else what platform knows), for benchmark reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
