@@ -26,11 +26,15 @@ import typer
 from kalm_rag._version import __version__
 from kalm_rag.paths import user_cache_dir
 
+#: Set to show the full traceback of an error instead of its one-line message.
+DEBUG_ENV = "KALM_RAG_DEBUG"
+
 app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,  # plain click help: no type column (<bool>, <path>), text as written
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # the sub-commands inherit it
 )
 
 
@@ -68,9 +72,14 @@ StoreOption = Annotated[
 RatioOption = Annotated[int, typer.Option("--ratio", "-r", min=1, max=32, help="MEP pooling ratio (1..32).")]
 
 
+def _one_line(message: str) -> str:
+    """``message`` on one line: a user reads one line per error, never a traceback."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def _error(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    typer.echo("Set KALM_RAG_DEBUG=1 for the full traceback.", err=True)
+    typer.echo(f"Error: {_one_line(message)}", err=True)
+    typer.echo(f"Set {DEBUG_ENV}=1 for the full traceback.", err=True)
     raise typer.Exit(code=1)
 
 
@@ -95,32 +104,27 @@ def _read_requests(path: Path) -> list[_Request]:
 
     Each line is ``{"query": str, "passages": [str | {"text": str, "id": str | int}], "top_k"?: int}``.
     """
+    from kalm_rag.data import read_jsonl_numbered
     from kalm_rag.errors import InvalidInputError
     from kalm_rag.validation import check_positive_int, check_text
 
     requests = []
     name = "stdin" if str(path) == "-" else str(path)
-    with sys.stdin if str(path) == "-" else path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{name}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidInputError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or "query" not in row or "passages" not in row:
-                raise InvalidInputError(f"{where}: each line needs 'query' and 'passages'")
-            unknown = sorted(set(row) - set(REQUEST_KEYS))
-            if unknown:
-                raise InvalidInputError(f"{where}: unknown key(s) {unknown}; a line has {list(REQUEST_KEYS)}")
-            try:
-                query = check_text(row["query"], "query")
-                top_k = None if row.get("top_k") is None else check_positive_int(row["top_k"], "top_k")
-                texts, ids = _passage_texts_and_ids(row["passages"])
-            except InvalidInputError as exc:
-                raise InvalidInputError(f"{where}: {exc}") from None
-            requests.append(_Request(where, query, texts, ids, top_k))
+    source = sys.stdin.buffer if str(path) == "-" else path  # bytes: the reader decodes (and names) each line
+    for n, row in read_jsonl_numbered(source, name=name):  # the reader of `kalm-rag index` too: one message
+        where = f"{name}:{n}"
+        if "query" not in row or "passages" not in row:
+            raise InvalidInputError(f"{where}: each line needs 'query' and 'passages'")
+        unknown = sorted(set(row) - set(REQUEST_KEYS))
+        if unknown:
+            raise InvalidInputError(f"{where}: unknown key(s) {unknown}; a line has {list(REQUEST_KEYS)}")
+        try:
+            query = check_text(row["query"], "query")
+            top_k = None if row.get("top_k") is None else check_positive_int(row["top_k"], "top_k")
+            texts, ids = _passage_texts_and_ids(row["passages"])
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{where}: {exc}") from None
+        requests.append(_Request(where, query, texts, ids, top_k))
     return requests
 
 
@@ -212,25 +216,60 @@ def rerank(
             tmp.unlink(missing_ok=True)
 
 
-DEMO_QUERIES = [
-    (
+@dataclass(frozen=True)
+class DemoExample:
+    """One built-in demo query: its passages, which one answers it, and which shares its words without answering."""
+
+    query: str
+    passages: tuple[str, ...]
+    answer: int  # the passage that answers the query (marked with * in the output)
+    distractor: int  # a passage with many of the query's words that does not answer it
+
+
+#: Varied on purpose, each with a lexical distractor; not picked for the model to look good: the demo shows
+#: what the model does, right or wrong.
+DEMO_EXAMPLES = (
+    DemoExample(
         "What is the capital of France?",
-        [
+        (
             "France is famous for its cheese, and its capital hosts many museums.",
             "Paris is the capital and largest city of France, on the Seine river.",
             "The capital of Australia is Canberra, not Sydney.",
             "Lyon is a French city known for its cuisine.",
-        ],
+        ),
+        answer=1,
+        distractor=0,
     ),
-    (
+    DemoExample(
         "How do plants make their food?",
-        [
+        (
             "Plants in a garden need water and food to grow well.",
             "Photosynthesis lets plants turn light, water and carbon dioxide into glucose and oxygen.",
             "Many animals eat plants as their main food.",
-        ],
+        ),
+        answer=1,
+        distractor=0,
     ),
-]
+    DemoExample(
+        "Who wrote the novel Pride and Prejudice?",
+        (
+            "Pride and Prejudice was adapted into a film in 2005, with Keira Knightley as Elizabeth Bennet.",
+            "Jane Austen wrote Pride and Prejudice; it was first published anonymously in 1813.",
+            "Charlotte Bronte wrote Jane Eyre, another novel of nineteenth-century England.",
+        ),
+        answer=1,
+        distractor=0,
+    ),
+)
+
+#: What a score means, printed by the demo (and said in docs/concepts.md).
+SCORE_NOTE = (
+    "Score: the model's probability that the passage answers the query, calibrated on lists of about 100\n"
+    "candidates with few relevant ones, so even a right answer often scores well below 0.5. It ranks the\n"
+    "passages of one query; compare scores within a list, not across queries. * marks the passage that\n"
+    "answers the query: a small model such as kalm-mini can rank a passage that only shares the query's\n"
+    "words above it."
+)
 
 
 @app.command()
@@ -239,20 +278,24 @@ def demo(
     store: StoreOption = None,
     ratio: RatioOption = 4,
 ) -> None:
-    """Rerank a few built-in examples with the default model (the README's first command)."""
+    """Rerank a few built-in examples with the default model (the README's first command) and say what the
+    score means. The examples are not picked for the model to look good: * marks the right answer.
+    """
     from kalm_rag import Reranker
 
     try:
         rr = Reranker.from_pretrained(model, store=store, ratio=ratio)
     except Exception as exc:  # no stand-in model: a demo on random weights would show meaningless scores
-        if os.environ.get("KALM_RAG_DEBUG"):
+        if os.environ.get(DEBUG_ENV):
             raise
         _error(f"cannot load the model {model!r}: {exc}")
-    for query, passages in DEMO_QUERIES:
-        rr.encode(passages)
-        typer.echo(f"\nQuery: {query}")
-        for rank, r in enumerate(rr.rerank(query, passages), start=1):
-            typer.echo(f"  {rank}. [{r.score:.3f}] {r.text}")
+    typer.echo(SCORE_NOTE)
+    for example in DEMO_EXAMPLES:
+        rr.encode(list(example.passages))
+        typer.echo(f"\nQuery: {example.query}")
+        for rank, r in enumerate(rr.rerank(example.query, list(example.passages)), start=1):
+            mark = "*" if r.index == example.answer else " "
+            typer.echo(f" {mark}{rank}. [{r.score:.3f}] {r.text}")
     stats = rr.store.stats()
     typer.echo(f"\nstore: {stats['entries']} passages cached, {stats['hits']} hits, {stats['misses']} misses")
 
@@ -430,6 +473,11 @@ def index(
 
     if not store:
         _error("--store is required: sqlite:///path.db (one machine) or redis://host:port/0 (a cluster)")
+    if store.split(":", 1)[0].strip().lower() == "memory":  # the encodings would vanish when the command exits
+        _error(
+            "--store memory:// lives only as long as this command, so the index would be lost at exit; "
+            "use sqlite:///path.db (one machine) or redis://host:port/0 (a cluster)"
+        )
     try:
         report = index_corpus(
             corpus,
@@ -543,9 +591,18 @@ app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point: any error a command lets through is printed as one line (``KALM_RAG_DEBUG=1``: the
+    traceback).
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app()
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        typer.echo(f"Error: {_one_line(str(exc)) or type(exc).__name__}", err=True)
+        typer.echo(f"Set {DEBUG_ENV}=1 for the full traceback.", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -57,31 +57,49 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
         yield row
 
 
-def read_jsonl_numbered(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl_numbered(
+    source: str | Path | IO[bytes], *, name: str | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` for each non-blank line of a JSON-lines file (gzip or plain), numbered from 1.
+
+    The one JSON-lines reader of kalm-rag (``kalm-rag index``, ``kalm-rag rerank``, the BEIR loader): every line
+    is decoded on its own, so an error names the very line where it is.
+
+    Args:
+        source: a file path (``.gz``: gzip), or an open binary stream such as ``sys.stdin.buffer``.
+        name: what errors call the source (default: the path, or ``"stdin"`` for a stream).
 
     Raises:
         InvalidInputError: a line that is not a JSON object (``path:line: not JSON ...``), text that is not
-            UTF-8, or a damaged gzip stream.
+            UTF-8 (``path:line: not UTF-8 text ...``), or a damaged gzip stream.
     """
-    path = Path(path)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as fh:
+            yield from _numbered_rows(fh, name or str(path))
+    else:
+        yield from _numbered_rows(source, name or "stdin")
+
+
+def _numbered_rows(fh: Iterable[bytes], name: str) -> Iterator[tuple[int, dict[str, Any]]]:
     n = 0
     try:
-        with _open_text(path) as fh:
-            for n, line in enumerate(fh, start=1):  # noqa: B007  (n names the line of a decoding error)
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InvalidInputError(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(row, dict):
-                    raise InvalidInputError(f"{path}:{n}: a line must be a JSON object, got {type(row).__name__}")
-                yield n, row
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"{path}:{n + 1}: not UTF-8 text ({exc.reason})") from None
+        for n, raw in enumerate(fh, start=1):  # noqa: B007  (n names the line of a damaged gzip stream)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(f"{name}:{n}: not UTF-8 text ({exc.reason} at byte {exc.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{name}:{n}: not JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise InvalidInputError(f"{name}:{n}: a line must be a JSON object, got {type(row).__name__}")
+            yield n, row
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise InvalidInputError(f"{path}: damaged gzip file after line {n} ({exc})") from None
+        raise InvalidInputError(f"{name}: damaged gzip file after line {n} ({exc})") from None
 
 
 def _require_pyarrow(what: str) -> None:

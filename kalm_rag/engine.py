@@ -29,7 +29,8 @@ from kalm_rag.models.base import FBNLBackend
 from kalm_rag.padding import right_pad, right_pad_vectors
 from kalm_rag.pooling import mep_pool, repool
 from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_PREFIX
-from kalm_rag.store import PassageStore, PooledPassage, open_store, passage_key
+from kalm_rag.reports import EncodeReport
+from kalm_rag.store import PassageStore, PooledPassage, check_store_url, open_store, passage_key
 from kalm_rag.validation import check_passages, check_positive_int, check_ratio, check_stages, check_text
 
 logger = logging.getLogger(__name__)
@@ -75,57 +76,6 @@ class ScoreRequest:
     instruction: str | None = None
     system_instruction: str | None = None
     ratio: int | None = None
-
-
-@dataclass(frozen=True)
-class EncodeReport:
-    """What :meth:`Reranker.encode` did with the passages it was given.
-
-    Attributes:
-        passages: distinct passages asked for (a text given twice counts once).
-        already_present: distinct passages the store already held (skipped: no encoder work).
-        encoded: distinct passages this call ran through the encoder.
-        stored: encoded passages the store kept.
-        not_stored: passages this call should have stored but did not: the store refused or could not be
-            reached (full disk, read-only file, Redis down, hung or full), or, with ``strict=True``, passages
-            left unencoded after such a failure.
-        errors: the distinct store errors met, as messages (passwords masked).
-
-    ``passages == already_present + stored + not_stored`` always holds, and ``ok`` is ``not_stored == 0``.
-    ``int(report)`` is ``encoded``, the number ``encode`` returned in kalm-rag 0.2. Reports add up
-    (``total = first + second``), for a bulk indexer that encodes in chunks.
-
-    Example:
-        >>> EncodeReport(passages=3, already_present=1, encoded=2, stored=2)
-        EncodeReport(passages=3, already_present=1, encoded=2, stored=2, not_stored=0, errors=())
-    """
-
-    passages: int = 0
-    already_present: int = 0
-    encoded: int = 0
-    stored: int = 0
-    not_stored: int = 0
-    errors: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        """Whether every passage asked for is in the store now."""
-        return self.not_stored == 0
-
-    def __int__(self) -> int:
-        return self.encoded
-
-    def __add__(self, other: EncodeReport) -> EncodeReport:
-        if not isinstance(other, EncodeReport):
-            return NotImplemented
-        return EncodeReport(
-            passages=self.passages + other.passages,
-            already_present=self.already_present + other.already_present,
-            encoded=self.encoded + other.encoded,
-            stored=self.stored + other.stored,
-            not_stored=self.not_stored + other.not_stored,
-            errors=tuple(dict.fromkeys(self.errors + other.errors)),
-        )
 
 
 OptionT = TypeVar("OptionT")
@@ -303,6 +253,8 @@ class Reranker:
             storage_dtype: dtype of stored vectors, ``float32`` or ``bfloat16``.
             show_progress_bar: show progress on long encodes; ``None`` follows the logger level.
         """
+        if not isinstance(store, PassageStore):
+            check_store_url(store)  # a misspelt URL fails at once, not after the model has loaded
         torch_device = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype, torch_device)
         backend = load_backend(name_or_path, device=torch_device, dtype=torch_dtype)

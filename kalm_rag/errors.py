@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the engine imports this module; the report type lives there
-    from kalm_rag.engine import EncodeReport
+if TYPE_CHECKING:  # a leaf module like this one: errors never import the engine
+    from kalm_rag.reports import EncodeReport
 
 
 class KalmError(Exception):

@@ -1,7 +1,7 @@
 """Rerank BEIR-format test sets with any model through the Reranker API, next to BM25 and MiniLM cosine.
 
-Examples:
 \b
+Examples:
     kalm-rag eval run ../shared/data/scifact ../shared/data/trec-dl-2019 --out runs/eval-mini
     kalm-rag eval run ../shared/data/nfcorpus --model path/to/KaLM-Reranker-V1-Nano --ratios 4 --out runs/eval-nano
 
@@ -50,12 +50,13 @@ def run(
 
     from kalm_rag.engine import Reranker
     from kalm_rag.eval.rerankers import CosineScorer, RerankerScorer
-    from kalm_rag.eval.run import evaluate_set, load_eval_set, markdown_tables
+    from kalm_rag.eval.run import evaluate_set, load_eval_set, markdown_tables, passages_to_score
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     if threads:
         torch.set_num_threads(threads)
+    eval_sets = [load_eval_set(folder) for folder in datasets]  # a bad folder fails before the model loads
     store_dir = cache_dir / "eval"
     store_dir.mkdir(parents=True, exist_ok=True)
     rr = Reranker.from_pretrained(
@@ -66,16 +67,16 @@ def run(
     scorers: list = [CosineScorer(stored_from=rr)] if cosine else []  # reads the states the model stored
     scorers += [RerankerScorer(rr, r, label=label) for r in ratio_list]
     results = []
-    for folder in datasets:
-        eval_set = load_eval_set(folder)
-        rr.encode(sorted({eval_set.ds.corpus[d] for docs in eval_set.candidates.values() for d in docs}))
+    for eval_set in eval_sets:
+        rr.encode(passages_to_score(eval_set, max_queries=max_queries))  # only the queries evaluated
         results.append(evaluate_set(eval_set, scorers, out / eval_set.name, max_queries=max_queries))
     default = rr.ratio if rr.ratio in ratio_list else ratio_list[0]
     table = markdown_tables(
         results, title=f"{label} ({rr.backend.weights_id})", calibration_method=f"{label} r={default}"
     )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"model": rr.backend.weights_id, "results": results}, indent=2) + "\n")
+    saved = {"model": rr.backend.weights_id, "results": results}
+    (out / "eval.json").write_text(json.dumps(saved, indent=2, allow_nan=False) + "\n")  # strict JSON: no NaN
     (out / "eval.md").write_text(table)
     typer.echo(table)
     rr.close()

@@ -199,6 +199,22 @@ def load_eval_set(folder: str | Path, *, depth: int = 100, name: str | None = No
     return EvalSet(name, ds, candidates, first, source, f"qrels/{split}.tsv", relevant_grade)
 
 
+def evaluated_queries(eval_set: EvalSet, *, max_queries: int | None = None) -> list[str]:
+    """The ids of the queries :func:`evaluate_set` scores: judged, with candidates, the first ``max_queries``."""
+    return [q for q in eval_set.ds.queries if q in eval_set.candidates][:max_queries]
+
+
+def passages_to_score(eval_set: EvalSet, *, max_queries: int | None = None) -> list[str]:
+    """The distinct candidate texts of the evaluated queries (sorted): what the model must encode, no more."""
+    qids = evaluated_queries(eval_set, max_queries=max_queries)
+    return sorted({eval_set.ds.corpus[d] for q in qids for d in eval_set.candidates[q]})
+
+
+def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every NaN (an undefined share, e.g. a precision with nothing predicted) as ``None``."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
+
+
 def evaluate_set(eval_set: EvalSet, scorers: list[Any], out_dir: Path, *, max_queries: int | None = None) -> dict:
     """First stage and every scorer on one set: nDCG@10 and MRR@10 per method, and calibration of model scores.
 
@@ -210,7 +226,7 @@ def evaluate_set(eval_set: EvalSet, scorers: list[Any], out_dir: Path, *, max_qu
 
     ds = eval_set.ds
     out_dir.mkdir(parents=True, exist_ok=True)
-    qids = [q for q in ds.queries if q in eval_set.candidates][:max_queries]
+    qids = evaluated_queries(eval_set, max_queries=max_queries)
     qrels = {q: ds.qrels[q] for q in qids}
     rows: list[dict[str, Any]] = [{"method": "BM25", **metrics(qrels, {q: eval_set.first_stage[q] for q in qids})}]
     for scorer in scorers:
@@ -224,7 +240,7 @@ def evaluate_set(eval_set: EvalSet, scorers: list[Any], out_dir: Path, *, max_qu
                 for d, z in run[q].items():
                     probs.append(1.0 / (1.0 + math.exp(-z)))
                     labels.append(int(ds.qrels[q].get(d, 0) >= eval_set.relevant_grade))
-            row["calibration"] = asdict(calibration_report(probs, labels))
+            row["calibration"] = _json_safe(asdict(calibration_report(probs, labels)))  # undefined: null
         rows.append(row)
         logger.info("%s %s nDCG@10 %.4f", ds.name, scorer.name, row["ndcg@10"])
     return {
@@ -277,12 +293,14 @@ def markdown_tables(results: list[dict], *, title: str, calibration_method: str 
             c = row["calibration"]
             lines.append(
                 f"| {res['dataset']} | {c['pairs']} | {c['positives']} | {c['ece']:.3f} | "
-                f"{_share(c['precision_at_05'])} | {c['recall_at_05']:.3f} | {c['mean_score_relevant']:.3f} | "
-                f"{c['mean_score_irrelevant']:.3f} |"
+                f"{_share(c['precision_at_05'])} | {_share(c['recall_at_05'])} | {_share(c['mean_score_relevant'])} | "
+                f"{_share(c['mean_score_irrelevant'])} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def _share(value: float | None) -> str:
-    """A share for the table: three decimals, or "n/a" where it is undefined (no passage scored >= 0.5)."""
+    """A share for the table: three decimals, or "n/a" where it is undefined (``None``: e.g. no passage scored
+    >= 0.5 for the precision, no relevant passage for the recall).
+    """
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"

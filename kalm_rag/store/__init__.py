@@ -8,6 +8,7 @@ are imported lazily, so ``import kalm_rag`` never imports ``redis``.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -151,9 +152,19 @@ def _plan(url: str | os.PathLike[str] | None, options: dict[str, Any]) -> tuple[
         server_url = base + (f"?{urlencode(rest)}" if rest else "") + fragment
         return "redis", server_url, opts, opts.pop("memory_tier", 0)
     raise StoreConfigError(
-        f"unknown store URL scheme {parsed.scheme!r} in {redact_url(url)!r}; "
+        f"unknown store URL scheme {parsed.scheme!r} in {redact_url(url)!r}{_nearest_scheme(scheme)}; "
         "expected memory://, sqlite:///path.db, redis://host:port/db, rediss:// or unix:///path.sock"
     )
+
+
+#: Every store URL scheme, for the suggestion after a typo.
+SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix")
+
+
+def _nearest_scheme(scheme: str) -> str:
+    """``" (did you mean sqlite://?)"`` for the scheme closest to a misspelt one, or ``""``."""
+    close = difflib.get_close_matches(scheme, SCHEMES, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}://?)" if close else ""
 
 
 def _checked(given: dict[str, Any], parsers: dict[str, Parser], scheme: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Rebuild kalm-mini (and its cross-encoder baseline) from the training material.
 
-Examples:
 \b
+Examples:
     kalm-rag train prepare --data-dir ../shared/data                 # groups + BM25 negatives + encoder cache
     kalm-rag train mini --data-dir ../shared/data --out runs/mini    # train kalm-mini (runs prepare if needed)
     kalm-rag train export runs/mini/best --target kalm_rag/weights/kalm-mini   # into a source checkout

@@ -236,3 +236,44 @@ def test_the_calibration_table_says_na_where_no_score_reaches_one_half(tmp_path:
     table = markdown_tables([result], title="toy", calibration_method="model r=4")
     row = next(line for line in table.splitlines() if line.startswith(f"| {result['dataset']} | ") and "n/a" in line)
     assert "nan" not in table and "| 0.000 |" in row  # recall is defined (0), precision is not
+
+
+def test_the_calibration_json_stores_an_undefined_share_as_null(tmp_path: Path) -> None:
+    """Issue #23, item 16: NaN is not JSON; an undefined precision is null in eval.json."""
+    from kalm_rag.eval.run import evaluate_set, load_eval_set
+
+    folder = tmp_path / "toy"
+    _write_beir(folder)
+
+    class LowScorer:  # every P(yes) below 0.5: nothing is predicted relevant, so precision is undefined
+        name, identity, ratio = "model r=4", "model@4", 4
+
+        def __call__(self, query: str, passages: list[str]) -> list[float]:
+            return [-3.0] * len(passages)
+
+    result = evaluate_set(load_eval_set(folder), [LowScorer()], tmp_path / "out")
+    calib = next(r for r in result["rows"] if r["method"] == "model r=4")["calibration"]
+    assert calib["precision_at_05"] is None and calib["recall_at_05"] == 0.0
+    assert json.loads(json.dumps(result, allow_nan=False))["rows"][1]["calibration"]["precision_at_05"] is None
+
+
+def test_eval_run_with_max_queries_encodes_only_their_candidates(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Issue #23, item 12: --max-queries 1 encodes the first query's candidates, not the whole corpus."""
+    from typer.testing import CliRunner
+
+    from kalm_rag.cli import app
+    from kalm_rag.eval.run import evaluated_queries, load_eval_set
+    from kalm_rag.store.sqlite import SQLiteStore
+
+    folder = tmp_path / "pools"
+    _write_beir(folder)
+    (folder / "candidates.tsv").write_text("query-id\tcorpus-id\nq1\td1\nq1\td3\nq2\td2\nq2\td4\n")
+    first = evaluated_queries(load_eval_set(folder), max_queries=1)
+    assert first == ["q1"]
+    argv = ["eval", "run", str(folder), "--out", str(tmp_path / "out"), "--model", str(tiny_checkpoint)]
+    argv += ["--ratios", "4", "--no-cosine", "--max-queries", "1", "--cache-dir", str(tmp_path / "cache")]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    store = SQLiteStore(tmp_path / "cache" / "eval" / "passages.db")
+    assert store.stats()["entries"] == 2  # d1 and d3 (q1's pool); d2 and d4 were never encoded
+    store.close()
