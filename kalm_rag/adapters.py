@@ -57,6 +57,7 @@ __all__ = [
     "encode",
     "handle_from_fields",
     "has_text",
+    "as_kalm_error",
     "kalm_error_in",
     "rank",
     "shared_reranker",
@@ -255,6 +256,17 @@ def kalm_error_in(exc: Exception) -> KalmError | None:
         if isinstance(cause, KalmError):
             return cause
     return None
+
+
+def as_kalm_error(exc: Exception) -> KalmError:
+    """A pydantic ``ValidationError`` as a :class:`~kalm_rag.errors.KalmError`, for the adapters' fields.
+
+    The :class:`~kalm_rag.errors.KalmError` it wraps (:func:`kalm_error_in`), else an
+    :class:`~kalm_rag.errors.InvalidInputError` (also a ``ValueError``, as pydantic's error is) with pydantic's
+    own message, which names each refused field (the adapters raise it ``from`` pydantic's error).
+    """
+    cause = kalm_error_in(exc)
+    return cause if cause is not None else InvalidInputError(str(exc))
 
 
 # ----- ranking and encoding ------------------------------------------------------------------------

@@ -188,3 +188,12 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says():
     assert test.endswith("python -m pytest") and test in ci
     assert ci.index("ruff check .") < ci.index("ruff format --check .") < ci.index("mypy") < ci.rindex(test)
     assert "rm -rf .venv" in ci and "KALM_RAG_REQUIRE_REDIS=1" in ci
+
+
+@pytest.mark.parametrize("leaf", ["errors.py", "reports.py", "_version.py"])
+def test_the_lowest_layer_knows_no_other_kalm_rag_module(leaf: str):
+    # issue #23, item 18: errors.py once imported the engine's EncodeReport (for a type), tying the engine and
+    # everything that raises a KalmError into one import circle; TYPE_CHECKING imports count too
+    own = {"kalm_rag.reports", "kalm_rag.reports.EncodeReport"} if leaf == "errors.py" else set()
+    bad = sorted(n for n in imports(PACKAGE / leaf) if is_under(n, ("kalm_rag",)) and n not in own)
+    assert not bad, f"{leaf} imports {bad}"

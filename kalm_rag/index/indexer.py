@@ -41,7 +41,6 @@ def index_corpus(
     ray_init: dict[str, Any] | None = None,
     show_progress_bar: bool | None = None,
     strict: bool = True,
-    _fault: dict[str, Any] | None = None,
 ) -> IndexReport:
     """Pre-encode every passage of a corpus into a passage store, skipping those already there.
 
@@ -76,7 +75,6 @@ def index_corpus(
         ray_init: extra ``ray.init`` arguments when a local Ray is started (e.g. ``object_store_memory``).
         show_progress_bar: show progress on stderr; ``None`` follows the logger level (INFO shows it).
         strict: raise :class:`IncompleteIndexError` when passages are missing at the end (else only report it).
-        _fault: test hook for the Ray actors (see ``kalm_rag.index.ray_engine``).
 
     Returns:
         An :class:`IndexReport`: rows read, distinct passages, already present, encoded, failed, time, rate.
@@ -158,7 +156,6 @@ def index_corpus(
             ray_address=ray_address,
             ray_init=ray_init,
             show_progress_bar=show_progress_bar,
-            fault=_fault,
         )
     if strict and report.failed:
         reason = report.errors[-1] if report.errors else "unknown error"

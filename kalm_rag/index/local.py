@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from kalm_rag.engine import Reranker
-from kalm_rag.errors import NotStoredError
+from kalm_rag.errors import NotStoredError, StoreError
 from kalm_rag.index.corpus import Counts, check_corpus, unique_passages
 from kalm_rag.index.report import IndexReport, build_report
 
-#: Passages per ``Reranker.encode`` call, in encoder batches: the engine sorts each call by length (less
-#: padding) and writes each encoder batch to the store as soon as it is done (an interruption loses one batch).
+#: Passages read (and sorted by length) at a time, in encoder batches: similar lengths share a batch (less padding),
+#: each batch is its own ``Reranker.encode`` call, written to the store when done (an interruption loses one
+#: batch) and shown on the progress bar at once.
 CHUNK_BATCHES = 16
 
 
@@ -50,26 +51,37 @@ def index_local(
     reranker = load_reranker()
     present = encoded = 0
     errors: list[str] = []
-    bar = tqdm(total=counts.unique, desc="Indexing", unit="passage", disable=not show_progress_bar)
+    bar = tqdm(
+        total=counts.unique, desc="Indexing", unit="passage", disable=not show_progress_bar, dynamic_ncols=True
+    )  # per encoder batch, with tqdm's rate and ETA
     try:
-        for chunk in unique_passages(
+        chunks = unique_passages(
             corpus,
             text_field=text_field,
             title_field=title_field,
             limit=limit,
             chunk_size=reranker.batch_size * CHUNK_BATCHES,
             counts=Counts(),
-        ):
-            try:
-                report = reranker.encode([text for _, text in chunk], strict=True, show_progress_bar=False)
-            except NotStoredError as exc:  # the store refused a batch: stop, and say how many are missing
-                present += exc.report.already_present
-                encoded += exc.report.stored
-                errors += exc.report.errors or (str(exc),)
-                break
-            present += report.already_present
-            encoded += report.stored
-            bar.update(len(chunk))
+        )
+        for chunk in chunks:
+            missing = _missing_from_store(reranker, chunk)
+            if len(missing) < len(chunk):  # already stored: counted at once
+                present += len(chunk) - len(missing)
+                bar.update(len(chunk) - len(missing))
+            for batch in _length_sorted_batches(missing, reranker.batch_size):
+                try:
+                    report = reranker.encode(batch, strict=True, show_progress_bar=False)
+                except NotStoredError as exc:  # the store refused a batch: stop, and say how many are missing
+                    present += exc.report.already_present
+                    encoded += exc.report.stored
+                    errors += exc.report.errors or (str(exc),)
+                    break
+                present += report.already_present
+                encoded += report.stored
+                bar.update(len(batch))
+            else:
+                continue
+            break  # a batch was not stored: stop the run
     finally:
         bar.close()
         reranker.close()
@@ -83,3 +95,19 @@ def index_local(
         workers=1,
         errors=tuple(errors),
     )
+
+
+def _missing_from_store(reranker: Reranker, chunk: list[tuple[str, str]]) -> list[str]:
+    """The texts of ``chunk`` (``(store key, text)`` pairs) the store does not hold yet (all, if it cannot say)."""
+    try:
+        present = reranker.store.contains_many(reranker.namespace, [key for key, _ in chunk])
+    except StoreError:  # Reranker.encode meets the same error and reports it
+        return [text for _, text in chunk]
+    return [text for (_, text), found in zip(chunk, present) if not found]
+
+
+def _length_sorted_batches(texts: list[str], size: int) -> Iterator[list[str]]:
+    """Encoder batches of ``size`` texts sorted by length (similar lengths together: less padding)."""
+    texts = sorted(texts, key=len)
+    for i in range(0, len(texts), size):
+        yield texts[i : i + size]

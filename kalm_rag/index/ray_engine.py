@@ -15,7 +15,6 @@ entries it wrote before dying are found in the store and skipped, the rest encod
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,36 +52,15 @@ class _Encoder:
         store: the store URL (SQLite with an absolute path, or Redis).
         options: ``Reranker.from_pretrained`` keyword arguments (batch size, dtypes, device).
         threads: torch threads of this actor (its CPU share).
-        fault: test hook: ``{"marker": path, "after_puts": n}`` makes the actor exit abruptly right after its
-            ``n``-th successful store write, once per marker file (to check that Ray's retry loses nothing).
     """
 
-    def __init__(
-        self, model: str, store: str, options: dict[str, Any], threads: int, fault: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, model: str, store: str, options: dict[str, Any], threads: int) -> None:
         import torch
 
         from kalm_rag.engine import Reranker
 
         torch.set_num_threads(max(1, threads))
         self.reranker = Reranker.from_pretrained(model, store=store, **options)
-        if fault:
-            self._inject_fault(fault)
-
-    def _inject_fault(self, fault: dict[str, Any]) -> None:
-        store = self.reranker.store
-        put_many = store.put_many
-        done = [0]
-
-        def put_then_maybe_die(*args: Any, **kwargs: Any) -> None:
-            put_many(*args, **kwargs)
-            done[0] += 1
-            marker = Path(fault["marker"])
-            if done[0] >= fault["after_puts"] and not marker.exists():
-                marker.write_text(str(os.getpid()))
-                os._exit(1)  # as a SIGKILL or an OOM kill would: no cleanup, no exception
-
-        store.put_many = put_then_maybe_die  # type: ignore[method-assign]
 
     def __call__(self, batch: Any) -> dict[str, list[Any]]:
         """Encode one batch (a ``pyarrow.Table`` with a ``text`` column); one row of counts comes out."""
@@ -132,7 +110,6 @@ def index_ray(
     ray_address: str | None,
     ray_init: dict[str, Any] | None,
     show_progress_bar: bool,
-    fault: dict[str, Any] | None = None,
 ) -> IndexReport:
     """Index ``corpus`` with an actor pool of ``workers`` encoders on Ray (see the module docstring).
 
@@ -152,7 +129,6 @@ def index_ray(
             is already connected to one, which is then used as it is).
         ray_init: extra ``ray.init`` arguments for a local Ray (``num_cpus``, ``object_store_memory``, ...).
         show_progress_bar: show our progress bar and Ray Data's.
-        fault: test hook passed to the actors (see :class:`_Encoder`).
 
     Returns:
         The :class:`IndexReport` (``engine="ray"``).
@@ -217,7 +193,6 @@ def index_ray(
                 "store": url,
                 "options": options,
                 "threads": max(1, int(cpus_per_worker)),
-                "fault": fault,
             },
             batch_size=batch_rows,
             batch_format="pyarrow",

@@ -240,3 +240,35 @@ def test_passage_side_settings_match_the_query_side(tiny_checkpoint, tmp_path):
     assert other.store.contains_many(other.namespace, [passage_key(t) for t in TEXTS]) == [False] * len(TEXTS)
     rr.close()
     other.close()
+
+
+def test_index_corpus_has_no_test_hook_in_its_signature():
+    # issue #23, item 17: faults are injected by the tests (monkeypatch, a failing store), not through the API
+    import inspect
+
+    assert not [p for p in inspect.signature(index_corpus).parameters if p.startswith("_")]
+
+
+def test_the_progress_bar_moves_per_encoder_batch(tiny_checkpoint, tmp_path, monkeypatch):
+    # issue #23, item 11: the bar once moved every 512 passages (and sat at 0% on a 199-passage corpus)
+    import kalm_rag.index.local as local
+
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, *args, **kwargs):
+            self.total, self.updates = kwargs.get("total"), []
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(local, "tqdm", RecordingBar)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", ROWS)
+    index_corpus(corpus, model=tiny_checkpoint, store=SQLiteStore(tmp_path / "p.db"), batch_size=2)
+    (bar,) = bars
+    assert bar.total == len(TEXTS) and sum(bar.updates) == len(TEXTS)
+    assert max(bar.updates) <= 2 and len(bar.updates) == -(-len(TEXTS) // 2)

@@ -77,10 +77,34 @@ def test_two_workers(local_ray, tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_actor_is_retried_by_ray_without_losing_or_duplicating_entries(local_ray, tiny_checkpoint, tmp_path):
+def test_a_killed_actor_is_retried_by_ray_without_losing_or_duplicating_entries(
+    local_ray, tiny_checkpoint, tmp_path, monkeypatch
+):
+    from kalm_rag.index import ray_engine
+
+    marker = str(tmp_path / "killed")
+
+    class DiesAfterItsSecondWrite(ray_engine._Encoder):  # defined here: Ray ships it to the actors by value
+        """The first actor exits abruptly after its second store write, as a SIGKILL or an OOM kill would."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            store, done = self.reranker.store, [0]
+            put_many = store.put_many
+
+            def put_then_maybe_die(*a, **k):
+                put_many(*a, **k)
+                done[0] += 1
+                if done[0] >= 2 and not os.path.exists(marker):
+                    with open(marker, "w") as fh:
+                        fh.write(str(os.getpid()))
+                    os._exit(1)  # no cleanup, no exception
+
+            store.put_many = put_then_maybe_die
+
+    monkeypatch.setattr(ray_engine, "_Encoder", DiesAfterItsSecondWrite)
+    _, local, stored, report = _index_local_and_ray(tiny_checkpoint, tmp_path, workers=1)
     marker = tmp_path / "killed"
-    fault = {"marker": str(marker), "after_puts": 2}  # the first actor exits abruptly after its second write
-    _, local, stored, report = _index_local_and_ray(tiny_checkpoint, tmp_path, workers=1, _fault=fault)
     assert marker.is_file() and int(marker.read_text()) != os.getpid()  # an actor did die
     assert report.failed == 0 and report.unique == len(TEXTS)
     # the retried batch found the entries written before the kill: they count as present, not encoded again

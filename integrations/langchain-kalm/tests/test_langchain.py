@@ -148,3 +148,17 @@ def test_reranker_and_model_settings_are_mutually_exclusive(reranker):
 def test_an_empty_query_is_an_engine_error(reranker):
     with pytest.raises(InvalidInputError, match="query is empty"):
         KaLMRerank(reranker=reranker).compress_documents(corpus_documents(), "  ")
+
+
+@pytest.mark.parametrize("cls", [KaLMRerank, KaLMPassageEncoder])
+@pytest.mark.parametrize("field, value", [("batch_size", "many"), ("device", 3)])
+def test_a_wrongly_typed_field_is_an_invalid_input_error_with_pydantics_message(cls, field, value):
+    # issue #23, item 15: every deliberate refusal is a KalmError, not pydantic's ValidationError
+    from pydantic import ValidationError
+
+    from kalm_rag import KalmError
+
+    with pytest.raises(InvalidInputError, match=f"validation error for {cls.__name__}\n{field}\n") as err:
+        cls(**{field: value})
+    assert isinstance(err.value, KalmError) and isinstance(err.value, ValueError)
+    assert isinstance(err.value.__cause__, ValidationError)

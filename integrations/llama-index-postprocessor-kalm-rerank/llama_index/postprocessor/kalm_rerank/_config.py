@@ -22,10 +22,10 @@ from kalm_rag.adapters import (
     DEFAULT_MODEL,
     DEFAULT_STORE_URL,
     RerankerHandle,
+    as_kalm_error,
     check_title_key,
     document_text,
     handle_from_fields,
-    kalm_error_in,
     store_url,
 )
 
@@ -65,11 +65,8 @@ class KaLMEngineConfig(BaseModel):
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
-        except ValidationError as exc:  # a KalmError raised while building is re-raised as itself
-            cause = kalm_error_in(exc)
-            if cause is None:
-                raise
-            raise cause from None
+        except ValidationError as exc:  # every refusal is a KalmError: the one raised while building, or an
+            raise as_kalm_error(exc) from exc  # InvalidInputError with pydantic's message (a wrong field type)
 
     def model_post_init(self, context: Any, /) -> None:
         self._handle = handle_from_fields(self, self.model_fields_set)
