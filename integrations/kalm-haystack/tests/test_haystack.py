@@ -193,3 +193,32 @@ def test_encoder_outputs_documents_unchanged(reranker, kalm_checkpoint, store):
     out = KaLMPassageEncoder(model=str(kalm_checkpoint), store=store).run(documents=docs)["documents"]
     assert out == before and all(a is b for a, b in zip(out, docs, strict=True))
     assert store.stats()["entries"] == len(CORPUS)  # the document without content is skipped
+
+
+@pytest.mark.parametrize("cls", [KaLMRanker, KaLMPassageEncoder])
+def test_store_credentials_go_in_a_secret_never_into_the_saved_pipeline(cls, kalm_checkpoint, tmp_path, monkeypatch):
+    # issue #23, item 14: to_dict once wrote the store URL verbatim, password included
+    import json
+
+    from haystack.utils import Secret
+
+    secret_url = "redis://:hunter2@localhost:6379/0"
+    with pytest.raises(SerializationError, match="holds credentials") as err:
+        cls(model=str(kalm_checkpoint), store=secret_url).to_dict()
+    assert "hunter2" not in str(err.value) and "Secret.from_env_var" in str(err.value)
+
+    monkeypatch.setenv("KALM_TEST_STORE", secret_url)
+    component = cls(model=str(kalm_checkpoint), store=Secret.from_env_var("KALM_TEST_STORE"))
+    data = component.to_dict()
+    assert "hunter2" not in json.dumps(data)
+    assert data["init_parameters"]["store"] == {"type": "env_var", "env_vars": ["KALM_TEST_STORE"], "strict": True}
+    restored = cls.from_dict(data)
+    assert isinstance(restored.store, Secret) and restored.store.resolve_value() == secret_url
+    assert restored.to_dict() == data
+    with pytest.raises(SerializationError, match="token Secret"):
+        cls(model=str(kalm_checkpoint), store=Secret.from_token(secret_url)).to_dict()
+
+    # a URL without credentials stays a plain string, and what earlier versions wrote still loads
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    plain = cls(model=str(kalm_checkpoint), store=url).to_dict()
+    assert plain["init_parameters"]["store"] == url and cls.from_dict(plain).store == url

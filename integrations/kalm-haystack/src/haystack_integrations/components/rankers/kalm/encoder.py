@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict
-from haystack.utils import ComponentDevice
+from haystack.utils import ComponentDevice, Secret
 
-from haystack_integrations.components.rankers.kalm._base import KaLMComponentBase
+from haystack_integrations.components.rankers.kalm._base import KaLMComponentBase, deserialize_store
 from kalm_rag import EncodeReport, InvalidInputError, PassageStore
 from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, aencode, encode
 
@@ -40,7 +40,7 @@ class KaLMPassageEncoder(KaLMComponentBase):
         self,
         *,
         model: str | Path = DEFAULT_MODEL,
-        store: str | PassageStore = DEFAULT_STORE_URL,
+        store: str | PassageStore | Secret = DEFAULT_STORE_URL,
         device: ComponentDevice | None = None,
         batch_size: int = 32,
         strict: bool = True,
@@ -51,7 +51,8 @@ class KaLMPassageEncoder(KaLMComponentBase):
         :param model:
             Checkpoint folder, hub id or ``"kalm-mini"``; must match the ranker's.
         :param store:
-            Passage store URL or object; must be the ranker's store.
+            Passage store URL, ``Secret`` holding the URL (for one with credentials) or object; must be the
+            ranker's store.
         :param device:
             The device to run on; ``None``: CUDA when available, else CPU.
         :param batch_size:
@@ -79,7 +80,7 @@ class KaLMPassageEncoder(KaLMComponentBase):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "KaLMPassageEncoder":
         """Deserialize the component from a dictionary."""
-        return default_from_dict(cls, data)
+        return default_from_dict(cls, deserialize_store(data))
 
     @component.output_types(documents=list[Document], report=dict[str, Any])
     def run(self, documents: list[Document]) -> dict[str, Any]:

@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict
-from haystack.utils import ComponentDevice
+from haystack.utils import ComponentDevice, Secret
 
-from haystack_integrations.components.rankers.kalm._base import KaLMComponentBase
+from haystack_integrations.components.rankers.kalm._base import KaLMComponentBase, deserialize_store
 from kalm_rag import PassageStore
 from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, arank, rank
 from kalm_rag.validation import check_instruction, check_positive_int, check_ratio, check_score_threshold
@@ -39,7 +39,7 @@ class KaLMRanker(KaLMComponentBase):
         self,
         *,
         model: str | Path = DEFAULT_MODEL,
-        store: str | PassageStore = DEFAULT_STORE_URL,
+        store: str | PassageStore | Secret = DEFAULT_STORE_URL,
         device: ComponentDevice | None = None,
         top_k: int = 10,
         score_threshold: float | None = None,
@@ -54,7 +54,9 @@ class KaLMRanker(KaLMComponentBase):
             Checkpoint folder, hub id (e.g. ``KaLM-Embedding/KaLM-Reranker-V1-Nano``) or ``"kalm-mini"``.
         :param store:
             Passage store URL (``memory://``, ``sqlite:///path``, ``redis://host:port/db``) or object.
-            Components with the same URL in one process share the store; only a URL can be serialized.
+            Components with the same URL in one process share the store; only a URL can be serialized. A URL
+            with credentials goes in a ``Secret`` (``Secret.from_env_var("KALM_RAG_STORE")``), which
+            ``to_dict`` writes as the variable's name, never as the password.
         :param device:
             The device to run on; ``None``: CUDA when available, else CPU.
         :param top_k:
@@ -96,7 +98,7 @@ class KaLMRanker(KaLMComponentBase):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "KaLMRanker":
         """Deserialize the component from a dictionary."""
-        return default_from_dict(cls, data)
+        return default_from_dict(cls, deserialize_store(data))
 
     @component.output_types(documents=list[Document])
     def run(
