@@ -40,7 +40,9 @@ def _first_existing(folder: Path, stem: str) -> Path:
     for name in (f"{stem}.jsonl.gz", f"{stem}.jsonl"):
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"no {stem}.jsonl[.gz] in {folder}")
+    inside = sorted(p.parent for p in folder.glob(f"*/{stem}.jsonl*"))  # e.g. wikiqa/test: the split's folder
+    hint = f" (did you mean {inside[0]}?)" if inside else ""
+    raise FileNotFoundError(f"no {stem}.jsonl[.gz] in {folder}{hint}")
 
 
 # ----- row readers ---------------------------------------------------------------------------------

@@ -97,11 +97,13 @@ def test_eval_run_on_a_folder_without_a_corpus_is_one_line_and_loads_no_model(tm
     assert not (tmp_path / "cache" / "eval").exists()  # failed before the model and its store
 
 
-def test_the_debug_variable_shows_the_traceback(tmp_path):
-    env = {**os.environ, "KALM_RAG_DEBUG": "1", "KALM_RAG_CACHE": str(tmp_path / "cache")}
-    argv = [sys.executable, "-m", "kalm_rag", "eval", "run", str(tmp_path), "--out", str(tmp_path / "out")]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
-    assert done.returncode == 1 and "Traceback" in done.stderr and "FileNotFoundError" in done.stderr
+def test_a_data_set_whose_files_are_one_folder_down_is_pointed_to(tmp_path):
+    from kalm_rag.data import load_beir
+
+    (tmp_path / "wikiqa" / "test").mkdir(parents=True)  # the shared WikiQA keeps its test split one level down
+    (tmp_path / "wikiqa" / "test" / "corpus.jsonl").write_text('{"_id": "d1", "text": "Paris."}\n')
+    with pytest.raises(FileNotFoundError, match=r"did you mean .*wikiqa/test\?"):
+        load_beir(tmp_path / "wikiqa")
 
 
 # ----- item 6: an index into a store that vanishes at exit is refused -----------------------------------------
