@@ -264,10 +264,10 @@ DEMO_EXAMPLES = (
 
 #: What a score means, printed by the demo (and said in docs/concepts.md).
 SCORE_NOTE = (
-    "Score: the model's probability that the passage answers the query, calibrated on lists of about 100\n"
-    "candidates with few relevant ones, so even a right answer often scores well below 0.5. It ranks the\n"
-    "passages of one query; compare scores within a list, not across queries. * marks the passage that\n"
-    "answers the query: a small model such as kalm-mini can rank a passage that only shares the query's\n"
+    "Score: the model's probability that the passage answers the query. kalm-mini's is calibrated on lists of\n"
+    "about 100 candidates with few relevant ones, so even a right answer often scores well below 0.5. A score\n"
+    "ranks the passages of one query; compare scores within a list, not across queries. * marks the passage\n"
+    "that answers the query: a small model such as kalm-mini can rank a passage that only shares the query's\n"
     "words above it."
 )
 
