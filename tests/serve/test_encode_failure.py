@@ -26,7 +26,9 @@ class RefusingStore(MemoryStore):
         raise StoreUnavailableError(f"attempt to write a readonly database: {SECRET_PATH}")
 
 
-def test_encode_answers_503_with_a_request_id_and_logs_the_reason(reference: Reranker, caplog: pytest.LogCaptureFixture):
+def test_encode_answers_503_with_a_request_id_and_logs_the_reason(
+    reference: Reranker, caplog: pytest.LogCaptureFixture
+):
     rr = Reranker(reference.backend, store=RefusingStore())
     with TestClient(create_app(rr)) as client, caplog.at_level(logging.ERROR, logger="kalm_rag.serve"):
         response = client.post("/v1/encode", json={"documents": ["a passage the store will refuse"]})
