@@ -29,7 +29,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_unicode(value: str, name: str) -> str:
-    """``value`` if it holds no lone surrogate (``"\\ud800"``), which is not text and cannot be encoded."""
+    r"""``value`` if it holds no lone surrogate (``"\ud800"``), which is not text and cannot be encoded."""
     found = _SURROGATE.search(value)
     if found is not None:
         raise InvalidInputError(
