@@ -22,6 +22,7 @@ from kalm_rag.engine import Reranker, ScoreRequest
 from kalm_rag.serve.batching import DynamicBatcher
 from kalm_rag.serve.errors import ApiError
 from kalm_rag.serve.metrics import ServeMetrics
+from kalm_rag.store.base import passage_key
 
 logger = logging.getLogger("kalm_rag.serve")
 
@@ -153,8 +154,11 @@ class Service:
         return work.result()
 
     async def _score(self, batcher: DynamicBatcher, request: ScoreRequest) -> list[float]:
-        if len(set(request.passages)) > self.encode_chunk:  # encode the misses in steps first (see encode)
-            await self.encode(request.passages, strict=False)
+        distinct = list(dict.fromkeys(request.passages))
+        if len(distinct) > self.encode_chunk:
+            missing = await asyncio.to_thread(_missing, batcher.reranker, distinct)  # off the model worker
+            if len(missing) > self.encode_chunk:  # encode them in steps first (see encode), then score hits
+                await self.encode(missing, strict=False)
         return await batcher.score(request)
 
     async def encode(self, texts: Sequence[str], *, strict: bool = True) -> tuple[int, int]:
@@ -214,6 +218,16 @@ class Service:
                 f"encoded and stored at {limit} tokens, so a shorter cut cannot reuse them; omit it or send >= {limit}",
                 field="max_tokens_per_doc",
             )
+
+
+def _missing(reranker: Reranker, texts: list[str]) -> list[str]:
+    """The texts the store does not hold (none when it cannot be read: scoring then recomputes and warns)."""
+    try:
+        present = reranker.store.contains_many(reranker.namespace, [passage_key(t) for t in texts])
+    except Exception:  # an optimisation only: scoring handles (and reports) a failing store
+        logger.debug("cannot tell which passages the store holds", exc_info=True)
+        return []
+    return [t for t, p in zip(texts, present) if not p]
 
 
 def passage_token_limit(reranker: Reranker) -> int:
