@@ -263,10 +263,13 @@ class DynamicBatcher:
     async def _run(self) -> None:
         try:
             await self._drain()
+        except asyncio.CancelledError:  # its event loop is closing
+            self._fail_everything_waiting(ServiceStoppingError("the model worker was stopped"))
+            raise
         except BaseException as exc:  # the worker dies: nothing may wait for it forever
             logger.error("the model worker died: %s: %s", type(exc).__name__, exc, exc_info=exc)
             self._fail_everything_waiting(ModelWorkerError(f"the model worker died ({type(exc).__name__})"))
-            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
 
     def _fail_everything_waiting(self, error: Exception) -> None:
