@@ -69,3 +69,16 @@ def test_timeouts_must_be_positive_seconds(reference, bad):
 
     with pytest.raises(InvalidInputError, match="request_timeout_s"):
         create_app(reference, request_timeout_s=bad)
+
+
+def test_kalm_rag_serve_settings_reach_each_worker_app(monkeypatch):
+    from kalm_rag.serve.app import CONFIG_ENV, ServeConfig, app_from_env
+
+    config = ServeConfig(model="/nowhere", max_query_chars=10, max_document_chars=20)
+    assert ServeConfig.from_json(config.to_json()) == config
+    monkeypatch.setenv(CONFIG_ENV, config.to_json())
+    client = TestClient(app_from_env())  # no lifespan: nothing loads, the checks answer first
+    r = client.post("/rerank", json={"query": "q" * 11, "texts": ["a"]})
+    assert r.status_code == 413 and r.json()["field"] == "query", r.text
+    r = client.post("/rerank", json={"query": "q", "texts": ["d" * 21]})
+    assert r.status_code == 413 and r.json()["field"] == "texts[0]", r.text
