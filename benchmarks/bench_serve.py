@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from kalm_rag import Reranker, ScoreRequest
+from kalm_rag import EncodeReport, Reranker, ScoreRequest
 from kalm_rag.bench.suite import cpu_name
 
 CONCURRENCY = (1, 4, 16, 64)
@@ -82,6 +82,13 @@ class CrossEncoderAsReranker(Reranker):
         torch.manual_seed(0)
         self.head = torch.nn.Linear(384, 1)
         self.ce_batch = batch_size
+
+    def encode(
+        self, passages: Sequence[str], *, strict: bool = True, show_progress_bar: bool | None = None
+    ) -> EncodeReport:
+        """Nothing to pre-encode: a cross-encoder reads every pair (the app encodes large requests in steps)."""
+        distinct = len(set(passages))
+        return EncodeReport(passages=distinct, already_present=distinct)
 
     @torch.inference_mode()
     def score_many(self, requests: Sequence[ScoreRequest], *, return_margin: bool = False) -> list[list[float]]:

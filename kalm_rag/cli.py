@@ -322,6 +322,9 @@ def serve(
     ratio: RatioOption = 4,
     max_documents: Annotated[int, typer.Option(min=1, help="Most documents per request (and largest top_n).")] = 1000,
     max_document_chars: Annotated[int, typer.Option(min=1, help="Longest document, in characters.")] = 32_768,
+    max_query_chars: Annotated[
+        int, typer.Option(min=1, help="Longest query or instruction, in characters (checked before tokenising).")
+    ] = 8192,
     max_body: Annotated[str, typer.Option(help="Largest request body, e.g. 8MiB.")] = "8MiB",
     max_batch_passages: Annotated[
         int, typer.Option(min=1, help="Most passages the model worker coalesces into one batch.")
@@ -339,6 +342,12 @@ def serve(
     graceful_timeout: Annotated[
         int, typer.Option(min=0, help="Seconds a shutdown waits for in-flight requests (0: no limit).")
     ] = 30,
+    request_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds a request may wait for the model worker (then 503).")
+    ] = 300.0,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds a client may take to send its request body (then 408).")
+    ] = 10.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug.")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request (uvicorn's access log).")] = False,
 ) -> None:
@@ -346,6 +355,7 @@ def serve(
 
     Endpoints: POST /v2/rerank, /v1/rerank (Cohere), /rerank (TEI), /v1/encode (pre-encode into the store);
     GET /health, /metrics (Prometheus), /docs. Needs the serve extra: pip install "kalm-rag[serve]".
+    On SIGTERM it finishes the requests in flight (up to --graceful-timeout) and exits 0.
 
     \b
     Example:
@@ -391,10 +401,13 @@ def serve(
         threads=threads or max(1, (os.cpu_count() or 1) // workers),
         max_documents=max_documents,
         max_document_chars=max_document_chars,
+        max_query_chars=max_query_chars,
         max_body_bytes=body_bytes,
         max_batch_passages=max_batch_passages,
         max_wait_ms=max_wait_ms,
         batching=batching,
+        request_timeout_s=request_timeout,
+        body_timeout_s=body_timeout,
     )
     # uvicorn's worker processes build the app from the environment (app_from_env)
     os.environ[CONFIG_ENV] = config.to_json()

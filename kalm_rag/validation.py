@@ -6,6 +6,7 @@ raises :class:`~kalm_rag.errors.InvalidInputError` naming the argument and the v
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from kalm_rag.errors import InvalidInputError
@@ -19,16 +20,32 @@ __all__ = [
     "check_score_threshold",
     "check_stages",
     "check_text",
+    "check_unicode",
 ]
+
+#: A UTF-16 surrogate code point: JSON's ``"\\ud800"`` escape (or ``surrogateescape`` decoding) puts one in a
+#: str, and no UTF-8 encoder, tokenizer or store key can take it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(value: str, name: str) -> str:
+    r"""``value`` if it holds no lone surrogate (``"\ud800"``), which is not text and cannot be encoded."""
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise InvalidInputError(
+            f"{name} holds a lone surrogate (\\u{ord(found.group()):04x} at character {found.start()}), "
+            "which is not valid Unicode text"
+        )
+    return value
 
 
 def check_text(value: object, name: str) -> str:
-    """``value`` if it is a str with at least one non-space character."""
+    """``value`` if it is a str of valid Unicode (:func:`check_unicode`) with at least one non-space character."""
     if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a str, got {type(value).__name__}")
     if not value.strip():
         raise InvalidInputError(f"{name} is empty")
-    return value
+    return check_unicode(value, name)
 
 
 def check_passages(passages: object) -> list[str]:

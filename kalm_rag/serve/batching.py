@@ -13,6 +13,10 @@ to back on the worker thread, without a thread hop per request, and each job is 
 prompt is scored. The engine's backend interface takes one prompt per decoder call, so jobs with different
 queries never share a decoder pass. Other model work (pre-encoding, token counts) goes through the same
 queue with :meth:`DynamicBatcher.call`, so it never runs beside a batch.
+
+Failures: every job and call has a deadline (``timeout_s``: :class:`RequestTimeoutError`, and the worker skips
+it); if the worker task itself dies, everything waiting fails with :class:`ModelWorkerError` and the next
+submission starts a fresh worker (the old model thread is let go, never left running beside the new one).
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ COUNTERS = ("store_hits", "store_misses", "encoded_passages", "scored_pairs")
 
 class ServiceStoppingError(KalmError):
     """The batcher is stopping (the server is shutting down) and takes no new work."""
+
+
+class ModelWorkerError(KalmError):
+    """The model worker died while this work waited for it (it restarts with the next submission)."""
+
+
+class RequestTimeoutError(KalmError):
+    """This work was not done within the batcher's ``timeout_s``."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,7 @@ class DynamicBatcher:
         enabled: ``False`` runs every job alone, in arrival order (the "batching off" baseline).
         on_batch: called on the worker thread after each batch with its :class:`BatchReport`.
         on_queue_depth: called with the number of jobs waiting whenever it changes.
+        timeout_s: deadline of each job or call, queueing included (``None``: none).
     """
 
     def __init__(
@@ -109,6 +122,7 @@ class DynamicBatcher:
         enabled: bool = True,
         on_batch: Callable[[BatchReport], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self.reranker = reranker
         self.max_batch_passages = check_positive_int(max_batch_passages, "max_batch_passages")
@@ -124,6 +138,11 @@ class DynamicBatcher:
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
         self._waiting = 0  # jobs and calls queued, or held in _pending, not yet running
+        self._running: list[Any] = []  # what the worker is doing now (failed with it if it dies)
+        if timeout_s is not None and not timeout_s > 0:
+            raise InvalidInputError(f"timeout_s must be > 0 or None, got {timeout_s!r}")
+        self.timeout_s = timeout_s
+        self.restarts = 0
 
     # ----- life cycle ------------------------------------------------------------------------------
 
@@ -138,6 +157,10 @@ class DynamicBatcher:
             raise ServiceStoppingError("the batcher has been stopped")
         if self.running:
             return
+        if self._worker is not None:  # it died: its model thread is let go (it ends with the work it is doing)
+            self._release_executor()
+            self.restarts += 1
+            logger.warning("restarting the model worker (restart %d)", self.restarts)
         self._queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kalm-rag-model")
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="kalm-rag-batcher")
@@ -155,6 +178,11 @@ class DynamicBatcher:
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    def _release_executor(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
     @property
     def queue_depth(self) -> int:
         """Jobs waiting for the worker (not counting the batch running now)."""
@@ -166,13 +194,22 @@ class DynamicBatcher:
         """Margins ``z_yes - z_no`` of ``request``'s passages, in input order, once its batch has run."""
         future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
         self._put(_Job(request, future))
-        return await future
+        return await self._wait(future)
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the model worker thread, between batches, in arrival order."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._put(_Call(fn, future))
-        return await future
+        return await self._wait(future)
+
+    async def _wait(self, future: asyncio.Future[T]) -> T:
+        """``future``'s result within the deadline; past it (or when the caller is cancelled) the future is
+        cancelled, so the worker skips the work.
+        """
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(f"no answer from the model worker within {self.timeout_s:g} s") from None
 
     def _put(self, item: _Job | _Call) -> None:
         if self._stopping:
@@ -200,6 +237,7 @@ class DynamicBatcher:
         """``first`` plus the jobs that join it (queued already, or arriving within ``max_wait``)."""
         assert self._queue is not None
         batch, size = [first], first.size
+        self._running = batch  # grows with the batch: if the worker dies now, these fail too
         if not self.enabled:
             return batch
         loop = asyncio.get_running_loop()
@@ -223,11 +261,37 @@ class DynamicBatcher:
         return batch
 
     async def _run(self) -> None:
+        try:
+            await self._drain()
+        except asyncio.CancelledError:  # its event loop is closing
+            self._fail_everything_waiting(ServiceStoppingError("the model worker was stopped"))
+            raise
+        except BaseException as exc:  # the worker dies: nothing may wait for it forever
+            logger.error("the model worker died: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self._fail_everything_waiting(ModelWorkerError(f"the model worker died ({type(exc).__name__})"))
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+
+    def _fail_everything_waiting(self, error: Exception) -> None:
+        """Fail the work running now, the held-back item and everything queued (their callers answer 503)."""
+        items: list[Any] = [*self._running, self._pending]
+        self._running, self._pending = [], None
+        while self._queue is not None and not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        for item in items:
+            if isinstance(item, (_Job, _Call)):
+                _settle(item.future, error)
+        self._waiting = 0
+        self._report_depth()
+
+    async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._running = []
             item = await self._next()
             if item is _STOP:
                 return
+            self._running = [item]
             if isinstance(item, _Call):
                 self._waiting -= 1
                 self._report_depth()
@@ -239,6 +303,7 @@ class DynamicBatcher:
                             item.future.set_exception(exc)
                 continue
             batch = await self._collect(item)
+            self._running = list(batch)
             self._waiting -= len(batch)
             self._report_depth()
             await self._run_batch([job for job in batch if not job.future.done()])

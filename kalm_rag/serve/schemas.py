@@ -142,10 +142,14 @@ class EncodeResponse(BaseModel):
 class Health(BaseModel):
     """``GET /health``."""
 
-    status: Literal["ok", "loading"]
+    status: Literal["ok", "loading", "error"] = Field(
+        description="ok: serving; loading: the model is loading; error: loading failed and is retried."
+    )
     model: str
     namespace: str | None = None
     max_passage_tokens: int | None = None
+    queue_depth: int | None = Field(default=None, description="Model work waiting for the worker now.")
+    message: str | None = Field(default=None, description="With status error: what failed, in general terms.")
 
 
 class ErrorBody(BaseModel):
@@ -154,4 +158,5 @@ class ErrorBody(BaseModel):
     message: str
     field: str | None = None
     error_type: str
+    request_id: str | None = Field(default=None, description="Also in the X-Request-ID header and the server log.")
     errors: list[dict[str, Any]] | None = None

@@ -18,8 +18,12 @@ import torch
 
 
 def passage_key(text: str) -> str:
-    """Content key of a passage: sha256 of its exact UTF-8 text, hex."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """Content key of a passage: sha256 of its exact UTF-8 text, hex.
+
+    Never raises: a lone surrogate (refused by the engine's input checks, but a key may be asked for before
+    them) is hashed as its UTF-8-style bytes (``surrogatepass``); valid text keys are unchanged by that.
+    """
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,7 @@ def test_limits_answer_413_naming_the_field(client):
         ("/v2/rerank", {"query": "  ", "documents": ["a"]}, "query"),
         ("/v2/rerank", {"query": "q", "documents": ["a", 3]}, "documents[1]"),
         ("/v2/rerank", {"query": "q", "documents": ["a", " "]}, "documents[1]"),
-        ("/v2/rerank", {"query": "q", "documents": []}, "documents"),
+        ("/v2/rerank", {"query": " ", "documents": []}, "query"),  # an empty list still has its query checked
         ("/v2/rerank", {"query": "q", "documents": "a"}, "documents"),
         ("/v1/rerank", {"query": "q", "documents": [{"title": "no text"}]}, "documents[0].text"),
         ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
@@ -210,6 +210,90 @@ def test_limits_answer_413_naming_the_field(client):
 def test_bad_input_answers_422_naming_the_field(client, path, payload, field):
     body = assert_error(client.post(path, json=payload), 422, field)
     assert field.split("[")[0] in body["message"]
+
+
+SURROGATE = "text \ud800"
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "field"),
+    [
+        ("/v2/rerank", {"query": "q", "documents": ["a", SURROGATE]}, "documents[1]"),
+        ("/v2/rerank", {"query": SURROGATE, "documents": ["a"]}, "query"),
+        ("/v2/rerank", {"query": "q", "documents": ["a"], "instruction": SURROGATE}, "instruction"),
+        ("/rerank", {"query": "q", "texts": [SURROGATE]}, "texts[0]"),
+        ("/v1/encode", {"documents": [{"text": SURROGATE}]}, "documents[0].text"),
+        (
+            "/v1/rerank",
+            {"query": "q", "documents": [{"title": SURROGATE, "text": "b"}], "rank_fields": ["title"]},
+            "documents[0].title",
+        ),
+        (
+            "/v2/rerank",
+            {"query": "q", "documents": [{"text": "a", "source": SURROGATE}], "return_documents": True},
+            "documents[0].source",
+        ),
+    ],
+)
+def test_lone_surrogates_answer_422_naming_the_field(client, path, payload, field):
+    # json.dumps escapes the surrogate as \ud800, which JSON allows and Python decodes to a lone surrogate
+    response = client.post(path, content=json.dumps(payload).encode(), headers={"content-type": "application/json"})
+    body = assert_error(response, 422, field)
+    assert "lone surrogate" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"query": "q" * 8193, "documents": ["a"]}, "query"),
+        ({"query": "q", "documents": ["a"], "instruction": "i" * 8193}, "instruction"),
+        ({"query": "q", "documents": ["a"], "system_instruction": "s" * 8193}, "system_instruction"),
+    ],
+)
+def test_long_query_and_instruction_answer_413_before_tokenising(client, payload, field):
+    # the limit (--max-query-chars, 8192 by default) is checked in characters before the model worker sees it
+    body = assert_error(client.post("/v2/rerank", json=payload), 413, field)
+    assert "8192" in body["message"]
+    assert client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b'{"query": "caf\xe9", "documents": ["a"]}', "not UTF-8"),
+        (b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
+        (b'{"query": "q", "documents": ["a"], "top_n": ' + b"9" * 5000 + b"}", "number too long"),
+        (b'{"query": "q", "documents": ["a"],}', "not valid JSON"),
+        (b'{"query": ', "not valid JSON"),
+    ],
+)
+def test_every_parse_error_has_one_shape(client, content, reason):
+    response = client.post("/v2/rerank", content=content, headers={"content-type": "application/json"})
+    body = assert_error(response, 422, "body")
+    assert body["error_type"] == "invalid_json" and reason in body["message"]
+    assert body["errors"] == [{"field": "body", "message": body["message"]}]
+
+
+def test_empty_document_lists_answer_empty_results(client):
+    v2 = client.post("/v2/rerank", json={"query": QUERY, "documents": [], "top_n": 3})
+    assert v2.status_code == 200, v2.text
+    assert v2.json()["results"] == [] and v2.json()["meta"]["api_version"]["version"] == "2"
+    assert client.post("/v1/rerank", json={"query": QUERY, "documents": []}).json()["results"] == []
+    tei = client.post("/rerank", json={"query": QUERY, "texts": []})
+    assert tei.status_code == 200 and tei.json() == []
+    encoded = client.post("/v1/encode", json={"documents": []}).json()
+    assert (encoded["documents"], encoded["distinct"], encoded["encoded"]) == (0, 0, 0)
+
+
+def test_every_answer_carries_a_request_id(server, client):
+    ok = client.post("/v2/rerank", json={"query": QUERY, "documents": DOCS[:2]})
+    assert len(ok.headers["x-request-id"]) == 32
+    refused = httpx.post(f"{server.url}/v2/rerank", json={})  # no key: answered by the middleware
+    assert refused.json()["request_id"] == refused.headers["x-request-id"]
+    bad = client.post("/v2/rerank", json={"query": " ", "documents": ["a"]}, headers={"x-request-id": "abc.123"})
+    assert bad.json()["request_id"] == "abc.123" == bad.headers["x-request-id"]
+    odd = client.get("/health", headers={"x-request-id": "spaces; and=signs"})  # not a token: replaced
+    assert len(odd.headers["x-request-id"]) == 32
 
 
 def test_malformed_json_and_unknown_paths(client):
@@ -268,7 +352,7 @@ def test_encode_then_rerank_counts_hits_misses_and_encoder_work(client):
 def test_errors_are_counted_by_status(server, client):
     before = metric_values(client.get("/metrics").text)
     httpx.post(f"{server.url}/v2/rerank", json={})  # no key
-    client.post("/v2/rerank", json={"query": "q", "documents": []})
+    client.post("/v2/rerank", json={"query": " ", "documents": ["a"]})
     client.post("/v2/rerank", content=b"x" * (MAX_BODY + 1))
     after = metric_values(client.get("/metrics").text)
     for status in ("401", "422", "413"):

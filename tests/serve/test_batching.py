@@ -108,3 +108,63 @@ def test_bounds_are_checked(reference: Reranker):
         DynamicBatcher(reference, max_batch_passages=0)
     with pytest.raises(InvalidInputError, match="max_wait_ms"):
         DynamicBatcher(reference, max_wait_ms=-1)
+
+
+class _WorkerCrash(BaseException):
+    """Not an Exception: it gets past every handler on the way, so the worker task dies."""
+
+
+def _model_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("kalm-rag-model")]
+
+
+async def test_a_dead_worker_fails_what_waits_and_restarts_with_one_thread(reference: Reranker, monkeypatch):
+    from kalm_rag.serve.batching import ModelWorkerError
+
+    real = Reranker.score_many
+    crashes = [True]
+
+    def score_many(self, requests, *, return_margin=False):
+        if crashes and crashes.pop():
+            raise _WorkerCrash("fatal")
+        return real(self, requests, return_margin=return_margin)
+
+    monkeypatch.setattr(Reranker, "score_many", score_many)
+    batcher = DynamicBatcher(reference, max_batch_passages=2, max_wait_ms=0)
+    requests = [ScoreRequest(q, CORPUS[:2]) for q in QUERIES[:3]]  # one per batch: two wait behind the first
+    results = await asyncio.wait_for(_run(batcher, requests), 60)  # nothing waits forever
+    assert all(isinstance(r, ModelWorkerError) for r in results), results
+    assert batcher.queue_depth == 0
+    margins = await batcher.score(requests[0])  # the next submission starts a fresh worker
+    assert margins == pytest.approx(reference.score(QUERIES[0], CORPUS[:2], return_margin=True), abs=1e-5)
+    assert batcher.restarts == 1
+    await asyncio.sleep(0.1)  # the released thread ends once idle
+    assert len(_model_threads()) == 1, _model_threads()
+    await batcher.stop()
+    assert _model_threads() == []
+
+
+async def test_every_job_has_a_deadline_and_late_jobs_are_not_run(reference: Reranker, monkeypatch):
+    import threading
+
+    from kalm_rag.serve.batching import RequestTimeoutError
+
+    real = Reranker.score_many
+    release = threading.Event()
+    ran: list[str] = []
+
+    def score_many(self, requests, *, return_margin=False):
+        ran.extend(r.query for r in requests)
+        release.wait(10)  # the first batch holds the worker until the test lets it go
+        return real(self, requests, return_margin=return_margin)
+
+    monkeypatch.setattr(Reranker, "score_many", score_many)
+    batcher = DynamicBatcher(reference, max_batch_passages=2, max_wait_ms=0, timeout_s=0.3)
+    requests = [ScoreRequest(q, CORPUS[:2]) for q in QUERIES[:2]]
+    results = await _run(batcher, requests)
+    assert all(isinstance(r, RequestTimeoutError) for r in results), results
+    release.set()
+    await batcher.stop()
+    assert ran == [QUERIES[0]]  # the job that timed out while queued was never scored

@@ -2,8 +2,9 @@
 
 The indexing server (``slow_app``: ``create_app`` under uvicorn, its model 3 s slower per batch) encodes
 passages through ``/v1/encode``; a ``kalm-rag serve --workers 2`` on the same SQLite file then ranks them
-without running its encoder once (what every worker reads, another process wrote). Last, the indexing
+without running its encoder once (what every worker reads, another process wrote). Then the indexing
 server gets SIGTERM while a request is in flight: the request is answered, then the process exits cleanly.
+Last, ``kalm-rag serve`` with two workers and with one exits 0 on SIGTERM, leaking no semaphores.
 """
 
 from __future__ import annotations
@@ -108,3 +109,20 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(processes, reference)
     assert rc in (0, -signal.SIGTERM) and not indexer.killed, indexer.log()  # uvicorn re-raises the signal
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{indexer.url}/health", timeout=2)
+
+
+def test_sigterm_exits_0_with_several_workers_and_leaks_nothing(processes):
+    _, workers = processes
+    rc = workers.stop()
+    assert rc == 0 and not workers.killed, workers.log()
+    assert "leaked semaphore" not in workers.log() and "Traceback" not in workers.log(), workers.log()
+
+
+def test_sigterm_exits_0_with_one_worker(tmp_path):
+    single = ServeProcess(kalm_rag_serve("--threads", "1"), tmp_path / "single.log")
+    try:
+        single.wait_ready()
+    finally:
+        rc = single.stop()
+    assert rc == 0 and not single.killed, single.log()  # the same status as with --workers 2
+    assert "leaked semaphore" not in single.log(), single.log()
