@@ -242,3 +242,28 @@ def test_backend_without_readout_says_so(rr):
     assert plain.rerank(QUERY, PASSAGES)  # scoring works
     with pytest.raises(EvidenceUnsupportedError):
         plain.rerank(QUERY, PASSAGES, evidence=True)
+
+
+def test_cli_rerank_writes_evidence_and_pruned_text(tiny_checkpoint, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kalm_rag.cli import app
+
+    requests = tmp_path / "in.jsonl"
+    requests.write_text(json.dumps({"query": QUERY, "passages": PASSAGES}) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["rerank", "-i", str(requests), "-m", str(tiny_checkpoint), "-o", str(out)]
+    result = CliRunner().invoke(app, [*args, "--evidence"])
+    assert result.exit_code == 0, result.output
+    want = Reranker.from_pretrained(tiny_checkpoint).rerank(QUERY, PASSAGES, evidence=True)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["evidence"] for r in rows] == [[s.to_dict() for s in w.evidence or ()] for w in want]
+    assert all("pruned_text" not in r for r in rows)
+    result = CliRunner().invoke(app, [*args, "--prune", "0.5"])
+    assert result.exit_code == 0, result.output
+    want = Reranker.from_pretrained(tiny_checkpoint).rerank(QUERY, PASSAGES, prune=0.5)
+    assert [r["pruned_text"] for r in json.loads(out.read_text())["results"]] == [w.pruned_text for w in want]
+    plain = CliRunner().invoke(app, args)
+    assert plain.exit_code == 0 and "evidence" not in out.read_text()

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kalm_rag._version import __version__
 from kalm_rag.engine import Reranker, ScoreRequest
-from kalm_rag.errors import InvalidInputError, KalmError, StoreError
+from kalm_rag.errors import EvidenceUnsupportedError, InvalidInputError, KalmError, StoreError
 from kalm_rag.models import DEFAULT_MODEL
 from kalm_rag.serve.batching import DynamicBatcher, ServiceStoppingError, probabilities
 from kalm_rag.serve.metrics import CONTENT_TYPE, ServeMetrics
@@ -510,6 +510,22 @@ class _Service:
         ratio = reranker.ratio if ext.ratio is None else ext.ratio
         return [(i, scores[i], margins[i]) for i in order], ratio
 
+    async def evidence(self, query: str, texts: list[str], ext: Extensions) -> list[list[dict[str, Any]]]:
+        """The evidence spans of each of ``texts`` (the results to return), on the model worker."""
+        reranker, batcher = await self.require()
+        req = self.score_request(reranker, query, texts, ext)
+
+        def spans() -> list[list[dict[str, Any]]]:
+            ranked = reranker.rerank(req.query, texts, instruction=req.instruction, ratio=req.ratio, evidence=True)
+            by_index = {r.index: [s.to_dict() for s in r.evidence or ()] for r in ranked}
+            return [by_index[i] for i in range(len(texts))]
+
+        try:
+            result: list[list[dict[str, Any]]] = await batcher.call(spans)
+        except EvidenceUnsupportedError as exc:
+            raise ApiError(422, str(exc), field="return_evidence") from None
+        return result
+
     async def refuse_long_texts(self, texts: list[str], field: str) -> None:
         """422 for the first text the tokenizer would cut at the passage limit (TEI ``truncate: false``).
 
@@ -712,11 +728,18 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         service.check_max_tokens(body.max_tokens_per_doc)
         ranked, ratio = await service.rank(http, body.query, texts, body)
         results = []
-        for i, score, _ in ranked[:top_n]:
+        spans = (
+            await service.evidence(body.query, [texts[i] for i, _, _ in ranked[:top_n]], body)
+            if body.return_evidence
+            else None
+        )
+        for rank_position, (i, score, _) in enumerate(ranked[:top_n]):
             result: dict[str, Any] = {"index": i, "relevance_score": score}
             if body.return_documents:
                 doc = body.documents[i]
                 result["document"] = {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_none=True)
+            if spans is not None:
+                result["evidence"] = spans[rank_position]
             results.append(result)
         meta = {"api_version": {"version": version}, "model": service.model_name, "ratio": ratio}
         return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
