@@ -3,6 +3,7 @@
 from kalm_rag._version import __version__
 from kalm_rag.engine import EncodeReport, RankedPassage, Reranker, ScoreRequest
 from kalm_rag.errors import (
+    EvidenceUnsupportedError,
     InvalidInputError,
     KalmError,
     MissingDependencyError,
@@ -14,10 +15,13 @@ from kalm_rag.errors import (
     StoreError,
     StoreUnavailableError,
 )
+from kalm_rag.evidence import EvidenceSpan
 from kalm_rag.store import PassageStore, PooledPassage
 
 __all__ = [
     "EncodeReport",
+    "EvidenceSpan",
+    "EvidenceUnsupportedError",
     "InvalidInputError",
     "KalmError",
     "MissingDependencyError",
