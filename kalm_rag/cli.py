@@ -201,8 +201,12 @@ def rerank(
             for req in requests:
                 try:
                     k = req.top_k if req.top_k is not None else top_k  # the line's own top_k wins
-                    extra = {"evidence": True, "prune": prune} if evidence or prune is not None else {}
-                    ranked = rr.rerank(req.query, req.texts, top_k=k, instruction=instruction, **extra)
+                    if evidence or prune is not None:
+                        ranked = rr.rerank(
+                            req.query, req.texts, top_k=k, instruction=instruction, evidence=True, prune=prune
+                        )
+                    else:
+                        ranked = rr.rerank(req.query, req.texts, top_k=k, instruction=instruction)
                 except KalmError as exc:
                     raise KalmError(f"{req.where}: {exc}") from exc
                 results = [{"index": r.index, "id": req.ids[r.index], "score": r.score, "text": r.text} for r in ranked]

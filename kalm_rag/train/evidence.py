@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kalm_rag.evidence import sentence_spans, window_spans
+from kalm_rag.models.mini.backend import MiniBackend
 from kalm_rag.models.mini.evidence_head import EvidenceHead, window_features
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,10 @@ def train_head(
     torch.manual_seed(seed)
     start = time.monotonic()
     rr = Reranker.from_pretrained("kalm-mini", ratio=1, device="cpu", dtype="float32")
-    rr.backend.evidence_head = None
+    backend = rr.backend
+    if not isinstance(backend, MiniBackend):
+        raise TypeError("the evidence head is trained on kalm-mini")
+    backend.evidence_head = None  # features come from the frozen decoder alone
     data = squad_questions(data_dir / "squad" / "train", questions + held_out, seed=seed)
     examples, vectors = build_examples(rr, data, seed=seed)
     counts_by_paragraph = [e.counts for e in rr._pooled(list(dict.fromkeys(p for _, p, _, _ in data)))]
