@@ -95,6 +95,9 @@ def evidence(
     baselines: Annotated[bool, typer.Option(help="Also score first sentence, BM25 and MiniLM cosine.")] = True,
     max_queries: Annotated[int | None, typer.Option(min=1, help="Use only the first N examples of each set.")] = None,
     timing: Annotated[bool, typer.Option(help="Time evidence on a rerank of 100 cached SQuAD paragraphs.")] = True,
+    training_free: Annotated[
+        bool, typer.Option(help="Also measure kalm-mini's training-free readout next to its trained evidence head.")
+    ] = True,
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads.")] = None,
 ) -> None:
     """Evidence quality: top-1 answer-sentence accuracy, recall at 50% kept, characters kept at 95% recall.
@@ -128,8 +131,11 @@ def evidence(
                 "MiniLM cosine": ev.cosine_scores,
             }
         )
+    trained = getattr(rr.backend, "evidence_head", None) is not None
     for r in (int(x) for x in ratios.split(",") if x.strip()):
-        scorers[f"{label} r={r}"] = ev.model_scores(rr, ratio=r)
+        scorers[f"{label} r={r}" + (" (trained head)" if trained else "")] = ev.model_scores(rr, ratio=r)
+        if trained and training_free:
+            scorers[f"{label} r={r} (training-free)"] = ev.model_scores(rr, ratio=r, training_free=True)
     results = {name: ev.evaluate(examples, scorers) for name, examples in sets.items()}
     report: dict = {
         "model": rr.backend.weights_id,

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from kalm_rag.evidence import EvidenceSpan, evidence_spans, select_sentences, sentence_spans, window_spans
 
 #: The budgets scanned for the 95 % recall point (fractions of each passage's characters).
@@ -182,17 +184,26 @@ def cosine_scores(examples: Sequence[EvidenceExample]) -> list[list[float]]:
     return out
 
 
-def model_scores(reranker: Any, *, ratio: int | None = None) -> SentenceScorer:
+def model_scores(reranker: Any, *, ratio: int | None = None, training_free: bool = False) -> SentenceScorer:
     """Evidence scores of a :class:`~kalm_rag.Reranker` (the spans ``rerank(evidence=True)`` gives), mapped to
-    the example's sentences; sentences it did not read score ``-inf``.
+    the example's sentences; sentences it did not read score ``-inf``. With ``training_free``, a kalm-mini's
+    trained evidence head is set aside for the run (its relevance-attention readout is measured instead).
     """
 
     def score(examples: Sequence[EvidenceExample]) -> list[list[float]]:
-        out = []
-        for ex in examples:
-            spans = passage_evidence(reranker, ex.query, ex.text, sentences=ex.sentences, ratio=ratio)
-            by_start = {s.start: s.score for s in spans}
-            out.append([by_start.get(s, float("-inf")) for s, _ in ex.sentences])
+        backend = reranker.backend
+        head = getattr(backend, "evidence_head", None)
+        if training_free and head is not None:
+            backend.evidence_head = None
+        try:
+            out = []
+            for ex in tqdm(examples, desc="Evidence", unit="query", disable=len(examples) < 50):
+                spans = passage_evidence(reranker, ex.query, ex.text, sentences=ex.sentences, ratio=ratio)
+                by_start = {s.start: s.score for s in spans}
+                out.append([by_start.get(s, float("-inf")) for s, _ in ex.sentences])
+        finally:
+            if head is not None:
+                backend.evidence_head = head
         return out
 
     return score
