@@ -178,6 +178,7 @@ def train_head(
 
     torch.manual_seed(seed)
     start = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
     rr = Reranker.from_pretrained("kalm-mini", ratio=1, device="cpu", dtype="float32")
     backend = rr.backend
     if not isinstance(backend, MiniBackend):
@@ -190,7 +191,11 @@ def train_head(
     head = EvidenceHead(hidden_size=rr.backend.hidden_size)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     history = []
-    best = -1.0
+    head.eval()
+    with torch.no_grad():  # the untrained head ranks as the training-free readout: the bar to beat
+        best = sum(example_loss(head, ex, vectors, counts_by_paragraph)[1] for ex in dev) / max(len(dev), 1)
+    logger.info("before training (training-free readout): held-out top-1 %.4f", best)
+    history.append({"epoch": 0, "held_out_top1": best})
     rng = random.Random(seed)
     for epoch in range(epochs):
         head.train()
@@ -203,7 +208,7 @@ def train_head(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         head.eval()
         with torch.no_grad():
             dev_top1 = sum(example_loss(head, ex, vectors, counts_by_paragraph)[1] for ex in dev) / max(len(dev), 1)

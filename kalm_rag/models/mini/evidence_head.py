@@ -22,7 +22,7 @@ from kalm_rag.errors import ModelLoadError
 
 HEAD_FILE = "evidence_head.safetensors"
 HEAD_CONFIG = "evidence_head.json"
-NUM_FEATURES = 4
+NUM_FEATURES = 5
 
 
 def relevance_readout(probe: dict[str, torch.Tensor], query_mask: torch.Tensor) -> torch.Tensor:
@@ -35,8 +35,9 @@ def relevance_readout(probe: dict[str, torch.Tensor], query_mask: torch.Tensor) 
 
 
 def window_features(probe: dict[str, torch.Tensor], query_mask: torch.Tensor) -> torch.Tensor:
-    """Per-window features ``(B, W, 4)`` from the relevance attention: max and mean over the query tokens of
-    its cosine logits, and of the log of its probabilities (the whole-passage window dropped).
+    """Per-window features ``(B, W, 5)`` from the relevance attention: the log of the training-free readout
+    (:func:`relevance_readout`), then the max and mean over the query tokens of its cosine logits and of the log
+    of its probabilities (the whole-passage window dropped).
     """
     logits = probe["relevance_logits"][..., 1:].float()  # (B, Tq, W)
     log_attn = torch.log(probe["relevance_attention"][..., 1:].float().clamp(min=1e-9))  # (B, Tq, W)
@@ -45,16 +46,21 @@ def window_features(probe: dict[str, torch.Tensor], query_mask: torch.Tensor) ->
     finite = torch.isfinite(logits) & real  # padded windows hold -inf
     logits = logits.masked_fill(~finite, 0.0)
     feats = [
-        logits.masked_fill(~real, -1e4).max(dim=1).values,  # (B, W)
+        torch.log(relevance_readout(probe, query_mask).float().clamp(min=1e-9)),  # (B, W)
+        logits.masked_fill(~real, -1e4).max(dim=1).values,
         logits.sum(dim=1) / n,
         log_attn.masked_fill(~real, -1e4).max(dim=1).values,
         (log_attn * real).sum(dim=1) / n,
     ]
-    return torch.stack(feats, dim=-1)  # (B, W, 4)
+    return torch.stack(feats, dim=-1)  # (B, W, 5)
 
 
 class EvidenceHead(nn.Module):
     """Per-window evidence logits from the relevance attention's features and a query/window bilinear match.
+
+    ``logit = log(readout) + MLP(features) + (U q) . (V LN(p))``: the MLP's last layer starts at zero and the
+    bilinear maps near it, so an untrained head ranks windows exactly as the training-free readout does and
+    training learns a correction.
 
     Args:
         hidden_size: width of the query states and passage vectors (384 for kalm-mini).
@@ -65,11 +71,13 @@ class EvidenceHead(nn.Module):
     def __init__(self, hidden_size: int = 384, rank: int = 32, mlp_hidden: int = 16) -> None:
         super().__init__()
         self.hidden_size, self.rank, self.mlp_hidden = hidden_size, rank, mlp_hidden
-        self.feature_norm = nn.LayerNorm(NUM_FEATURES)
+        # features are logits (about -10..10) and log-probabilities (about -20..0): a fixed 0.1 brings them near 1
         self.mlp = nn.Sequential(nn.Linear(NUM_FEATURES, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, 1))
         self.query_map = nn.Linear(hidden_size, rank, bias=False)
         self.window_map = nn.Linear(hidden_size, rank, bias=False)
         with torch.no_grad():
+            self.mlp[2].weight.zero_()
+            self.mlp[2].bias.zero_()
             self.query_map.weight.normal_(0.0, 0.02)
             self.window_map.weight.normal_(0.0, 0.02)
 
@@ -83,7 +91,7 @@ class EvidenceHead(nn.Module):
         """Window logits ``(B, W)``.
 
         Args:
-            features: :func:`window_features` ``(B, W, 4)``.
+            features: :func:`window_features` ``(B, W, 5)``.
             query_states: the decoder's final query states ``(B, Tq, d)``.
             query_mask: 1 for real query positions ``(B, Tq)``.
             passages: pooled passage vectors ``(B, W, d)``.
@@ -92,7 +100,8 @@ class EvidenceHead(nn.Module):
         q = (query_states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, d)
         p = F.layer_norm(passages.float(), passages.shape[-1:])  # (B, W, d)
         bilinear = (self.window_map(p) @ self.query_map(q.float()).unsqueeze(-1)).squeeze(-1)  # (B, W)
-        return self.mlp(self.feature_norm(features.float())).squeeze(-1) + bilinear  # (B, W)
+        features = features.float()
+        return features[..., 0] + self.mlp(0.1 * features).squeeze(-1) + bilinear  # (B, W)
 
     def config(self) -> dict[str, int]:
         """The constructor arguments (``evidence_head.json``)."""
