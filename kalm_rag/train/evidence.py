@@ -33,7 +33,7 @@ from kalm_rag.models.mini.evidence_head import EvidenceHead, window_features
 
 logger = logging.getLogger(__name__)
 
-RATIOS = (1, 2, 4, 8, 16)
+RATIOS = (1, 2, 4, 8)
 
 
 @dataclass
@@ -168,9 +168,10 @@ def train_head(
     questions: int = 6000,
     held_out: int = 500,
     epochs: int = 4,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     batch_size: int = 32,
     max_minutes: float = 30.0,
+    token_rank: int = 32,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train the head on SQuAD train questions; save the best epoch's head (held-out top-1) into ``out``."""
@@ -184,11 +185,16 @@ def train_head(
     if not isinstance(backend, MiniBackend):
         raise TypeError("the evidence head is trained on kalm-mini")
     backend.evidence_head = None  # features come from the frozen decoder alone
-    data = squad_questions(data_dir / "squad" / "train", questions + held_out, seed=seed)
-    examples, vectors = build_examples(rr, data, seed=seed)
-    counts_by_paragraph = [e.counts for e in rr._pooled(list(dict.fromkeys(p for _, p, _, _ in data)))]
+    cache = out / f"examples-{questions}-{held_out}-{seed}.pt"
+    if cache.is_file():  # the frozen decoder's outputs of an earlier run with the same data: train another head
+        examples, vectors, counts_by_paragraph = torch.load(cache, weights_only=False)
+    else:
+        data = squad_questions(data_dir / "squad" / "train", questions + held_out, seed=seed)
+        examples, vectors = build_examples(rr, data, seed=seed)
+        counts_by_paragraph = [e.counts for e in rr._pooled(list(dict.fromkeys(p for _, p, _, _ in data)))]
+        torch.save((examples, vectors, counts_by_paragraph), cache)
     dev, train = examples[:held_out], examples[held_out:]
-    head = EvidenceHead(hidden_size=rr.backend.hidden_size)
+    head = EvidenceHead(hidden_size=rr.backend.hidden_size, token_rank=token_rank)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     history = []
     head.eval()

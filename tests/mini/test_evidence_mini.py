@@ -72,7 +72,7 @@ def test_training_free_readout_is_the_relevance_attention_averaged(rr):
 
 
 def test_head_file_round_trip_and_damage(tmp_path):
-    head = EvidenceHead(hidden_size=384, rank=8, mlp_hidden=4)
+    head = EvidenceHead(hidden_size=384, rank=8, mlp_hidden=4, token_rank=4)
     head.save(tmp_path)
     loaded = load_evidence_head(tmp_path)
     assert loaded is not None
@@ -86,3 +86,19 @@ def test_head_file_round_trip_and_damage(tmp_path):
 
 def test_shipped_head_is_loaded_when_present(rr):
     assert (rr.backend.evidence_head is not None) == (EMBEDDED_DIR / HEAD_FILE).is_file()
+
+
+def test_untrained_head_ranks_windows_as_the_training_free_readout():
+    """The head starts at the readout: log(readout) + a zero MLP correction + small bilinear terms."""
+    from kalm_rag.models.mini.evidence_head import relevance_readout, window_features
+
+    torch.manual_seed(0)
+    B, T, W, d = 2, 5, 7, 384
+    attn = torch.softmax(torch.randn(B, T, 1 + W + 1), dim=-1)[..., 1:]  # a sink dropped: rows sum below 1
+    probe = {"relevance_logits": torch.randn(B, T, 1 + W), "relevance_attention": attn}
+    mask = torch.ones(B, T)
+    head = EvidenceHead(hidden_size=d, token_rank=0)
+    with torch.no_grad():
+        head.query_map.weight.zero_()
+        logits = head(window_features(probe, mask), torch.randn(B, T, d), mask, torch.randn(B, W, d))
+    torch.testing.assert_close(logits, torch.log(relevance_readout(probe, mask)))

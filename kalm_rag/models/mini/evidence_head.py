@@ -68,14 +68,20 @@ class EvidenceHead(nn.Module):
         mlp_hidden: hidden width of the feature MLP.
     """
 
-    def __init__(self, hidden_size: int = 384, rank: int = 32, mlp_hidden: int = 16) -> None:
+    def __init__(self, hidden_size: int = 384, rank: int = 32, mlp_hidden: int = 16, token_rank: int = 0) -> None:
         super().__init__()
-        self.hidden_size, self.rank, self.mlp_hidden = hidden_size, rank, mlp_hidden
+        self.hidden_size, self.rank, self.mlp_hidden, self.token_rank = hidden_size, rank, mlp_hidden, token_rank
         # features are logits (about -10..10) and log-probabilities (about -20..0): a fixed 0.1 brings them near 1
         self.mlp = nn.Sequential(nn.Linear(NUM_FEATURES, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, 1))
         self.query_map = nn.Linear(hidden_size, rank, bias=False)
         self.window_map = nn.Linear(hidden_size, rank, bias=False)
+        # token-level match (optional): max over the query's tokens of (U' h_t) . (V' LN(p_w))
+        self.token_query_map = nn.Linear(hidden_size, token_rank, bias=False) if token_rank else None
+        self.token_window_map = nn.Linear(hidden_size, token_rank, bias=False) if token_rank else None
         with torch.no_grad():
+            for lin in (self.token_query_map, self.token_window_map):
+                if lin is not None:
+                    lin.weight.normal_(0.0, 0.02)
             self.mlp[2].weight.zero_()
             self.mlp[2].bias.zero_()
             self.query_map.weight.normal_(0.0, 0.02)
@@ -101,11 +107,22 @@ class EvidenceHead(nn.Module):
         p = F.layer_norm(passages.float(), passages.shape[-1:])  # (B, W, d)
         bilinear = (self.window_map(p) @ self.query_map(q.float()).unsqueeze(-1)).squeeze(-1)  # (B, W)
         features = features.float()
-        return features[..., 0] + self.mlp(0.1 * features).squeeze(-1) + bilinear  # (B, W)
+        logits = features[..., 0] + self.mlp(0.1 * features).squeeze(-1) + bilinear  # (B, W)
+        if self.token_query_map is not None and self.token_window_map is not None:
+            t = self.token_query_map(query_states.float())  # (B, Tq, k)
+            match = self.token_window_map(p) @ t.transpose(1, 2)  # (B, W, Tq)
+            match = match.masked_fill(~query_mask.bool()[:, None, :], float("-inf"))
+            logits = logits + match.max(dim=-1).values  # (B, W)
+        return logits
 
     def config(self) -> dict[str, int]:
         """The constructor arguments (``evidence_head.json``)."""
-        return {"hidden_size": self.hidden_size, "rank": self.rank, "mlp_hidden": self.mlp_hidden}
+        return {
+            "hidden_size": self.hidden_size,
+            "rank": self.rank,
+            "mlp_hidden": self.mlp_hidden,
+            "token_rank": self.token_rank,
+        }
 
     def save(self, folder: str | Path) -> None:
         """Write ``evidence_head.safetensors`` (fp32, small) and ``evidence_head.json`` into ``folder``."""
@@ -127,7 +144,10 @@ def load_evidence_head(folder: str | Path) -> EvidenceHead | None:
         return None
     try:
         config = json.loads((folder / HEAD_CONFIG).read_text())
-        head = EvidenceHead(**{k: int(config[k]) for k in ("hidden_size", "rank", "mlp_hidden")})
+        head = EvidenceHead(
+            **{k: int(config[k]) for k in ("hidden_size", "rank", "mlp_hidden")},
+            token_rank=int(config.get("token_rank", 0)),
+        )
         head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     except Exception as exc:  # safetensors raises its own error types for a damaged file; json/torch others
         raise ModelLoadError(f"{folder / HEAD_FILE}: not a usable kalm-mini evidence head ({exc})") from exc
