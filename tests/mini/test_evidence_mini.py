@@ -97,8 +97,7 @@ def test_untrained_head_ranks_windows_as_the_training_free_readout():
     attn = torch.softmax(torch.randn(B, T, 1 + W + 1), dim=-1)[..., 1:]  # a sink dropped: rows sum below 1
     probe = {"relevance_logits": torch.randn(B, T, 1 + W), "relevance_attention": attn}
     mask = torch.ones(B, T)
-    head = EvidenceHead(hidden_size=d, token_rank=0)
+    head = EvidenceHead(hidden_size=d, token_rank=8)
     with torch.no_grad():
-        head.query_map.weight.zero_()
         logits = head(window_features(probe, mask), torch.randn(B, T, d), mask, torch.randn(B, W, d))
     torch.testing.assert_close(logits, torch.log(relevance_readout(probe, mask)))

@@ -78,14 +78,15 @@ class EvidenceHead(nn.Module):
         # token-level match (optional): max over the query's tokens of (U' h_t) . (V' LN(p_w))
         self.token_query_map = nn.Linear(hidden_size, token_rank, bias=False) if token_rank else None
         self.token_window_map = nn.Linear(hidden_size, token_rank, bias=False) if token_rank else None
-        with torch.no_grad():
-            for lin in (self.token_query_map, self.token_window_map):
+        with torch.no_grad():  # the query-side maps start at zero: every correction term starts at exactly 0
+            for lin in (self.token_window_map, self.window_map):
                 if lin is not None:
                     lin.weight.normal_(0.0, 0.02)
+            for lin in (self.token_query_map, self.query_map):
+                if lin is not None:
+                    lin.weight.zero_()
             self.mlp[2].weight.zero_()
             self.mlp[2].bias.zero_()
-            self.query_map.weight.normal_(0.0, 0.02)
-            self.window_map.weight.normal_(0.0, 0.02)
 
     def forward(
         self,
