@@ -6,18 +6,20 @@ the windows, or a trained head); this module maps the windows back to characters
 sentences (``sentencex``), scores each sentence from the windows that overlap it, and prunes a passage to its
 best sentences. Everything here is pure: no model, no store.
 
->>> text = "Bananas are yellow. Paris is the capital of France."
->>> sentence_spans(text)
-[(0, 19), (20, 51)]
->>> offsets = [None, (0, 7), (8, 11), (12, 19), (20, 25), (26, 51)]   # a prefix token, then five tokens
->>> windows = window_spans(offsets, 2)
->>> windows
-[(0, 7), (8, 19), (20, 51)]
->>> spans = evidence_spans(text, windows, [0.1, 0.1, 0.8])
->>> [(s.start, s.end, round(s.score, 2)) for s in spans]
-[(20, 51, 0.8), (0, 19, 0.1)]
->>> prune_passage(text, spans, keep=0.5)[0]
-'Paris is the capital of France.'
+Example:
+    >>> text = "Bananas are yellow. Paris is the capital of France."
+    >>> sentence_spans(text)
+    [(0, 19), (20, 51)]
+    >>> offsets = [None, (0, 7), (8, 11), (12, 19), (20, 25), (26, 51)]   # a prefix token, then five tokens
+    >>> windows = window_spans(offsets, 2)
+    >>> windows
+    [(0, 7), (8, 19), (20, 51)]
+    >>> spans = evidence_spans(text, windows, [0.1, 0.1, 0.8])
+    >>> ranked = [(s.start, s.end, round(s.score, 2)) for s in spans]
+    >>> ranked
+    [(20, 51, 0.8), (0, 19, 0.1)]
+    >>> prune_passage(text, spans, keep=0.5)[0]
+    'Paris is the capital of France.'
 """
 
 from __future__ import annotations
