@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from kalm_rag._version import __version__
 from kalm_rag.errors import (
+    EvidenceUnsupportedError,
     InvalidInputError,
     KalmError,
     MissingDependencyError,
@@ -26,10 +27,12 @@ from kalm_rag.reports import EncodeReport
 
 if TYPE_CHECKING:
     from kalm_rag.engine import RankedPassage, Reranker, ScoreRequest
+    from kalm_rag.evidence import EvidenceSpan
     from kalm_rag.store import PassageStore, PooledPassage
 
 #: Public names whose modules import torch: loaded when first asked for.
 _LAZY = {
+    "EvidenceSpan": "kalm_rag.evidence",
     "RankedPassage": "kalm_rag.engine",
     "Reranker": "kalm_rag.engine",
     "ScoreRequest": "kalm_rag.engine",
@@ -52,6 +55,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "EncodeReport",
+    "EvidenceSpan",
+    "EvidenceUnsupportedError",
     "InvalidInputError",
     "KalmError",
     "MissingDependencyError",

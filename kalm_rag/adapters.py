@@ -39,6 +39,7 @@ from typing import Any
 from kalm_rag.data import passage_text
 from kalm_rag.engine import EncodeReport, RankedPassage, Reranker
 from kalm_rag.errors import InvalidInputError, KalmError
+from kalm_rag.evidence import EvidenceSpan, check_keep
 from kalm_rag.models import DEFAULT_MODEL
 from kalm_rag.store import PassageStore, check_store_url
 from kalm_rag.validation import check_positive_int
@@ -51,6 +52,7 @@ __all__ = [
     "RerankerHandle",
     "aencode",
     "arank",
+    "check_evidence_options",
     "check_title_key",
     "close_shared_stores",
     "document_text",
@@ -274,10 +276,37 @@ def as_kalm_error(exc: Exception) -> KalmError:
 
 @dataclass(frozen=True)
 class Ranked:
-    """One ranked document: its position in the caller's list and its score (P(yes))."""
+    """One ranked document: its position in the caller's list and its score (P(yes)).
+
+    With ``evidence=True`` (or ``prune=``) in :func:`rank`, ``evidence`` holds the engine's sentence spans into
+    the passage text sent (``passage``), best first, and with ``prune=`` ``pruned_text`` the kept sentences.
+    """
 
     index: int
     score: float
+    evidence: tuple[EvidenceSpan, ...] | None = None
+    pruned_text: str | None = None
+    passage: str | None = None
+
+    def evidence_in(self, text: str) -> list[dict[str, float | int]]:
+        """The evidence spans as ``{"start", "end", "score"}`` dicts indexing ``text``, the document's own text.
+
+        ``text`` is what the framework document holds (``page_content``, node content, ``content``); when a
+        title was put in front of it (``title_key``), spans are shifted onto ``text`` and a span inside the
+        title is left out.
+        """
+        if not self.evidence or self.passage is None:
+            return []
+        core = text.strip()
+        base = self.passage.rfind(core) if core else -1
+        if base < 0:  # not found: the spans index the passage sent
+            return [s.to_dict() for s in self.evidence]
+        shift = text.find(core) - base
+        return [
+            {"start": max(s.start, base) + shift, "end": s.end + shift, "score": s.score}
+            for s in self.evidence
+            if s.end > base
+        ]
 
 
 def has_text(text: object) -> bool:
@@ -333,7 +362,12 @@ def _finish(
     score_threshold: float | None,
 ) -> list[Ranked]:
     scored = {positions[r.index] for r in ranked}
-    out = [Ranked(positions[r.index], float(r.score)) for r in ranked]
+    out = [
+        Ranked(
+            positions[r.index], float(r.score), r.evidence, r.pruned_text, r.text if r.evidence is not None else None
+        )
+        for r in ranked
+    ]
     out += [Ranked(i, 0.0) for i in range(n) if i not in scored]  # no text: nothing to judge, last
     if score_threshold is not None:
         out = [r for r in out if r.score >= score_threshold]
@@ -349,10 +383,17 @@ def rank(
     score_threshold: float | None = None,
     instruction: str | None = None,
     ratio: int | None = None,
+    evidence: bool = False,
+    prune: float | None = None,
 ) -> list[Ranked]:
-    """Rank ``texts`` against ``query`` best first (see the module docstring for the rule)."""
+    """Rank ``texts`` against ``query`` best first (see the module docstring for the rule).
+
+    ``evidence`` and ``prune`` are :meth:`Reranker.rerank`'s: sentence spans (and pruned texts) per document.
+    """
     positions, scorable = _split(texts)
-    ranked = reranker.rerank(query, scorable, instruction=instruction, ratio=ratio)
+    ranked = reranker.rerank(
+        query, scorable, instruction=instruction, ratio=ratio, **_evidence_options(evidence, prune)
+    )
     return _finish(positions, ranked, len(texts), top=top, score_threshold=score_threshold)
 
 
@@ -365,11 +406,32 @@ async def arank(
     score_threshold: float | None = None,
     instruction: str | None = None,
     ratio: int | None = None,
+    evidence: bool = False,
+    prune: float | None = None,
 ) -> list[Ranked]:
     """:func:`rank` on the reranker's worker thread; the event loop keeps running meanwhile."""
     positions, scorable = _split(texts)
-    ranked = await reranker.arerank(query, scorable, instruction=instruction, ratio=ratio)
+    ranked = await reranker.arerank(
+        query, scorable, instruction=instruction, ratio=ratio, **_evidence_options(evidence, prune)
+    )
     return _finish(positions, ranked, len(texts), top=top, score_threshold=score_threshold)
+
+
+def _evidence_options(evidence: bool, prune: float | None) -> dict[str, Any]:
+    """Only the evidence options that are on: a plain rank stays the exact call it was."""
+    options: dict[str, Any] = {}
+    if evidence:
+        options["evidence"] = evidence
+    if prune is not None:
+        options["prune"] = prune
+    return options
+
+
+def check_evidence_options(evidence: object, prune: object) -> tuple[bool, float | None]:
+    """An adapter's ``evidence`` and ``prune`` options, checked where the pipeline is built."""
+    if not isinstance(evidence, bool):
+        raise InvalidInputError(f"evidence must be True or False, got {evidence!r}")
+    return evidence, None if prune is None else check_keep(prune)
 
 
 def encode(reranker: Reranker, texts: Sequence[str | None], *, strict: bool = True) -> EncodeReport:

@@ -166,6 +166,15 @@ def rerank(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA when available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write JSONL here (default: stdout).")] = None,
+    evidence: Annotated[
+        bool, typer.Option(help='Add "evidence": the sentences that made each passage relevant, best first.')
+    ] = False,
+    prune: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help='Add "pruned_text": each passage cut to its best sentences (this fraction).'
+        ),
+    ] = None,
 ) -> None:
     """Rerank passages from a JSONL file: one {"query", "passages", "top_k"?} request per line.
 
@@ -173,6 +182,9 @@ def rerank(
     names its line. A line's own top_k takes precedence over --top-k. Each output line is
     {"query", "results": [{"index", "id", "score", "text"}]}, sorted best first; "id" is always a string
     (the passage's own id, else its position). With --output the file appears only when every line is done.
+    With --evidence each result also has "evidence": [{"start", "end", "score"}] character spans of its sentences
+    into "text", best first; with --prune FRACTION, "pruned_text" (the kept sentences in their order) and
+    "evidence" lists the kept sentences.
     """
     from kalm_rag import Reranker
     from kalm_rag.errors import KalmError
@@ -193,10 +205,20 @@ def rerank(
             for req in requests:
                 try:
                     k = req.top_k if req.top_k is not None else top_k  # the line's own top_k wins
-                    ranked = rr.rerank(req.query, req.texts, top_k=k, instruction=instruction)
+                    if evidence or prune is not None:
+                        ranked = rr.rerank(
+                            req.query, req.texts, top_k=k, instruction=instruction, evidence=True, prune=prune
+                        )
+                    else:
+                        ranked = rr.rerank(req.query, req.texts, top_k=k, instruction=instruction)
                 except KalmError as exc:
                     raise KalmError(f"{req.where}: {exc}") from exc
                 results = [{"index": r.index, "id": req.ids[r.index], "score": r.score, "text": r.text} for r in ranked]
+                for result, r in zip(results, ranked):
+                    if r.evidence is not None:
+                        result["evidence"] = [span.to_dict() for span in r.evidence]
+                    if r.pruned_text is not None:
+                        result["pruned_text"] = r.pruned_text
                 out.write(json.dumps({"query": req.query, "results": results}, ensure_ascii=False) + "\n")
         finally:
             if output is not None:

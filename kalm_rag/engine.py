@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from kalm_rag._logs import RateLimitedWarning
 from kalm_rag.errors import InvalidInputError, NotStoredError, NumericalError, ReadOnlyOptionError, StoreError
+from kalm_rag.evidence import EvidenceSpan, check_keep, evidence_spans, prune_passage, window_spans
 from kalm_rag.models import DEFAULT_MODEL, load_backend
 from kalm_rag.models.base import FBNLBackend
 from kalm_rag.padding import right_pad, right_pad_vectors
@@ -51,12 +52,18 @@ class RankedPassage:
         score: P(yes) (or the raw margin where asked for).
         text: the passage text.
         ratio: the MEP ratio the score was computed at.
+        evidence: with ``rerank(..., evidence=True)``, the sentences the model read, best first, as character
+            spans into ``text`` with their evidence scores; with ``prune=``, the kept sentences only.
+        pruned_text: with ``rerank(..., prune=...)``, ``text`` cut to its kept sentences, in their original
+            order, joined by a space.
     """
 
     index: int
     score: float
     text: str
     ratio: int | None = None
+    evidence: tuple[EvidenceSpan, ...] | None = None
+    pruned_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -482,11 +489,25 @@ class Reranker:
         top_k: int | None = None,
         instruction: str | None = None,
         ratio: int | None = None,
+        evidence: bool = False,
+        prune: float | None = None,
     ) -> list[RankedPassage]:
-        """Passages sorted best first (ties keep input order), cut to ``top_k``."""
+        """Passages sorted best first (ties keep input order), cut to ``top_k``.
+
+        With ``evidence=True`` each result carries ``evidence``: its sentences (as far as the model read the
+        passage, ``max_passage_tokens``) as ``(start, end, score)`` character spans, best first, read from the
+        same decoder pass as the score (no second encoder pass; the scores are unchanged). With ``prune`` (the
+        fraction of each passage's characters to keep, in (0, 1]) each result also carries ``pruned_text``: its
+        best sentences within that budget (at least one), in their original order; ``evidence`` then lists
+        the kept sentences.
+        """
         if top_k is not None:
             top_k = check_positive_int(top_k, "top_k")
         r = self._call_ratio(ratio)
+        evidence = _check_bool(evidence, "evidence")
+        keep = None if prune is None else check_keep(prune)
+        if evidence or keep is not None:
+            return self._rerank_with_evidence(query, passages, top_k=top_k, instruction=instruction, ratio=r, keep=keep)
         scores = self.score(query, passages, instruction=instruction, ratio=r)
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
         return [RankedPassage(index=i, score=scores[i], text=passages[i], ratio=r) for i in ranked[:top_k]]
@@ -646,6 +667,77 @@ class Reranker:
             )
         self.counters["scored_pairs"] += len(entries)
         return margins
+
+    def _rerank_with_evidence(
+        self,
+        query: str,
+        passages: Sequence[str],
+        *,
+        top_k: int | None,
+        instruction: str | None,
+        ratio: int,
+        keep: float | None,
+    ) -> list[RankedPassage]:
+        """:meth:`rerank` with evidence spans (and pruning): one decoder pass gives scores and window weights."""
+        query = check_text(query, "query")
+        texts = check_passages(passages)
+        instr = self.instruction if instruction is None else check_text(instruction, "instruction")
+        if not texts:
+            return []
+        margins, weights = self._decode_with_evidence(
+            query, self._pooled(texts), instruction=instr, system_instruction=self.system_instruction, ratio=ratio
+        )
+        scores = torch.sigmoid(margins).tolist()
+        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
+        offsets = self.backend.passage_offsets([texts[i] for i in ranked], self.max_passage_tokens)
+        out = []
+        for i, token_offsets in zip(ranked, offsets):
+            windows = window_spans(token_offsets, ratio)
+            if len(windows) != weights[i].shape[0]:
+                raise NumericalError(
+                    f"passage {i}: {weights[i].shape[0]} stored windows but its text tokenises into {len(windows)} "
+                    f"at ratio {ratio}; the store holds vectors of another tokenisation"
+                )
+            spans = evidence_spans(texts[i], windows, weights[i].tolist())
+            pruned = None
+            if keep is not None:
+                pruned, spans = prune_passage(texts[i], spans, keep=keep)
+            out.append(
+                RankedPassage(
+                    index=i, score=scores[i], text=texts[i], ratio=ratio, evidence=tuple(spans), pruned_text=pruned
+                )
+            )
+        return out
+
+    def _decode_with_evidence(
+        self, query: str, entries: list[PooledPassage], *, instruction: str, system_instruction: str, ratio: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`_decode` that also returns each passage's window weights ``(W_i,)`` (from the same pass)."""
+        prompt = self.backend.prompt_ids(
+            query,
+            instruction=instruction,
+            system_instruction=system_instruction,
+            max_query_tokens=self.max_query_tokens,
+        )
+        pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in entries]
+        order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
+        margins = torch.empty(len(pooled), dtype=torch.float32)
+        weights: list[torch.Tensor] = [torch.empty(0)] * len(pooled)
+
+        def score_batch(batch: list[int]) -> None:
+            vectors, mask = right_pad_vectors([pooled[i] for i in batch], self.backend.dtype)  # (B, W, d), (B, W)
+            batch_margins, batch_weights = self.backend.margins_and_window_weights(prompt, vectors, mask)
+            margins[batch] = batch_margins
+            for row, i in enumerate(batch):
+                weights[i] = batch_weights[row, : pooled[i].shape[0]].float()
+
+        self._for_each_batch(order, score_batch)
+        if not torch.isfinite(margins).all():
+            raise NumericalError(
+                f"non-finite scores in {self.backend.dtype}; the model overflows in this dtype, use float32 or bfloat16"
+            )
+        self.counters["scored_pairs"] += len(entries)
+        return margins, weights
 
     def _for_each_batch(self, order: list[int], fn: Callable[[list[int]], None]) -> None:
         """Call ``fn`` on consecutive batches of ``order``.

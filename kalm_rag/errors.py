@@ -11,7 +11,8 @@ The tree (a class is also the built-in exception named after it, so existing ``e
     ├── StoreError                            the store failed and recomputing cannot help
     │   ├── StoreUnavailableError             the store cannot be reached now (Redis down, hung or skipped)
     │   └── NotStoredError                    Reranker.encode(strict=True): passages were encoded but not stored
-    └── MissingDependencyError (ImportError)  an optional dependency is missing; the message names the extra
+    ├── MissingDependencyError (ImportError)  an optional dependency is missing; the message names the extra
+    └── EvidenceUnsupportedError (NotImplementedError)  the model cannot say which sentences made a passage relevant
 """
 
 from __future__ import annotations
@@ -80,3 +81,7 @@ class NotStoredError(StoreError):
 
 class MissingDependencyError(KalmError, ImportError):
     """A feature needs an optional dependency that is not installed; the message names the extra to install."""
+
+
+class EvidenceUnsupportedError(KalmError, NotImplementedError):
+    """The model backend has no evidence readout (``Reranker.rerank(..., evidence=True)`` or ``prune=``)."""

@@ -22,7 +22,7 @@ CELL_TIMEOUT_S = 300
 
 def test_notebooks_are_present():
     names = [p.name for p in NOTEBOOKS]
-    assert len(names) == 5, names
+    assert len(names) == 6, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

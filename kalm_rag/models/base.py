@@ -12,6 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
+from kalm_rag.errors import EvidenceUnsupportedError
+from kalm_rag.evidence import Offset
+
 
 class FBNLBackend(ABC):
     """An FBNL model: passage encoder + prompt decoder attending to pooled passage vectors."""
@@ -63,3 +66,23 @@ class FBNLBackend(ABC):
             passage_vectors: pooled passage vectors ``(B, W, d)`` in the model dtype.
             passage_mask: 1 for real windows, 0 for padding ``(B, W)``.
         """
+
+    # ----- evidence (optional) ---------------------------------------------------------------------
+
+    def passage_offsets(self, passages: Sequence[str], max_tokens: int) -> list[list[Offset]]:
+        """Each encoder position's character span in its passage, aligned with :meth:`tokenize_passages`.
+
+        ``None`` marks a position that holds no passage text (a prefix token, ``[CLS]``, ``[SEP]``). Only the
+        positions the encoder reads are listed (the passage as cut at ``max_tokens``).
+        """
+        raise EvidenceUnsupportedError(f"the {self.family} backend cannot map its tokens back to the passage text")
+
+    def margins_and_window_weights(
+        self, prompt_ids: Sequence[int], passage_vectors: torch.Tensor, passage_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`margins` ``(B,)`` and, from the same pass, a relevance weight per passage window ``(B, W)``.
+
+        The margins must equal :meth:`margins`' exactly (asking for evidence never changes a score); the
+        weights are higher for windows that made the passage relevant (padding windows: any value).
+        """
+        raise EvidenceUnsupportedError(f"the {self.family} backend has no evidence readout")

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kalm_rag.errors import ModelLoadError
+from kalm_rag.errors import EvidenceUnsupportedError, ModelLoadError
+from kalm_rag.evidence import Offset, passage_offsets_from_prefixed
 from kalm_rag.models.base import FBNLBackend
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.sources import refuse_custom_code, resolve_checkpoint
-from kalm_rag.prompt import format_passage, format_prompt, truncate_query
+from kalm_rag.prompt import PASSAGE_PREFIX, format_passage, format_prompt, truncate_query
 
 MODEL_TYPE = "t5gemma2"
 
@@ -118,6 +119,20 @@ class T5Gemma2Backend(FBNLBackend):
         batch = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens)
         return [list(ids) for ids in batch["input_ids"]]
 
+    def passage_offsets(self, passages: Sequence[str], max_tokens: int) -> list[list[Offset]]:
+        """Each encoder position's character span in its passage (``None`` for the prefix's tokens), for the
+        same tokens as :meth:`tokenize_passages` (cut at ``max_tokens``).
+        """
+        texts = [format_passage(p) for p in passages]
+        batch = self.tokenizer(
+            texts, add_special_tokens=False, truncation=True, max_length=max_tokens, return_offsets_mapping=True
+        )
+        prefix = len(PASSAGE_PREFIX)
+        return [
+            passage_offsets_from_prefixed(offsets, prefix, len(p))
+            for offsets, p in zip(batch["offset_mapping"], passages)
+        ]
+
     @torch.inference_mode()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self._encoder(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
@@ -145,6 +160,28 @@ class T5Gemma2Backend(FBNLBackend):
         else:
             last = self._reference_last_hidden(prompt, passage_vectors, passage_mask)
         return self._margin_from_hidden(last)
+
+    @torch.inference_mode()
+    def margins_and_window_weights(
+        self, prompt_ids: Sequence[int], passage_vectors: torch.Tensor, passage_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`margins` and, from the same pass, the training-free evidence readout ``(B, W)``: the last
+        position's attention over the passage windows, averaged over heads and layers (windows sum to at
+        most 1; the rest of the mass is on the prompt).
+        """
+        if not (self.lean and self._lean is not None):
+            raise EvidenceUnsupportedError(
+                "evidence needs the lean decoder path (no attention softcapping, GeGLU-tanh MLP); "
+                "this T5Gemma 2 config does not support it"
+            )
+        prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)  # (T,)
+        probe: list[torch.Tensor] = []
+        last = self._lean.last_hidden(
+            prompt, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device), probe
+        ).float()  # (B, d)
+        weights = torch.stack(probe).mean(dim=0)  # (L, B, W) -> (B, W)
+        weights = weights.masked_fill(~passage_mask.to(self.device).bool(), 0.0)
+        return self._margin_from_hidden(last), weights.cpu()
 
     def _reference_last_hidden(
         self, prompt: torch.Tensor, passage_vectors: torch.Tensor, passage_mask: torch.Tensor
@@ -301,13 +338,21 @@ class LeanT5Gemma2Decoder:
         return masks
 
     @torch.inference_mode()
-    def last_hidden(self, prompt_ids: torch.Tensor, passages: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
+    def last_hidden(
+        self,
+        prompt_ids: torch.Tensor,
+        passages: torch.Tensor,
+        passage_mask: torch.Tensor,
+        probe: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Final-normed decoder state at the prompt's last position for each passage.
 
         Args:
             prompt_ids: the prompt, shape ``(T,)``.
             passages: pooled passage vectors ``(B, W, d)`` in the model dtype.
             passage_mask: 1 for real windows ``(B, W)``.
+            probe: if given, each layer appends the last position's head-averaged attention over the
+                passage windows ``(B, W)`` to it (see :meth:`T5Gemma2Backend.margins_and_window_weights`).
 
         Returns:
             ``(B, d)`` hidden states (model dtype).
@@ -321,7 +366,9 @@ class LeanT5Gemma2Decoder:
         last = len(self.layers) - 1
         for i, (weights, layer_type) in enumerate(zip(self.layers, self.layer_types)):
             cos, sin = rope[layer_type]
-            x = _lean_layer(x, passages, masks[layer_type], cos, sin, weights, shape, self.scaling, self.eps, i == last)
+            x = _lean_layer(
+                x, passages, masks[layer_type], cos, sin, weights, shape, self.scaling, self.eps, i == last, probe
+            )
         return _rms_norm(x[:, -1], self.final_norm, self.eps)  # (B, d)
 
 
@@ -346,6 +393,7 @@ def _lean_layer(
     scaling: float,
     eps: float,
     last: bool,
+    probe: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One decoder layer: merged attention over [prompt; passages], then the GeGLU MLP.
 
@@ -360,6 +408,8 @@ def _lean_layer(
         scaling: attention scale.
         eps: RMSNorm epsilon.
         last: only the last position's output is needed.
+        probe: if given, the last position's attention over the passage windows, averaged over heads
+            ``(B, W)`` fp32, is appended to it (the evidence readout; the layer's output is unchanged).
 
     Returns:
         ``(B, T, d)``, or ``(B, 1, d)`` when ``last``.
@@ -385,6 +435,8 @@ def _lean_layer(
         q, mask, x = q[:, :, -1:], mask[:, :, -1:], x[:, -1:]
     q = q.expand(B, -1, -1, -1)
     Tq = q.shape[2]
+    if probe is not None:
+        probe.append(_last_position_passage_attention(q[:, :, -1:], keys, mask[:, :, -1:], scaling, T))
     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
     attn = attn.transpose(1, 2).reshape(B, Tq, H * hd) @ w["o"].T  # (B, Tq, d)
     x = x + _rms_norm(attn, w["post_attn"], eps)  # broadcasts (1, T, d) -> (B, T, d) in the first layer
@@ -393,6 +445,19 @@ def _lean_layer(
     gate, up = (h @ w["gate_up"].T).chunk(2, dim=-1)  # (B, Tq, I) each
     mlp = F.gelu(gate, approximate="tanh") * up
     return x + _rms_norm(mlp @ w["down"].T, w["post_ff"], eps)
+
+
+def _last_position_passage_attention(
+    q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scaling: float, T: int
+) -> torch.Tensor:
+    """Attention probabilities of the last query ``(B, H, 1, hd)`` on the passage part of ``keys``
+    ``(B, Hkv, T + W, hd)`` (merged mask ``(B, 1, 1, T + W)``), averaged over heads: ``(B, W)`` fp32.
+    """
+    H, Hkv = q.shape[1], keys.shape[1]
+    k = keys.repeat_interleave(H // Hkv, dim=1)  # (B, H, T + W, hd): grouped key/value heads shared
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scaling  # (B, H, 1, T + W)
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)  # (B, H, 1, T + W)
+    return probs[:, :, 0, T:].mean(dim=1)  # (B, W)
 
 
 def _apply_rope(

@@ -14,9 +14,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from kalm_rag.errors import EvidenceUnsupportedError
 from kalm_rag.serve.batching import probabilities
 from kalm_rag.serve.checks import RequestChecks, refuse_surrogates
-from kalm_rag.serve.errors import ERROR_RESPONSES
+from kalm_rag.serve.errors import ERROR_RESPONSES, ApiError
 from kalm_rag.serve.metrics import CONTENT_TYPE
 from kalm_rag.serve.schemas import (
     CohereRerankRequest,
@@ -48,6 +49,24 @@ def add_routes(app: FastAPI, service: Service, checks: RequestChecks) -> None:
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return [(i, scores[i], margins[i]) for i in order], ratio
 
+    async def evidence(query: str, texts: list[str], ext: Extensions) -> list[list[dict[str, Any]]]:
+        """The evidence spans of each of ``texts`` (the results to return), computed on the model worker."""
+        reranker, batcher = await service.require()
+        request = checks.score_request(reranker, query, texts, ext)
+
+        def spans() -> list[list[dict[str, Any]]]:
+            found = reranker.rerank(
+                request.query, texts, instruction=request.instruction, ratio=request.ratio, evidence=True
+            )
+            by_index = {r.index: [s.to_dict() for s in r.evidence or ()] for r in found}
+            return [by_index[i] for i in range(len(texts))]
+
+        try:
+            result: list[list[dict[str, Any]]] = await batcher.call(spans)
+        except EvidenceUnsupportedError as exc:
+            raise ApiError(422, str(exc), field="return_evidence") from None
+        return result
+
     async def cohere(http: Request, body: CohereRerankRequest, version: str) -> dict[str, Any]:
         refuse_surrogates(body)
         texts = checks.texts_of(body.documents, "documents", body.rank_fields)
@@ -56,11 +75,18 @@ def add_routes(app: FastAPI, service: Service, checks: RequestChecks) -> None:
         service.check_max_tokens(body.max_tokens_per_doc)
         results = []
         ranking, ratio = await ranked(http, body.query, texts, body)
-        for i, score, _ in ranking[:top_n]:
+        spans = (
+            await evidence(body.query, [texts[i] for i, _, _ in ranking[:top_n]], body)
+            if body.return_evidence
+            else None
+        )
+        for rank_position, (i, score, _) in enumerate(ranking[:top_n]):
             result: dict[str, Any] = {"index": i, "relevance_score": score}
             if body.return_documents:
                 doc = body.documents[i]
                 result["document"] = {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_none=True)
+            if spans is not None:
+                result["evidence"] = spans[rank_position]
             results.append(result)
         meta = {"api_version": {"version": version}, "model": service.model_name, "ratio": ratio}
         return {"id": str(uuid.uuid4()), "results": results, "meta": meta}

@@ -57,6 +57,11 @@ class CohereRerankRequest(Extensions):
     rank_fields: list[str] | None = Field(
         default=None, description="v1: score these fields of document objects, one 'field: value' line each."
     )
+    return_evidence: bool | None = Field(
+        default=None,
+        description="kalm-rag extension: add to each result the sentences that made the document relevant "
+        "(character spans into its text, best first).",
+    )
 
 
 class CohereDocumentOut(BaseModel):
@@ -67,12 +72,23 @@ class CohereDocumentOut(BaseModel):
     text: str | None = None
 
 
+class EvidenceSpanOut(BaseModel):
+    """One sentence of a document: ``text[start:end]``, and how much it made the document relevant."""
+
+    start: int
+    end: int
+    score: float
+
+
 class CohereResult(BaseModel):
     """One ranked document."""
 
     index: int = Field(description="Position of the document in the request.")
     relevance_score: float = Field(description="P(yes) in [0, 1].")
     document: CohereDocumentOut | None = None
+    evidence: list[EvidenceSpanOut] | None = Field(
+        default=None, description="With return_evidence: the document's sentences as spans, best first."
+    )
 
 
 class ApiVersion(BaseModel):

@@ -354,3 +354,30 @@ def export(
             typer.echo(f"warning: {checkpoint} has no {name}", err=True)
     size = (target / "model.safetensors").stat().st_size
     typer.echo(f"exported {checkpoint} -> {target} ({size / 2**20:.1f} MiB)")
+
+
+@app.command()
+def evidence(
+    data_dir: DataDir,
+    out: Annotated[Path, typer.Option(help="Folder for evidence_head.safetensors/.json and the training report.")],
+    questions: Annotated[int, typer.Option(min=10, help="SQuAD train questions to train on.")] = 6000,
+    held_out: Annotated[int, typer.Option(min=1, help="Further questions held out to pick the best epoch.")] = 500,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the questions.")] = 4,
+    max_minutes: MaxMinutes = 30.0,
+    threads: Threads = None,
+) -> None:
+    """Train kalm-mini's evidence head on SQuAD train (the answer's sentence is the label); the decoder is frozen.
+
+    Copy OUT/evidence_head.safetensors and OUT/evidence_head.json next to kalm-mini's weights to ship it.
+    """
+    import torch
+
+    from kalm_rag.train.evidence import train_head
+
+    _logging()
+    if threads:
+        torch.set_num_threads(threads)
+    report = train_head(
+        data_dir, out, questions=questions, held_out=held_out, epochs=epochs, max_minutes=max_minutes or 30.0
+    )
+    typer.echo(json.dumps(report, indent=2))

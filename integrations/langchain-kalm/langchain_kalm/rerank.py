@@ -8,7 +8,7 @@ from typing import Any
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 
-from kalm_rag.adapters import arank, rank
+from kalm_rag.adapters import Ranked, arank, check_evidence_options, rank
 from kalm_rag.validation import check_instruction, check_positive_int, check_ratio, check_score_threshold
 from langchain_kalm._config import KaLMEngineConfig
 
@@ -38,6 +38,13 @@ class KaLMRerank(KaLMEngineConfig, BaseDocumentCompressor):
     """Task instruction for the prompt; ``None``: the official default."""
     ratio: int | None = None
     """MEP pooling ratio (1..32); ``None``: the reranker's default (4)."""
+    evidence: bool = False
+    """Put the sentences that made each document relevant in ``metadata["evidence"]``: ``{"start", "end",
+    "score"}`` character spans into the original ``page_content``, best first."""
+    prune: float | None = None
+    """Prune each returned document to its best sentences, about this fraction of its characters (0..1]:
+    ``page_content`` becomes the kept sentences in their original order; ``metadata["evidence"]`` lists them
+    (spans into the original text, which is kept in ``metadata["unpruned_content"]``)."""
 
     def model_post_init(self, context: Any, /) -> None:
         """Check the ranking options at construction, before any document arrives."""
@@ -47,6 +54,7 @@ class KaLMRerank(KaLMEngineConfig, BaseDocumentCompressor):
         check_instruction(self.instruction)
         if self.ratio is not None:
             check_ratio(self.ratio)
+        check_evidence_options(self.evidence, self.prune)
         super().model_post_init(context)
 
     def compress_documents(
@@ -69,7 +77,7 @@ class KaLMRerank(KaLMEngineConfig, BaseDocumentCompressor):
         if not docs:
             return []
         ranked = rank(self.get_reranker(), query, self.passage_texts(docs), **self._options())
-        return [_with_score(docs[r.index], r.score) for r in ranked]
+        return [_with_score(docs[r.index], r) for r in ranked]
 
     async def acompress_documents(
         self,
@@ -83,14 +91,26 @@ class KaLMRerank(KaLMEngineConfig, BaseDocumentCompressor):
             return []
         reranker = await self._handle.aget()
         ranked = await arank(reranker, query, self.passage_texts(docs), **self._options())
-        return [_with_score(docs[r.index], r.score) for r in ranked]
+        return [_with_score(docs[r.index], r) for r in ranked]
 
     def _options(self) -> dict[str, Any]:
         return dict(
-            top=self.top_n, score_threshold=self.score_threshold, instruction=self.instruction, ratio=self.ratio
+            top=self.top_n,
+            score_threshold=self.score_threshold,
+            instruction=self.instruction,
+            ratio=self.ratio,
+            evidence=self.evidence,
+            prune=self.prune,
         )
 
 
-def _with_score(doc: Document, score: float) -> Document:
-    """A copy of ``doc`` (same id and content) whose metadata also holds the score."""
-    return doc.model_copy(update={"metadata": {**doc.metadata, "relevance_score": score}})
+def _with_score(doc: Document, ranked: Ranked) -> Document:
+    """A copy of ``doc`` (same id) whose metadata also holds the score (and evidence; pruned content)."""
+    metadata = {**doc.metadata, "relevance_score": ranked.score}
+    update: dict[str, Any] = {"metadata": metadata}
+    if ranked.evidence is not None:
+        metadata["evidence"] = ranked.evidence_in(doc.page_content)
+    if ranked.pruned_text is not None:
+        metadata["unpruned_content"] = doc.page_content
+        update["page_content"] = ranked.pruned_text
+    return doc.model_copy(update=update)

@@ -22,9 +22,11 @@ import torch
 import torch.nn as nn
 
 from kalm_rag.errors import ModelLoadError
+from kalm_rag.evidence import Offset
 from kalm_rag.models.base import FBNLBackend
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
+from kalm_rag.models.mini.evidence_head import EvidenceHead, load_evidence_head, relevance_readout, window_features
 from kalm_rag.models.mini.modeling import MiniDecoder
 from kalm_rag.padding import right_pad
 
@@ -162,6 +164,8 @@ class MiniBackend(FBNLBackend):
         #: Passages cut to the token limit so far (text past ``max_tokens`` is not read).
         self.passages_cut = 0
         self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        #: The trained evidence readout shipped with the checkpoint (``evidence_head.safetensors``), if any.
+        self.evidence_head: EvidenceHead | None = None
 
     @property
     def passage_encoder_id(self) -> str:
@@ -195,13 +199,15 @@ class MiniBackend(FBNLBackend):
         decoder.to(device=device, dtype=dtype).eval()
         spec = config.encoder_spec
         config_digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-        return cls(
+        backend = cls(
             config,
             encoder,
             tokenizer,
             decoder,
             weights_id=f"kalm-mini-{digest[:16]}-{config_digest}+{spec.distribution}=={encoder_version(spec)}",
         )
+        backend.evidence_head = load_evidence_head(folder)
+        return backend
 
     @classmethod
     def continue_from(cls, folder: str | os.PathLike[str], *, device: torch.device | None = None) -> MiniBackend:
@@ -282,6 +288,26 @@ class MiniBackend(FBNLBackend):
                 self.config.encoder_window,
             )
             self.passages_cut += cut
+        return out
+
+    def passage_offsets(self, passages: Sequence[str], max_tokens: int) -> list[list[Offset]]:
+        """Character spans of the positions :meth:`tokenize_passages` gives (``None`` for ``[CLS]``/``[SEP]``),
+        framed and cut the same way.
+        """
+        limit = int(max_tokens)
+        body = self.config.encoder_window - 2
+        enc = self.tokenizer(
+            list(passages), add_special_tokens=False, truncation=True, max_length=limit + 1, return_offsets_mapping=True
+        )
+        out = []
+        for spans in enc["offset_mapping"]:
+            framed: list[Offset] = []
+            for start in range(0, max(len(spans), 1), body):
+                room = limit - len(framed) - 2
+                if room < 1 and framed:
+                    break
+                framed += [None, *((int(a), int(b)) for a, b in spans[start : start + min(body, room)]), None]
+            out.append(framed)
         return out
 
     @torch.inference_mode()
@@ -403,3 +429,28 @@ class MiniBackend(FBNLBackend):
             passage_mask.to(self.device),
         )
         return out.float().cpu()
+
+    @torch.inference_mode()
+    def margins_and_window_weights(
+        self, prompt_ids: Sequence[int], passage_vectors: torch.Tensor, passage_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`margins` and, from the same pass, evidence weights per window ``(B, W)``: the trained
+        :class:`~kalm_rag.models.mini.evidence_head.EvidenceHead`'s logits when the checkpoint ships one, else
+        the relevance attention averaged over the query tokens.
+        """
+        instruction, query = self.split_prompt(prompt_ids)
+        h_instr = self.instruction_states(instruction)  # (1, Ti, d)
+        h_query, query_mask = self.encode_segments([query], prefix=[self.cls_id])  # (1, Tq, d)
+        B = passage_vectors.shape[0]
+        passages = passage_vectors.to(self.device, self.dtype)  # (B, W, d)
+        mask = passage_mask.to(self.device)  # (B, W)
+        query_mask = query_mask.expand(B, -1)  # (B, Tq)
+        probe: dict[str, torch.Tensor] = {}
+        out = self.decoder(h_instr, h_query.expand(B, -1, -1), query_mask, passages, mask, probe)
+        head = self.evidence_head
+        if head is None:
+            weights = relevance_readout(probe, query_mask)  # (B, W)
+        else:
+            feats = window_features(probe, query_mask)  # (B, W, 4)
+            weights = head.to(self.device)(feats, probe["query_states"], query_mask, passages)  # (B, W)
+        return out.float().cpu(), weights.float().masked_fill(~mask.bool(), float("-inf")).cpu()

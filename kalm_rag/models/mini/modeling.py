@@ -200,8 +200,18 @@ class RelevanceAttention(nn.Module):
             self.value.weight.zero_()
             self.value.bias.zero_()  # set by the decoder, aligned with its head
 
-    def forward(self, x: torch.Tensor, passages: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
-        """Query states ``(B, T, d)`` and passage vectors ``(B, W, d)`` with mask ``(B, W)`` -> ``(B, T, d)``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        passages: torch.Tensor,
+        passage_mask: torch.Tensor,
+        probe: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Query states ``(B, T, d)`` and passage vectors ``(B, W, d)`` with mask ``(B, W)`` -> ``(B, T, d)``.
+
+        ``probe``, if given, receives ``relevance_logits`` and ``relevance_attention`` ``(B, T, W)`` (the
+        evidence readout; the output is unchanged).
+        """
         B, T, _ = x.shape
         q = F.normalize(linear_rows(self.query, x), dim=-1)  # (B, T, d)
         k = F.normalize(self.key(passages), dim=-1)  # (B, W, d)
@@ -209,6 +219,8 @@ class RelevanceAttention(nn.Module):
         logits = logits.masked_fill(~passage_mask.bool()[:, None, :], float("-inf"))
         sink = self.sink.to(logits.dtype).expand(B, T, 1)  # (B, T, 1)
         attn = torch.softmax(torch.cat([sink, logits], dim=-1), dim=-1)[..., 1:]  # (B, T, W): sink dropped
+        if probe is not None:
+            probe["relevance_logits"], probe["relevance_attention"] = logits, attn
         # attn @ value(passages), mapped after the mixing: T query tokens are far fewer than W windows
         read = attn @ passages  # (B, T, d)
         return F.linear(read, self.value.weight) + attn.sum(dim=-1, keepdim=True) * self.value.bias  # (B, T, d)
@@ -282,6 +294,7 @@ class MiniDecoder(nn.Module):
         query_mask: torch.Tensor,
         passages: torch.Tensor,
         passage_mask: torch.Tensor,
+        probe: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Calibrated relevance logits ``(B,)`` fp32.
 
@@ -291,10 +304,13 @@ class MiniDecoder(nn.Module):
             query_mask: 1 for real query positions ``(B, Tq)``.
             passages: pooled passage vectors ``(B, W, d)``.
             passage_mask: 1 for real windows ``(B, W)``.
+            probe: if given, receives what the evidence readout needs (the relevance attention's logits and
+                probabilities over ``[summary; windows]`` ``(B, Tq, 1+W)``, the query's final states
+                ``query_states`` ``(B, Tq, d)``); the logits are unchanged.
         """
         passages, passage_mask = with_summary_window(passages, passage_mask)  # (B, 1+W, d), (B, 1+W)
         cosine = encoder_cosine(h_query, query_mask, passages[:, 0])  # (B,): before any layer reads the query
-        relevance = self.relevance(h_query, passages, passage_mask)  # (B, Tq, d): what each token read
+        relevance = self.relevance(h_query, passages, passage_mask, probe)  # (B, Tq, d): what each token read
         B = h_query.shape[0]
         Ti = h_instr.shape[1]
         instr_mask = torch.ones((1, Ti), dtype=query_mask.dtype, device=query_mask.device)  # (1, Ti)
@@ -317,6 +333,8 @@ class MiniDecoder(nn.Module):
                 h_query = layer(h_query, query_mask, [(k_i, v_i), (k_p, v_p)], ctx_mask)  # (B, Tq, d)
                 h_instr = layer(h_instr, instr_mask)  # (1, Ti, d): the instruction never sees a passage
         h_query = h_query + relevance  # (B, Tq, d)
+        if probe is not None:
+            probe["query_states"] = h_query
         w = query_mask.to(h_query.dtype).unsqueeze(-1)  # (B, Tq, 1)
         h_out = (h_query * w).sum(dim=1) / w.sum(dim=1)  # (B, d): mean of the query tokens
         logits = (self.head(h_out).squeeze(-1) + self.cosine_weight * cosine).float()  # (B,)

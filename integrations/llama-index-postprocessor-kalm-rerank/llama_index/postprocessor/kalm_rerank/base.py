@@ -9,10 +9,10 @@ from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
-from llama_index.core.schema import NodeWithScore, QueryBundle
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from kalm_rag import InvalidInputError
-from kalm_rag.adapters import Ranked, arank, rank
+from kalm_rag.adapters import Ranked, arank, check_evidence_options, rank
 from kalm_rag.validation import check_instruction, check_positive_int, check_ratio
 from llama_index.postprocessor.kalm_rerank._config import KaLMEngineConfig, node_text
 
@@ -41,6 +41,16 @@ class KaLMRerank(KaLMEngineConfig, BaseNodePostprocessor):
     )
     instruction: str | None = Field(default=None, description="Task instruction; None: the official default.")
     ratio: int | None = Field(default=None, description="MEP pooling ratio (1..32); None: the reranker's default.")
+    evidence: bool = Field(
+        default=False,
+        description="Put the sentences that made each node relevant in metadata['evidence'] ({start, end, score} "
+        "character spans into the node's text, best first).",
+    )
+    prune: float | None = Field(
+        default=None,
+        description="Prune each returned node's text to its best sentences, about this fraction of its characters "
+        "(0..1], kept in their original order (a node copy; metadata['evidence'] lists the kept sentences).",
+    )
 
     def model_post_init(self, context: Any, /) -> None:
         """Check the ranking options at construction, before any node arrives."""
@@ -48,6 +58,7 @@ class KaLMRerank(KaLMEngineConfig, BaseNodePostprocessor):
         check_instruction(self.instruction)
         if self.ratio is not None:
             check_ratio(self.ratio)
+        check_evidence_options(self.evidence, self.prune)
         super().model_post_init(context)
 
     @classmethod
@@ -104,7 +115,9 @@ class KaLMRerank(KaLMEngineConfig, BaseNodePostprocessor):
         }
 
     def _options(self) -> dict[str, Any]:
-        return dict(top=self.top_n, instruction=self.instruction, ratio=self.ratio)
+        return dict(
+            top=self.top_n, instruction=self.instruction, ratio=self.ratio, evidence=self.evidence, prune=self.prune
+        )
 
     def _texts(self, nodes: list[NodeWithScore]) -> list[str | None]:
         return [node_text(n.node, self.title_key) for n in nodes]
@@ -116,5 +129,27 @@ class KaLMRerank(KaLMEngineConfig, BaseNodePostprocessor):
             node = old.node
             if self.keep_retrieval_score:  # on a copy: the caller's node keeps its metadata
                 node = node.model_copy(update={"metadata": {**node.metadata, "retrieval_score": old.score}})
+            if r.evidence is not None:  # on a copy too, text pruned when asked
+                node = _with_evidence(node, r)
             out.append(NodeWithScore(node=node, score=r.score))
         return out
+
+
+def _with_evidence(node: Any, ranked: Ranked) -> Any:
+    """A copy of ``node`` with ``metadata["evidence"]`` (spans into its text) and, when pruned, the pruned text.
+
+    The evidence and the unpruned text are kept out of the text the LLM and the embedder see
+    (``excluded_llm_metadata_keys`` / ``excluded_embed_metadata_keys``).
+    """
+    text = node.get_content(MetadataMode.NONE)
+    metadata = {**node.metadata, "evidence": ranked.evidence_in(text)}
+    update: dict[str, Any] = {"metadata": metadata}
+    hidden = ["evidence"]
+    if ranked.pruned_text is not None and hasattr(node, "text"):
+        metadata["unpruned_text"] = text
+        hidden.append("unpruned_text")
+        update["text"] = ranked.pruned_text
+    for key in ("excluded_llm_metadata_keys", "excluded_embed_metadata_keys"):
+        if hasattr(node, key):
+            update[key] = [*getattr(node, key), *(h for h in hidden if h not in getattr(node, key))]
+    return node.model_copy(update=update)

@@ -9,7 +9,7 @@ from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.components.rankers.kalm._base import KaLMComponentBase, deserialize_store
 from kalm_rag import PassageStore
-from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, arank, rank
+from kalm_rag.adapters import DEFAULT_MODEL, DEFAULT_STORE_URL, Ranked, arank, check_evidence_options, rank
 from kalm_rag.validation import check_instruction, check_positive_int, check_ratio, check_score_threshold
 
 
@@ -47,6 +47,8 @@ class KaLMRanker(KaLMComponentBase):
         ratio: int | None = None,
         batch_size: int = 32,
         title_key: str | None = None,
+        evidence: bool = False,
+        prune: float | None = None,
     ) -> None:
         """Create a KaLMRanker; the model is loaded by :meth:`warm_up` (or the first run), not here.
 
@@ -72,6 +74,13 @@ class KaLMRanker(KaLMComponentBase):
         :param title_key:
             Metadata key of a title put before ``content`` (``kalm_rag.index.passage_text``); ``None``: the text
             alone. Use the same setting as ``kalm-rag index --title-field``.
+        :param evidence:
+            Put the sentences that made each document relevant in ``meta["evidence"]``: ``{"start", "end",
+            "score"}`` character spans into ``content``, best first.
+        :param prune:
+            Prune each returned document's ``content`` to its best sentences, about this fraction of its characters
+            (0..1], in their original order; ``meta["evidence"]`` then lists the kept sentences (spans into the
+            original content, kept in ``meta["unpruned_content"]``).
         :raises ValueError:
             If ``top_k`` is not > 0 or another option is out of range.
         """
@@ -79,6 +88,7 @@ class KaLMRanker(KaLMComponentBase):
         self.score_threshold = check_score_threshold(score_threshold)
         self.instruction = check_instruction(instruction)
         self.ratio = None if ratio is None else check_ratio(ratio)
+        self.evidence, self.prune = check_evidence_options(evidence, prune)
         # explicit base call: @component rebuilds the class, which breaks zero-argument super()
         KaLMComponentBase.__init__(
             self, model=model, store=store, device=device, batch_size=batch_size, title_key=title_key
@@ -93,6 +103,8 @@ class KaLMRanker(KaLMComponentBase):
             score_threshold=self.score_threshold,
             instruction=self.instruction,
             ratio=self.ratio,
+            evidence=self.evidence,
+            prune=self.prune,
         )
 
     @classmethod
@@ -127,7 +139,7 @@ class KaLMRanker(KaLMComponentBase):
         if not docs:
             return {"documents": []}
         ranked = rank(self.get_reranker(), query, self.passage_texts(docs), **options)
-        return {"documents": [replace(docs[r.index], score=r.score) for r in ranked]}
+        return {"documents": [_with_score(docs[r.index], r) for r in ranked]}
 
     @component.output_types(documents=list[Document])
     async def run_async(
@@ -143,15 +155,34 @@ class KaLMRanker(KaLMComponentBase):
             return {"documents": []}
         reranker = await self._handle.aget()
         ranked = await arank(reranker, query, self.passage_texts(docs), **options)
-        return {"documents": [replace(docs[r.index], score=r.score) for r in ranked]}
+        return {"documents": [_with_score(docs[r.index], r) for r in ranked]}
 
     def _prepare(
         self, documents: list[Document], top_k: int | None, score_threshold: float | None
     ) -> tuple[dict[str, Any], list[Document]]:
         top = self.top_k if top_k is None else check_positive_int(top_k, "top_k")
         threshold = self.score_threshold if score_threshold is None else check_score_threshold(score_threshold)
-        options = dict(top=top, score_threshold=threshold, instruction=self.instruction, ratio=self.ratio)
+        options = dict(
+            top=top,
+            score_threshold=threshold,
+            instruction=self.instruction,
+            ratio=self.ratio,
+            evidence=self.evidence,
+            prune=self.prune,
+        )
         return options, _deduplicate(documents)
+
+
+def _with_score(doc: Document, ranked: Ranked) -> Document:
+    """A copy of ``doc`` with its score (and ``meta["evidence"]``; pruned ``content`` when asked)."""
+    if ranked.evidence is None:
+        return replace(doc, score=ranked.score)
+    meta = {**doc.meta, "evidence": ranked.evidence_in(doc.content or "")}
+    content = doc.content
+    if ranked.pruned_text is not None:
+        meta["unpruned_content"] = doc.content
+        content = ranked.pruned_text
+    return replace(doc, score=ranked.score, meta=meta, content=content)
 
 
 def _deduplicate(documents: list[Document]) -> list[Document]:

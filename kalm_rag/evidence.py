@@ -1,0 +1,241 @@
+"""Evidence spans and context pruning: which sentences of a passage made it relevant.
+
+FBNL reads a passage as MEP windows of ``ratio`` encoder positions, and each position comes from a span of the
+passage text (the tokenizer's offsets). A backend gives one relevance weight per window (its attention over
+the windows, or a trained head); this module maps the windows back to characters, splits the passage into
+sentences (``sentencex``), scores each sentence from the windows that overlap it, and prunes a passage to its
+best sentences. Everything here is pure: no model, no store.
+
+Example:
+    >>> text = "Bananas are yellow. Paris is the capital of France."
+    >>> sentence_spans(text)
+    [(0, 19), (20, 51)]
+    >>> offsets = [None, (0, 7), (8, 11), (12, 19), (20, 25), (26, 51)]   # a prefix token, then five tokens
+    >>> windows = window_spans(offsets, 2)
+    >>> windows
+    [(0, 7), (8, 19), (20, 51)]
+    >>> spans = evidence_spans(text, windows, [0.1, 0.1, 0.8])
+    >>> ranked = [(s.start, s.end, round(s.score, 2)) for s in spans]
+    >>> ranked
+    [(20, 51, 0.8), (0, 19, 0.1)]
+    >>> prune_passage(text, spans, keep=0.5)[0]
+    'Paris is the capital of France.'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from kalm_rag.errors import InvalidInputError
+
+#: A token's character span in the passage text, or ``None`` for a position that holds no passage text
+#: (the ``"<Document>: "`` prefix, ``[CLS]``/``[SEP]``).
+Offset = tuple[int, int] | None
+
+#: How a sentence's score is read from the windows that overlap it.
+Aggregate = Literal["max", "mean", "mass"]
+
+#: Separator between the kept sentences of a pruned passage.
+PRUNE_SEPARATOR = " "
+
+
+@dataclass(frozen=True)
+class EvidenceSpan:
+    """One sentence of a passage and how much it made the passage relevant.
+
+    Attributes:
+        start: offset of the sentence's first character in the passage text.
+        end: offset one past its last character (``text[start:end]`` is the sentence, stripped of spaces).
+        score: the sentence's evidence score (higher is more relevant; comparable within one passage).
+    """
+
+    start: int
+    end: int
+    score: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        """``{"start", "end", "score"}`` (plain JSON types)."""
+        return {"start": self.start, "end": self.end, "score": self.score}
+
+
+# ----- sentences -----------------------------------------------------------------------------------
+
+
+def sentence_spans(text: str, *, language: str = "en") -> list[tuple[int, int]]:
+    """Character spans ``(start, end)`` of the sentences of ``text``, in order, without surrounding whitespace.
+
+    Sentences come from ``sentencex`` (rule-based, ~300 languages). Whitespace-only pieces are dropped, so an
+    empty or blank text has no sentence; a text with no punctuation is one sentence.
+    """
+    from sentencex import get_sentence_boundaries
+
+    spans: list[tuple[int, int]] = []
+    for piece in get_sentence_boundaries(language, text):
+        start, end = int(piece["start_index"]), int(piece["end_index"])
+        if text[start:end] != piece["text"]:  # the splitter's offsets must index this string; else find them
+            start = text.find(piece["text"], spans[-1][1] if spans else 0)
+            if start < 0:
+                continue
+            end = start + len(piece["text"])
+        span = _strip(text, start, end)
+        if span is not None:
+            spans.append(span)
+    return spans
+
+
+def _strip(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """``(start, end)`` narrowed to exclude leading/trailing whitespace; ``None`` if nothing else is left."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return (start, end) if start < end else None
+
+
+# ----- windows -------------------------------------------------------------------------------------
+
+
+def passage_offsets_from_prefixed(offsets: Sequence[tuple[int, int]], prefix_len: int, text_len: int) -> list[Offset]:
+    """Offsets into ``prefix + passage`` turned into offsets into the passage (prefix tokens become ``None``).
+
+    A token that straddles the prefix's end keeps only its passage part; ``(0, 0)`` offsets (special tokens)
+    become ``None``.
+    """
+    out: list[Offset] = []
+    for start, end in offsets:
+        start, end = max(int(start) - prefix_len, 0), min(int(end) - prefix_len, text_len)
+        out.append((start, end) if end > start else None)
+    return out
+
+
+def window_spans(offsets: Sequence[Offset], ratio: int) -> list[tuple[int, int] | None]:
+    """Character span of each MEP window: windows of ``ratio`` consecutive positions from position 0.
+
+    Args:
+        offsets: each encoder position's character span in the passage (``None``: no passage text), for the
+            positions the encoder read (the passage as cut at ``max_passage_tokens``).
+        ratio: the MEP ratio the window weights were computed at.
+
+    Returns:
+        ``ceil(len(offsets) / ratio)`` spans ``(first start, last end)`` of the text tokens in each window,
+        ``None`` for a window that holds none (a prefix or ``[CLS]``-only window).
+    """
+    if ratio < 1:
+        raise InvalidInputError(f"ratio must be >= 1, got {ratio}")
+    out: list[tuple[int, int] | None] = []
+    for w in range(math.ceil(len(offsets) / ratio)):
+        real = [o for o in offsets[w * ratio : (w + 1) * ratio] if o is not None]
+        out.append((min(s for s, _ in real), max(e for _, e in real)) if real else None)
+    return out
+
+
+def read_extent(offsets: Sequence[Offset]) -> int:
+    """One past the last character the encoder read (0 if it read none): text beyond was cut off."""
+    return max((o[1] for o in offsets if o is not None), default=0)
+
+
+# ----- sentence scores and spans -------------------------------------------------------------------
+
+
+def evidence_spans(
+    text: str,
+    windows: Sequence[tuple[int, int] | None],
+    weights: Sequence[float],
+    *,
+    sentences: Sequence[tuple[int, int]] | None = None,
+    aggregate: Aggregate = "max",
+) -> list[EvidenceSpan]:
+    """Score each sentence the encoder read from the window weights overlapping it; best first.
+
+    Args:
+        text: the passage text.
+        windows: each window's character span (:func:`window_spans`), ``None`` for windows without text.
+        weights: one relevance weight per window (higher is more relevant), as many as ``windows``.
+        sentences: the sentence spans to score (default: :func:`sentence_spans` of ``text``).
+        aggregate: ``"max"`` (the best overlapping window), ``"mean"`` (their mean, weighted by the characters
+            each shares with the sentence) or ``"mass"`` (each window's weight shared out over the sentences
+            by characters, summed: longer sentences collect more).
+
+    Returns:
+        One span per sentence that starts in the read part of the text, cut at the read end (text past
+        ``max_passage_tokens`` was never read, so it cannot be evidence), sorted by score, best first (ties:
+        earlier first). A sentence no window overlaps (whitespace between windows) scores like its nearest
+        window.
+    """
+    if len(windows) != len(weights):
+        raise InvalidInputError(f"{len(windows)} windows but {len(weights)} weights")
+    if aggregate not in ("max", "mean", "mass"):
+        raise InvalidInputError(f"aggregate must be 'max', 'mean' or 'mass', got {aggregate!r}")
+    spans = sentence_spans(text) if sentences is None else [(int(s), int(e)) for s, e in sentences]
+    real = [(span, float(w)) for span, w in zip(windows, weights) if span is not None]
+    if not real:
+        return []
+    read_end = max(e for (_, e), _ in real)
+    out: list[tuple[int, EvidenceSpan]] = []
+    for i, (start, end) in enumerate(spans):
+        if start >= read_end:
+            break
+        end = min(end, read_end)
+        score = _sentence_score(start, end, real, aggregate)
+        out.append((i, EvidenceSpan(start, end, score)))
+    out.sort(key=lambda item: (-item[1].score, item[0]))
+    return [span for _, span in out]
+
+
+def _sentence_score(start: int, end: int, windows: list[tuple[tuple[int, int], float]], aggregate: Aggregate) -> float:
+    shares = []  # (characters shared, window length, weight)
+    for (ws, we), w in windows:
+        shared = min(end, we) - max(start, ws)
+        if shared > 0:
+            shares.append((shared, max(we - ws, 1), w))
+    if not shares:  # between windows (only whitespace or untokenised characters): the nearest window speaks
+        nearest = min(windows, key=lambda item: min(abs(item[0][0] - end), abs(item[0][1] - start)))
+        return nearest[1]
+    if aggregate == "max":
+        return max(w for _, _, w in shares)
+    if aggregate == "mean":
+        return sum(c * w for c, _, w in shares) / sum(c for c, _, _ in shares)
+    return sum(c / n * w for c, n, w in shares)
+
+
+# ----- pruning -------------------------------------------------------------------------------------
+
+
+def check_keep(keep: object, name: str = "prune") -> float:
+    """``keep`` as the fraction of a passage to keep, in ``(0, 1]``, else ``InvalidInputError``."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
+        raise InvalidInputError(f"{name} must be the fraction of each passage to keep, in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+def select_sentences(spans: Sequence[EvidenceSpan], keep: float) -> list[EvidenceSpan]:
+    """The best sentences whose characters add up to at most ``keep`` of the scored text (at least one).
+
+    Sentences are taken best first; one that would pass the budget is skipped and a shorter, lower-scored one
+    may still fit. Returned best first.
+    """
+    keep = check_keep(keep, "keep")
+    total = sum(s.end - s.start for s in spans)
+    budget = keep * total
+    chosen: list[EvidenceSpan] = []
+    used = 0
+    for span in spans:
+        size = span.end - span.start
+        if not chosen or used + size <= budget + 1e-9:
+            chosen.append(span)
+            used += size
+    return chosen
+
+
+def prune_passage(text: str, spans: Sequence[EvidenceSpan], *, keep: float) -> tuple[str, list[EvidenceSpan]]:
+    """``text`` cut to its best sentences (:func:`select_sentences`), joined in their original order.
+
+    Returns:
+        ``(pruned text, kept spans best first)``; the spans index the original ``text``.
+    """
+    kept = select_sentences(spans, keep)
+    in_order = sorted(kept, key=lambda s: s.start)
+    return PRUNE_SEPARATOR.join(text[s.start : s.end] for s in in_order), kept
