@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 from kalm_rag._logs import RateLimitedWarning
 from kalm_rag.errors import InvalidInputError, NotStoredError, NumericalError, ReadOnlyOptionError, StoreError
 from kalm_rag.models import DEFAULT_MODEL, load_backend
-from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.base import FBNLBackend, Prompt
 from kalm_rag.padding import right_pad, right_pad_vectors
 from kalm_rag.pooling import mep_pool, repool
 from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_PREFIX
+from kalm_rag.scores import probabilities, rank_order
 from kalm_rag.store import PassageStore, PooledPassage, open_store, passage_key
 from kalm_rag.validation import check_passages, check_positive_int, check_ratio, check_stages, check_text
 
@@ -520,7 +521,7 @@ class Reranker:
         if not texts:
             return []
         margins = self._margins(query, texts, instruction=instr, ratio=r)
-        return margins.tolist() if return_margin else torch.sigmoid(margins).tolist()
+        return margins.tolist() if return_margin else probabilities(margins)
 
     def rerank(
         self,
@@ -531,13 +532,17 @@ class Reranker:
         instruction: str | None = None,
         ratio: int | None = None,
     ) -> list[RankedPassage]:
-        """Passages sorted best first (ties keep input order), cut to ``top_k``."""
+        """Passages sorted best first by margin (ties keep input order), cut to ``top_k``; each with its P(yes).
+
+        The ranking reads the margins, not the probabilities: two margins of 17 and 25 both give P(yes) 1.0
+        in float32, yet rank 25 first (:mod:`kalm_rag.scores`).
+        """
         if top_k is not None:
             top_k = check_positive_int(top_k, "top_k")
         r = self._call_ratio(ratio)
-        scores = self.score(query, passages, instruction=instruction, ratio=r)
-        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
-        return [RankedPassage(index=i, score=scores[i], text=passages[i], ratio=r) for i in ranked[:top_k]]
+        margins = self.score(query, passages, instruction=instruction, ratio=r, return_margin=True)
+        scores = probabilities(margins)
+        return [RankedPassage(index=i, score=scores[i], text=passages[i], ratio=r) for i in rank_order(margins)[:top_k]]
 
     def rerank_cascade(
         self,
@@ -574,10 +579,10 @@ class Reranker:
         scored: dict[int, RankedPassage] = {}
         for stage, (r, depth) in enumerate(stages):
             head, rest = ordered[:depth], ordered[depth:]
-            scores = self.score(query, [texts[i] for i in head], instruction=instruction, ratio=r)
-            for i, score in zip(head, scores):
+            margins = self.score(query, [texts[i] for i in head], instruction=instruction, ratio=r, return_margin=True)
+            for i, score in zip(head, probabilities(margins)):
                 scored[i] = RankedPassage(index=i, score=score, text=texts[i], ratio=r)
-            head = sorted(head, key=lambda i: -scored[i].score)
+            head = [head[j] for j in rank_order(margins)]  # by margin, as rerank
             # unscored passages (beyond the first stage's depth) are dropped; earlier stages' leftovers stay
             ordered = head + (rest if stage else [])
         return [scored[i] for i in ordered][:top_k]
@@ -642,7 +647,7 @@ class Reranker:
             margins = self._decode(
                 query, [entries[t] for t in texts], instruction=instr, system_instruction=system, ratio=r
             )
-            values = (margins if return_margin else torch.sigmoid(margins)).tolist()
+            values = margins.tolist() if return_margin else probabilities(margins)
             start = 0
             for i in members:
                 out[i] = values[start : start + len(checked[i][1])]
@@ -679,6 +684,7 @@ class Reranker:
             system_instruction=system_instruction,
             max_query_tokens=self.max_query_tokens,
         )
+        self._warn_if_cut(prompt)
         pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in entries]
         order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
         margins = torch.empty(len(pooled), dtype=torch.float32)
@@ -694,6 +700,15 @@ class Reranker:
             )
         self.counters["scored_pairs"] += len(entries)
         return margins
+
+    def _warn_if_cut(self, prompt: Prompt) -> None:
+        if prompt.query_cut:  # rate-limited: a client sending long queries would otherwise log every call
+            self._warnings.warn(
+                "query-cut",
+                "a query longer than max_query_tokens=%d was cut (the model reads its first tokens only; the "
+                "kalm-mini limit is its config's max_query_tokens)",
+                self.max_query_tokens,
+            )
 
     def _for_each_batch(self, order: list[int], fn: Callable[[list[int]], None]) -> None:
         """Call ``fn`` on consecutive batches of ``order``.

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kalm_rag.errors import ModelLoadError
-from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.base import FBNLBackend, Prompt
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.sources import refuse_custom_code, resolve_checkpoint
-from kalm_rag.prompt import format_passage, format_prompt, truncate_query
+from kalm_rag.prompt import check_control_tokens, cut_query, format_passage, prompt_token_ids
 
 MODEL_TYPE = "t5gemma2"
 
@@ -52,6 +52,9 @@ class T5Gemma2Backend(FBNLBackend):
         self.yes_id = single_token_id(tokenizer, "yes")
         self.no_id = single_token_id(tokenizer, "no")
         self.final_logit_softcapping = decoder_config.final_logit_softcapping
+        check_control_tokens(tokenizer)
+        #: The most characters one token covers: a huge query is cut to a character bound before tokenising.
+        self.chars_per_token = max(map(len, tokenizer.get_vocab())) + 1
         # The two LM-head rows the score needs, in fp32: (2, d)
         head = model.get_output_embeddings()
         rows = head.weight[[self.yes_id, self.no_id]].detach().to(torch.float32)
@@ -115,7 +118,9 @@ class T5Gemma2Backend(FBNLBackend):
 
     def tokenize_passages(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
         texts = [format_passage(p) for p in passages]
-        batch = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens)
+        batch = self.tokenizer(
+            texts, add_special_tokens=False, truncation=True, max_length=max_tokens, split_special_tokens=True
+        )
         return [list(ids) for ids in batch["input_ids"]]
 
     @torch.inference_mode()
@@ -125,25 +130,25 @@ class T5Gemma2Backend(FBNLBackend):
 
     # ----- query side ------------------------------------------------------------------------------
 
-    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> list[int]:
-        query = truncate_query(self.tokenizer, query, max_query_tokens)
-        text = format_prompt(query, instruction=instruction, system_instruction=system_instruction)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> Prompt:
+        """The official template's ids (:func:`~kalm_rag.prompt.prompt_token_ids`): the query cut as the official
+        recipe cuts it, special-token text in any user text kept as text.
+        """
+        query, cut = cut_query(self.tokenizer, query, max_query_tokens, chars_per_token=self.chars_per_token)
+        head, rest = prompt_token_ids(
+            self.tokenizer, query, instruction=instruction, system_instruction=system_instruction
+        )
+        return Prompt(tuple(head), tuple(rest), query_cut=cut)
 
     @torch.inference_mode()
-    def margins(
-        self,
-        prompt_ids: Sequence[int],
-        passage_vectors: torch.Tensor,
-        passage_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)  # (T,)
+    def margins(self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(prompt.ids, dtype=torch.long, device=self.device)  # (T,)
         passage_vectors = passage_vectors.to(self.device, self.dtype)
         passage_mask = passage_mask.to(self.device)
         if self.lean and self._lean is not None:
-            last = self._lean.last_hidden(prompt, passage_vectors, passage_mask).float()  # (B, d)
+            last = self._lean.last_hidden(ids, passage_vectors, passage_mask).float()  # (B, d)
         else:
-            last = self._reference_last_hidden(prompt, passage_vectors, passage_mask)
+            last = self._reference_last_hidden(ids, passage_vectors, passage_mask)
         return self._margin_from_hidden(last)
 
     def _reference_last_hidden(

@@ -36,6 +36,7 @@ from kalm_rag._version import __version__
 from kalm_rag.engine import Reranker, ScoreRequest
 from kalm_rag.errors import InvalidInputError, KalmError, StoreError
 from kalm_rag.models import DEFAULT_MODEL
+from kalm_rag.scores import rank_order
 from kalm_rag.serve.batching import DynamicBatcher, ServiceStoppingError, probabilities
 from kalm_rag.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kalm_rag.serve.schemas import (
@@ -506,7 +507,7 @@ class _Service:
             raise ApiError(499, "the client closed the connection", error_type="client_closed")
         margins = job.result()
         scores = probabilities(margins)
-        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        order = rank_order(margins)  # by margin: P(yes) ties at 1.0 in float32 from a margin of ~17
         ratio = reranker.ratio if ext.ratio is None else ext.ratio
         return [(i, scores[i], margins[i]) for i in order], ratio
 

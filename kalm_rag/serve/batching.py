@@ -20,20 +20,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
-
 from kalm_rag.engine import Reranker, ScoreRequest
 from kalm_rag.errors import InvalidInputError, KalmError
+from kalm_rag.scores import probabilities
 from kalm_rag.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+__all__ = ["BatchReport", "DynamicBatcher", "ServiceStoppingError", "probabilities"]
 
 #: Engine counters whose growth during a batch is reported to the observer.
 COUNTERS = ("store_hits", "store_misses", "encoded_passages", "scored_pairs")
@@ -80,11 +81,6 @@ class _Call:
 
 
 _STOP = object()
-
-
-def probabilities(margins: Sequence[float]) -> list[float]:
-    """``sigmoid(margin)`` in fp32, exactly as :meth:`kalm_rag.Reranker.score` computes P(yes)."""
-    return torch.sigmoid(torch.tensor(list(margins), dtype=torch.float32)).tolist()
 
 
 class DynamicBatcher:

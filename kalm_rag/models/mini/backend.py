@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from kalm_rag.errors import ModelLoadError
-from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.base import FBNLBackend, Prompt, cut_for_tokenizer
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
 from kalm_rag.models.mini.modeling import MiniDecoder
@@ -162,16 +162,21 @@ class MiniBackend(FBNLBackend):
         #: Passages cut to the token limit so far (text past ``max_tokens`` is not read).
         self.passages_cut = 0
         self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        #: The most characters one token covers (WordPiece reads a longer word as one [UNK]): a huge query is
+        #: cut to a character bound before tokenising.
+        self.chars_per_token = max(max(map(len, tokenizer.get_vocab())), _max_word_chars(tokenizer)) + 1
+        # the encoder's identity, taken once from the files just loaded: files changed on disk later (a package
+        # upgrade under a running process) must not file this encoder's vectors under another namespace
+        self._passage_encoder_id = f"{spec.distribution}:{encoder_fingerprint(spec)}:w{self.config.encoder_window}"
 
     @property
     def passage_encoder_id(self) -> str:
         """The frozen encoder's bytes and the window it reads: all the stored vectors depend on.
 
         The decoder's weights are not part of it, so passages stored by one kalm-mini checkpoint stay valid
-        for another (they share the encoder).
+        for another (they share the encoder). Fingerprinted once, when the backend is built.
         """
-        spec = self.config.encoder_spec
-        return f"{spec.distribution}:{encoder_fingerprint(spec)}:w{self.config.encoder_window}"
+        return self._passage_encoder_id
 
     # ----- loading ---------------------------------------------------------------------------------
 
@@ -256,7 +261,9 @@ class MiniBackend(FBNLBackend):
         body = self.config.encoder_window - 2
         # no passage needs more content tokens than its position budget: cut before framing (one token more,
         # to tell a passage that fills the budget from one that is cut)
-        enc = self.tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=limit + 1)
+        enc = self.tokenizer(
+            list(passages), add_special_tokens=False, truncation=True, max_length=limit + 1, split_special_tokens=True
+        )
         out = []
         cut = 0
         for tokens in enc["input_ids"]:
@@ -308,35 +315,39 @@ class MiniBackend(FBNLBackend):
 
     # ----- query side ------------------------------------------------------------------------------
 
-    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> list[int]:
-        """``[CLS] instruction [SEP] query [SEP]``.
+    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> Prompt:
+        """``[CLS] instruction [SEP]`` and ``query [SEP]``, each tokenised apart (special-token text stays text).
 
         kalm-mini has no system turn: ``system_instruction`` is accepted for the interface and ignored.
         """
         del system_instruction
-        q = self.tokenize_query(query, max_tokens=max_query_tokens)
-        i = self.tokenizer(
-            instruction, add_special_tokens=False, truncation=True, max_length=self.config.max_instruction_tokens
-        )["input_ids"]
-        return [self.cls_id, *i, self.sep_id, *q, self.sep_id]
+        q, cut = self._user_ids(query, self._query_limit(max_query_tokens))
+        i = self._user_ids(instruction, self.config.max_instruction_tokens)[0]
+        return Prompt((self.cls_id, *i, self.sep_id), (*q, self.sep_id), query_cut=cut)
 
     def tokenize_query(self, query: str, *, max_tokens: int | None = None) -> list[int]:
         """The query's token ids (no special tokens), cut to ``min(max_tokens, config.max_query_tokens)``."""
-        limit = (
-            self.config.max_query_tokens if max_tokens is None else min(int(max_tokens), self.config.max_query_tokens)
-        )
-        return list(self.tokenizer(query, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"])
+        return self._user_ids(query, self._query_limit(max_tokens))[0]
 
-    def split_prompt(self, prompt_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    def _query_limit(self, max_tokens: int | None) -> int:
+        limit = self.config.max_query_tokens
+        return limit if max_tokens is None else min(int(max_tokens), limit)
+
+    def _user_ids(self, text: str, limit: int) -> tuple[list[int], bool]:
+        """Ids of user text cut to ``limit`` tokens (cut to a character bound first), and whether it was cut."""
+        text = cut_for_tokenizer(text, limit, self.chars_per_token)
+        ids = self.tokenizer(
+            text, add_special_tokens=False, truncation=True, max_length=limit + 1, split_special_tokens=True
+        )["input_ids"]
+        return list(ids[:limit]), len(ids) > limit
+
+    def split_prompt(self, prompt: Prompt) -> tuple[list[int], list[int]]:
         """``([CLS] instruction [SEP], query [SEP])`` of a prompt built by :meth:`prompt_ids`."""
-        ids = [int(i) for i in prompt_ids]
-        try:
-            cut = ids.index(self.sep_id) + 1  # the instruction segment ends at the first [SEP]
-        except ValueError:
-            raise ValueError("the prompt has no [SEP]; build it with prompt_ids()") from None
-        if cut >= len(ids):
+        if not isinstance(prompt, Prompt):
+            raise TypeError(f"split_prompt takes a Prompt from prompt_ids(), got {type(prompt).__name__}")
+        if not prompt.query:
             raise ValueError("the prompt has an empty query segment")
-        return ids[:cut], ids[cut:]
+        return list(prompt.instruction), list(prompt.query)
 
     @torch.no_grad()
     def encode_segments(
@@ -387,11 +398,9 @@ class MiniBackend(FBNLBackend):
         )
 
     @torch.inference_mode()
-    def margins(
-        self, prompt_ids: Sequence[int], passage_vectors: torch.Tensor, passage_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def margins(self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
         """Relevance logits ``(B,)`` fp32 of one prompt against B passages (see ``FBNLBackend.margins``)."""
-        instruction, query = self.split_prompt(prompt_ids)
+        instruction, query = self.split_prompt(prompt)
         h_instr = self.instruction_states(instruction)  # (1, Ti, d)
         h_query, query_mask = self.encode_segments([query], prefix=[self.cls_id])  # (1, Tq, d): once per query
         B = passage_vectors.shape[0]
@@ -403,3 +412,9 @@ class MiniBackend(FBNLBackend):
             passage_mask.to(self.device),
         )
         return out.float().cpu()
+
+
+def _max_word_chars(tokenizer: Any) -> int:
+    """WordPiece's longest word (a longer one is a single ``[UNK]``), 0 for other tokenizer models."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return int(getattr(getattr(backend, "model", None), "max_input_chars_per_word", 0) or 0)
