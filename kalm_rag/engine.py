@@ -255,12 +255,14 @@ class Reranker:
         # a store passed in as an object may be shared: only a store opened here is closed by close()
         self._owns_store = not isinstance(store, PassageStore)
         self.store = store if isinstance(store, PassageStore) else open_store(store)
-        #: Work counters: passages run through the encoder, encoder batches, pairs scored, and distinct
-        #: passages found in the store (hits) or not (misses) when scoring.
+        #: Work counters: passages run through the encoder, encoder batches, pairs scored, decoder calls and
+        #: the rows they scored, and distinct passages found in the store (hits) or not (misses) when scoring.
         self.counters = {
             "encoded_passages": 0,
             "encoder_batches": 0,
             "scored_pairs": 0,
+            "decoder_calls": 0,
+            "decoder_rows": 0,
             "store_hits": 0,
             "store_misses": 0,
         }
@@ -609,9 +611,13 @@ class Reranker:
         """Scores of several queries' passages, computed together (a server batching concurrent requests).
 
         The distinct passages of all requests are read from the store at once (one ``get_many``) and the
-        missing ones encoded together; then requests that share a prompt (query, instructions, ratio) go
-        through the decoder together, and the other prompts one after another. Each result equals
-        :meth:`score` of its request up to float rounding (batch composition changes the padding).
+        missing ones encoded together; then every (prompt, passage, ratio) row goes through the decoder in
+        calls of up to ``batch_size`` rows that mix prompts (``FBNLBackend.margins_many``: one decoder call over
+        several queries). Rows are ordered by prompt, then by length, so a request with many passages fills
+        whole batches of its own prompt, which take the backend's single-prompt path (for kalm-mini, the
+        folded path that computes the query's side once); the rows of small requests share calls. A row asked
+        for twice (the same prompt, passage and ratio) is scored once. Each result equals :meth:`score` of
+        its request up to float rounding (1e-5 in float32: batch composition changes the padding).
 
         Args:
             requests: the queries and their passages, with per-request options.
@@ -637,21 +643,28 @@ class Reranker:
             )
         unique = list(dict.fromkeys(t for _, texts, _, _, _ in checked for t in texts))
         entries = dict(zip(unique, self._pooled(unique))) if unique else {}
-        prompts: dict[tuple[str, str, str, int], list[int]] = {}  # requests sharing one prompt, in order
-        for i, (query, texts, instr, system, r) in enumerate(checked):
-            if texts:
-                prompts.setdefault((query, instr, system, r), []).append(i)
-        out: list[list[float]] = [[] for _ in checked]
-        for (query, instr, system, r), members in prompts.items():
-            texts = [t for i in members for t in checked[i][1]]
-            margins = self._decode(
-                query, [entries[t] for t in texts], instruction=instr, system_instruction=system, ratio=r
-            )
-            values = margins.tolist() if return_margin else probabilities(margins)
-            start = 0
-            for i in members:
-                out[i] = values[start : start + len(checked[i][1])]
-                start += len(checked[i][1])
+        prompt_of: dict[tuple[str, str, str], int] = {}
+        prompts: list[Prompt] = []
+        row_of: dict[tuple[int, str, int], int] = {}  # (prompt, passage, ratio) -> row
+        rows: list[tuple[int, PooledPassage, int]] = []
+        spans: list[list[int]] = []
+        for query, texts, instr, system, r in checked:
+            if texts and (query, instr, system) not in prompt_of:
+                prompt_of[(query, instr, system)] = len(prompts)
+                prompts.append(self._prompt(query, instruction=instr, system_instruction=system))
+            span = []
+            for t in texts:
+                key = (prompt_of[(query, instr, system)], t, r)
+                if key not in row_of:
+                    row_of[key] = len(rows)
+                    rows.append((key[0], entries[t], r))
+                span.append(row_of[key])
+            spans.append(span)
+        margins = self._decode_rows(prompts, rows) if rows else torch.empty(0)
+        out: list[list[float]] = []
+        for span in spans:
+            values = margins[span]
+            out.append(values.tolist() if return_margin else probabilities(values))
         return out
 
     async def ascore(self, query: str, passages: Sequence[str], **kwargs: Any) -> list[float]:
@@ -678,6 +691,10 @@ class Reranker:
         self, query: str, entries: list[PooledPassage], *, instruction: str, system_instruction: str, ratio: int
     ) -> torch.Tensor:
         """Margins ``(N,)`` of one query against stored entries: exact re-pooling, decoder."""
+        prompt = self._prompt(query, instruction=instruction, system_instruction=system_instruction)
+        return self._decode_rows([prompt], [(0, e, ratio) for e in entries])
+
+    def _prompt(self, query: str, *, instruction: str, system_instruction: str) -> Prompt:
         prompt = self.backend.prompt_ids(
             query,
             instruction=instruction,
@@ -685,20 +702,37 @@ class Reranker:
             max_query_tokens=self.max_query_tokens,
         )
         self._warn_if_cut(prompt)
-        pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in entries]
-        order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
-        margins = torch.empty(len(pooled), dtype=torch.float32)
+        return prompt
+
+    def _decode_rows(self, prompts: list[Prompt], rows: list[tuple[int, PooledPassage, int]]) -> torch.Tensor:
+        """Margins ``(N,)`` of rows ``(prompt index, stored entry, ratio)``: exact re-pooling, decoder calls.
+
+        Rows are ordered by prompt, then longest first (less padding), and scored ``batch_size`` at a time;
+        a batch holding one prompt takes the backend's single-prompt path, one holding several its
+        multi-prompt path.
+        """
+        pooled = [repool(e.vectors, e.counts, r // self.base_ratio)[0] for _, e, r in rows]
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][0], -pooled[i].shape[0]))
+        margins = torch.empty(len(rows), dtype=torch.float32)
 
         def score_batch(batch: list[int]) -> None:
             vectors, mask = right_pad_vectors([pooled[i] for i in batch], self.backend.dtype)  # (B, W, d), (B, W)
-            margins[batch] = self.backend.margins(prompt, vectors, mask)
+            used = list(dict.fromkeys(rows[i][0] for i in batch))  # the batch's prompts, in order
+            if len(used) == 1:
+                margins[batch] = self.backend.margins(prompts[used[0]], vectors, mask)
+            else:
+                local = {p: j for j, p in enumerate(used)}
+                index = torch.tensor([local[rows[i][0]] for i in batch], dtype=torch.long)  # (B,)
+                margins[batch] = self.backend.margins_many([prompts[p] for p in used], index, vectors, mask)
+            self.counters["decoder_calls"] += 1
+            self.counters["decoder_rows"] += len(batch)
 
         self._for_each_batch(order, score_batch)
         if not torch.isfinite(margins).all():
             raise NumericalError(
                 f"non-finite scores in {self.backend.dtype}; the model overflows in this dtype, use float32 or bfloat16"
             )
-        self.counters["scored_pairs"] += len(entries)
+        self.counters["scored_pairs"] += len(rows)
         return margins
 
     def _warn_if_cut(self, prompt: Prompt) -> None:

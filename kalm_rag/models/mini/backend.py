@@ -413,6 +413,46 @@ class MiniBackend(FBNLBackend):
         )
         return out.float().cpu()
 
+    @torch.inference_mode()
+    def margins_many(
+        self,
+        prompts: Sequence[Prompt],
+        prompt_index: torch.Tensor,
+        passage_vectors: torch.Tensor,
+        passage_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Relevance logits ``(B,)`` fp32 of rows scoring different prompts (see ``FBNLBackend.margins_many``).
+
+        Rows that share an instruction go through the decoder in one call, each row with its own query
+        (the distinct queries encoded together, right-padded, per-row masks: the decoder's training path);
+        rows with another instruction take one call per instruction. A single prompt takes :meth:`margins`,
+        whose shared-query path computes the query's side once for every row (the folded fast path).
+        """
+        if len(prompts) == 1:
+            return self.margins(prompts[0], passage_vectors, passage_mask)
+        out = torch.empty(passage_vectors.shape[0], dtype=torch.float32)
+        instructions: dict[tuple[int, ...], list[int]] = {}  # instruction -> its prompts
+        for p, prompt in enumerate(prompts):
+            instructions.setdefault(prompt.instruction, []).append(p)
+        for instruction, members in instructions.items():
+            is_member = torch.zeros(len(prompts), dtype=torch.bool)
+            is_member[members] = True
+            rows = is_member[prompt_index].nonzero().flatten()  # (R,) rows of this instruction
+            if len(rows) == 0:
+                continue
+            h_instr = self.instruction_states(instruction)  # (1, Ti, d)
+            queries = [prompts[int(p)].query for p in prompt_index[rows]]
+            h_query, query_mask = self.encode_segments(queries, prefix=[self.cls_id])  # (R, Tq, d), (R, Tq)
+            margins = self.decoder(
+                h_instr,
+                h_query,
+                query_mask,
+                passage_vectors[rows].to(self.device, self.dtype),
+                passage_mask[rows].to(self.device),
+            )
+            out[rows] = margins.float().cpu()
+        return out
+
 
 def _max_word_chars(tokenizer: Any) -> int:
     """WordPiece's longest word (a longer one is a single ``[UNK]``), 0 for other tokenizer models."""
