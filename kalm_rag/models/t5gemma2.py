@@ -89,7 +89,7 @@ class T5Gemma2Backend(FBNLBackend):
         folder = resolve_checkpoint(name_or_path)
         refuse_custom_code(folder)
         source = str(folder)
-        safe = {"trust_remote_code": False, "local_files_only": True}
+        safe: dict[str, Any] = {"trust_remote_code": False, "local_files_only": True}
         try:
             config = AutoConfig.from_pretrained(source, **safe)
         except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... depending on the cause
