@@ -145,3 +145,21 @@ def test_a_request_asked_twice_is_scored_once(mini: Reranker) -> None:
     out = mini.score_many([ScoreRequest("capital?", PASSAGES), ScoreRequest("capital?", PASSAGES)], return_margin=True)
     assert out[0] == out[1]
     assert mini.counters["scored_pairs"] - before == len(PASSAGES)
+
+
+def test_mini_encodes_a_repeated_query_once(mini: Reranker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-call fixed cost: a query scored again (a cascade's next stage, a retry) skips the encoder."""
+    calls: list[int] = []
+    real = type(mini.backend).encode_segments
+
+    def counted(self, segments, prefix=()):
+        calls.append(len(segments))
+        return real(self, segments, prefix)
+
+    mini.score("warm the instruction's states and the passages", PASSAGES[:3])
+    monkeypatch.setattr(type(mini.backend), "encode_segments", counted)
+    query = "Which river flows through Paris? (cache test)"
+    first = mini.score(query, PASSAGES[:3], return_margin=True)
+    assert len(calls) == 1  # the query, once
+    again = mini.score(query, PASSAGES[:3], return_margin=True)
+    assert len(calls) == 1 and again == first

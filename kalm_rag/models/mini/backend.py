@@ -162,6 +162,7 @@ class MiniBackend(FBNLBackend):
         #: Passages cut to the token limit so far (text past ``max_tokens`` is not read).
         self.passages_cut = 0
         self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._query_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         #: The most characters one token covers (WordPiece reads a longer word as one [UNK]): a huge query is
         #: cut to a character bound before tokenising.
         self.chars_per_token = max(max(map(len, tokenizer.get_vocab())), _max_word_chars(tokenizer)) + 1
@@ -379,6 +380,21 @@ class MiniBackend(FBNLBackend):
             self._instruction_cache.pop(next(iter(self._instruction_cache)))
         return states
 
+    def query_states(self, query_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states ``(1, Tq, d)`` and mask of ``query [SEP]``, kept for the last 64 queries.
+
+        The encoder is frozen, so a query's states never change: a cascade's later stages, a client that
+        retries, or several requests with one query skip the encoder (a fixed cost of every scoring call).
+        """
+        key = tuple(int(i) for i in query_ids)
+        states = self._query_cache.pop(key, None)
+        if states is None:
+            states = self.encode_segments([key], prefix=[self.cls_id])
+        self._query_cache[key] = states  # most recent last
+        while len(self._query_cache) > 64:
+            self._query_cache.pop(next(iter(self._query_cache)))
+        return states
+
     def forward_scores(
         self,
         instruction_ids: Sequence[int],
@@ -402,7 +418,7 @@ class MiniBackend(FBNLBackend):
         """Relevance logits ``(B,)`` fp32 of one prompt against B passages (see ``FBNLBackend.margins``)."""
         instruction, query = self.split_prompt(prompt)
         h_instr = self.instruction_states(instruction)  # (1, Ti, d)
-        h_query, query_mask = self.encode_segments([query], prefix=[self.cls_id])  # (1, Tq, d): once per query
+        h_query, query_mask = self.query_states(query)  # (1, Tq, d): once per query
         B = passage_vectors.shape[0]
         out = self.decoder(
             h_instr,
