@@ -395,6 +395,20 @@ class MiniBackend(FBNLBackend):
             self._query_cache.pop(next(iter(self._query_cache)))
         return states
 
+    def stacked_query_states(self, queries: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`query_states` of several queries, right-padded into ``(Q, Tq, d)`` with their mask ``(Q, Tq)``.
+
+        Each query is encoded alone (and cached), exactly as the single-prompt path encodes it, so a row's
+        margin does not depend on which other queries share its decoder call.
+        """
+        states = [self.query_states(q) for q in queries]  # [(1, Tq_i, d), (1, Tq_i)]
+        Tq = max(h.shape[1] for h, _ in states)
+        h_query = torch.zeros((len(states), Tq, self.hidden_size), dtype=self.dtype, device=self.device)
+        query_mask = torch.zeros((len(states), Tq), dtype=torch.long, device=self.device)
+        for i, (h, m) in enumerate(states):
+            h_query[i, : h.shape[1]], query_mask[i, : m.shape[1]] = h[0], m[0]
+        return h_query, query_mask
+
     def forward_scores(
         self,
         instruction_ids: Sequence[int],
@@ -457,12 +471,14 @@ class MiniBackend(FBNLBackend):
             if len(rows) == 0:
                 continue
             h_instr = self.instruction_states(instruction)  # (1, Ti, d)
-            queries = [prompts[int(p)].query for p in prompt_index[rows]]
-            h_query, query_mask = self.encode_segments(queries, prefix=[self.cls_id])  # (R, Tq, d), (R, Tq)
+            h_query, query_mask = self.stacked_query_states([prompts[p].query for p in members])  # (Q, Tq, d)
+            local = torch.zeros(len(prompts), dtype=torch.long)
+            local[members] = torch.arange(len(members))
+            row_query = local[prompt_index[rows]].to(self.device)  # (R,) each row's query among the Q
             margins = self.decoder(
                 h_instr,
-                h_query,
-                query_mask,
+                h_query[row_query],
+                query_mask[row_query],
                 passage_vectors[rows].to(self.device, self.dtype),
                 passage_mask[rows].to(self.device),
             )
