@@ -660,6 +660,8 @@ class Reranker:
                     rows.append((key[0], entries[t], r))
                 span.append(row_of[key])
             spans.append(span)
+        if len(prompts) > 1:
+            self.backend.prepare_prompts(prompts)  # e.g. kalm-mini: every new query in one encoder call
         margins = self._decode_rows(prompts, rows) if rows else torch.empty(0)
         out: list[list[float]] = []
         for span in spans:

@@ -109,6 +109,14 @@ class FBNLBackend(ABC):
             passage_mask: 1 for real windows, 0 for padding ``(B, W)``.
         """
 
+    def prepare_prompts(self, prompts: Sequence[Prompt]) -> None:
+        """Compute ahead, in one go, what the decoder calls over ``prompts`` will need (a hint; default: nothing).
+
+        kalm-mini encodes the prompts' new queries in one encoder call here, so that a batch of many small
+        requests pays one query-encoder call instead of one per request.
+        """
+        del prompts
+
     def margins_many(
         self,
         prompts: Sequence[Prompt],

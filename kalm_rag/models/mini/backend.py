@@ -124,6 +124,9 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
             )
 
 
+#: Queries whose encoder states are kept (about 8 KB per query token: 256 queries of 20 tokens take 8 MB).
+QUERY_CACHE_SIZE = 256
+
 #: Decoder parameters added in kalm-mini 1.1 (a checkpoint saved before them can be continued from).
 ADDED_PARAMETERS = frozenset({"cosine_weight"})
 
@@ -381,27 +384,38 @@ class MiniBackend(FBNLBackend):
         return states
 
     def query_states(self, query_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder states ``(1, Tq, d)`` and mask of ``query [SEP]``, kept for the last 64 queries.
+        """Encoder states ``(1, Tq, d)`` and mask of ``query [SEP]``, kept for the last 256 queries.
 
         The encoder is frozen, so a query's states never change: a cascade's later stages, a client that
         retries, or several requests with one query skip the encoder (a fixed cost of every scoring call).
         """
         key = tuple(int(i) for i in query_ids)
-        states = self._query_cache.pop(key, None)
+        states = self._query_cache.get(key)
         if states is None:
             states = self.encode_segments([key], prefix=[self.cls_id])
-        self._query_cache[key] = states  # most recent last
-        while len(self._query_cache) > 64:
-            self._query_cache.pop(next(iter(self._query_cache)))
+        self._remember_query(key, states)
         return states
+
+    def _remember_query(self, key: tuple[int, ...], states: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._query_cache.pop(key, None)
+        self._query_cache[key] = states  # most recent last
+        while len(self._query_cache) > QUERY_CACHE_SIZE:
+            self._query_cache.pop(next(iter(self._query_cache)))
 
     def stacked_query_states(self, queries: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`query_states` of several queries, right-padded into ``(Q, Tq, d)`` with their mask ``(Q, Tq)``.
 
-        Each query is encoded alone (and cached), exactly as the single-prompt path encodes it, so a row's
-        margin does not depend on which other queries share its decoder call.
+        The queries not in the cache are encoded together, in one encoder call over right-padded ids (each
+        query attends only to its own tokens, so its states equal its states encoded alone up to float
+        rounding): a batch of small requests pays one encoder call for all its new queries, not one each.
         """
-        states = [self.query_states(q) for q in queries]  # [(1, Tq_i, d), (1, Tq_i)]
+        keys = [tuple(int(i) for i in q) for q in queries]
+        missing = [k for k in dict.fromkeys(keys) if k not in self._query_cache]
+        if missing:
+            h, mask = self.encode_segments(missing, prefix=[self.cls_id])  # (M, T, d), (M, T)
+            for i, key in enumerate(missing):
+                self._remember_query(key, (h[i : i + 1, : len(key)].clone(), mask[i : i + 1, : len(key)].clone()))
+        states = [self.query_states(k) for k in keys]  # [(1, Tq_i, d), (1, Tq_i)]
         Tq = max(h.shape[1] for h, _ in states)
         h_query = torch.zeros((len(states), Tq, self.hidden_size), dtype=self.dtype, device=self.device)
         query_mask = torch.zeros((len(states), Tq), dtype=torch.long, device=self.device)
@@ -442,6 +456,13 @@ class MiniBackend(FBNLBackend):
             passage_mask.to(self.device),
         )
         return out.float().cpu()
+
+    @torch.inference_mode()
+    def prepare_prompts(self, prompts: Sequence[Prompt]) -> None:
+        """Encode the prompts' new queries in one encoder call (kept in the query cache for the decoder calls)."""
+        queries = list(dict.fromkeys(p.query for p in prompts))[-QUERY_CACHE_SIZE:]
+        if len(queries) > 1:
+            self.stacked_query_states(queries)
 
     @torch.inference_mode()
     def margins_many(
