@@ -214,10 +214,7 @@ def _tokenizer(cfg: GpuCheckConfig) -> Any:
     from transformers import AutoTokenizer
 
     folder = cfg.workdir / "tokenizer"
-    if cfg.tokenizer_dir:
-        path = copy_gemma_tokenizer(cfg.tokenizer_dir, folder)
-    else:
-        path = make_tiny_tokenizer(folder)
+    path = copy_gemma_tokenizer(cfg.tokenizer_dir, folder) if cfg.tokenizer_dir else make_tiny_tokenizer(folder)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
