@@ -163,3 +163,28 @@ def test_mini_encodes_a_repeated_query_once(mini: Reranker, monkeypatch: pytest.
     assert len(calls) == 1  # the query, once
     again = mini.score(query, PASSAGES[:3], return_margin=True)
     assert len(calls) == 1 and again == first
+
+
+def test_mini_instruction_cache_follows_the_decoder_weights(mini: Reranker) -> None:
+    """The instruction's decoder keys/values are kept across calls, and recomputed once a weight changes."""
+    backend = mini.backend
+    query = "Which river flows through Paris?"
+    before = mini.score(query, PASSAGES[:3], ratio=1, return_margin=True)
+    weight = backend.decoder.layers[0].value.weight
+    original = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.5)  # an in-place update, as a training step makes
+        after = mini.score(query, PASSAGES[:3], ratio=1, return_margin=True)
+        prompt = backend.prompt_ids(query, instruction=mini.instruction, system_instruction="", max_query_tokens=64)
+        entries = mini._pooled(PASSAGES[:3])
+        vectors = torch.nn.utils.rnn.pad_sequence([e.vectors for e in entries], batch_first=True)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(e.vectors), dtype=torch.long) for e in entries], True)
+        with torch.no_grad():
+            fresh = backend.forward_scores(list(prompt.instruction), [list(prompt.query)] * 3, vectors, mask)
+        assert after == pytest.approx(fresh.tolist(), abs=TOL)
+        assert max(abs(a - b) for a, b in zip(after, before)) > 1e-3
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert mini.score(query, PASSAGES[:3], ratio=1, return_margin=True) == pytest.approx(before, abs=TOL)

@@ -166,6 +166,7 @@ class MiniBackend(FBNLBackend):
         self.passages_cut = 0
         self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._query_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._instruction_kv_cache: dict[tuple[int, ...], tuple[tuple, list]] = {}
         #: The most characters one token covers (WordPiece reads a longer word as one [UNK]): a huge query is
         #: cut to a character bound before tokenising.
         self.chars_per_token = max(max(map(len, tokenizer.get_vocab())), _max_word_chars(tokenizer)) + 1
@@ -383,6 +384,21 @@ class MiniBackend(FBNLBackend):
             self._instruction_cache.pop(next(iter(self._instruction_cache)))
         return states
 
+    def instruction_context(self, instruction_ids: Sequence[int]) -> tuple[torch.Tensor, list]:
+        """The instruction's encoder states ``(1, Ti, d)`` and the decoder layers' keys/values of them, kept
+        per instruction while the decoder's weights stay the same (the instruction never reads a passage or
+        the query, so this is a fixed cost of every call otherwise).
+        """
+        h_instr = self.instruction_states(instruction_ids)
+        key, version = tuple(int(i) for i in instruction_ids), self.decoder.weights_version()
+        cached = self._instruction_kv_cache.get(key)
+        if cached is None or cached[0] != version:
+            cached = (version, self.decoder.instruction_kvs(h_instr))
+            self._instruction_kv_cache[key] = cached
+            while len(self._instruction_kv_cache) > 16:
+                self._instruction_kv_cache.pop(next(iter(self._instruction_kv_cache)))
+        return h_instr, cached[1]
+
     def query_states(self, query_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder states ``(1, Tq, d)`` and mask of ``query [SEP]``, kept for the last 256 queries.
 
@@ -445,7 +461,7 @@ class MiniBackend(FBNLBackend):
     def margins(self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
         """Relevance logits ``(B,)`` fp32 of one prompt against B passages (see ``FBNLBackend.margins``)."""
         instruction, query = self.split_prompt(prompt)
-        h_instr = self.instruction_states(instruction)  # (1, Ti, d)
+        h_instr, instruction_kv = self.instruction_context(instruction)  # (1, Ti, d), per layer (1, Ti, d) x 2
         h_query, query_mask = self.query_states(query)  # (1, Tq, d): once per query
         B = passage_vectors.shape[0]
         out = self.decoder(
@@ -454,6 +470,7 @@ class MiniBackend(FBNLBackend):
             query_mask.expand(B, -1),
             passage_vectors.to(self.device, self.dtype),
             passage_mask.to(self.device),
+            instruction_kv=instruction_kv,
         )
         return out.float().cpu()
 
@@ -491,7 +508,7 @@ class MiniBackend(FBNLBackend):
             rows = is_member[prompt_index].nonzero().flatten()  # (R,) rows of this instruction
             if len(rows) == 0:
                 continue
-            h_instr = self.instruction_states(instruction)  # (1, Ti, d)
+            h_instr, instruction_kv = self.instruction_context(instruction)  # (1, Ti, d), per layer
             h_query, query_mask = self.stacked_query_states([prompts[p].query for p in members])  # (Q, Tq, d)
             local = torch.zeros(len(prompts), dtype=torch.long)
             local[members] = torch.arange(len(members))
@@ -502,6 +519,7 @@ class MiniBackend(FBNLBackend):
                 query_mask[row_query],
                 passage_vectors[rows].to(self.device, self.dtype),
                 passage_mask[rows].to(self.device),
+                instruction_kv=instruction_kv,
             )
             out[rows] = margins.float().cpu()
         return out
