@@ -144,7 +144,7 @@ def _service(cfg: GpuCheckConfig, rr: Reranker, tokenizer: Any, device: torch.de
     out: dict[str, Any] = {"passages_per_request": cfg.service_passages, "tokens_per_passage": 256}
     for c, n in zip(cfg.concurrency, cfg.service_requests, strict=True):
         requests = [ScoreRequest(f"{QUERY} ({i})", rng.sample(corpus, cfg.service_passages)) for i in range(n)]
-        row = {}
+        row: dict[str, Any] = {}
         for mode, enabled in (("batching", True), ("no_batching", False)):
             rps, rows_per_call = asyncio.run(_batcher_rate(rr, requests, c, enabled, device))
             row[mode] = {"requests_per_s": rps, "rows_per_decoder_call": rows_per_call}
