@@ -316,6 +316,7 @@ def small_requests(args: argparse.Namespace) -> None:
                 for name in list(servers)[:: 1 if turn % 2 == 0 else -1]:
                     rows[name][str(c)] = run_level(name, servers[name], c, n, corpus, None, passages=size)
                 turn += 1
+            turn += 1  # the next size starts with the other server: no server always goes first at a level
             results["sizes"][str(size)] = rows
     finally:
         for server in servers.values():
