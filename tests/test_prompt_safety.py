@@ -148,3 +148,41 @@ class _SplitTokenizer:
         ids += self.tok(body, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         ids += self.tok(closing, add_special_tokens=False)["input_ids"]
         return BatchEncoding({"input_ids": torch.tensor([ids])})
+
+
+def _gemma_tokenizer_dir():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for base in (root, root.parent, root.parent.parent):
+        folder = base / "shared" / "models" / "gemma3-tokenizer"
+        if folder.is_dir():
+            return folder
+    return None
+
+
+@pytest.mark.skipif(_gemma_tokenizer_dir() is None, reason="the Gemma 3 tokenizer (../shared) is not here")
+def test_the_real_gemma_tokenizer_gives_the_official_ids(tmp_path) -> None:
+    from kalm_rag.bench.checkpoints import copy_gemma_tokenizer
+    from kalm_rag.prompt import cut_query, format_prompt, prompt_token_ids
+
+    tok = AutoTokenizer.from_pretrained(copy_gemma_tokenizer(_gemma_tokenizer_dir(), tmp_path))
+    for query in [
+        QUERY,
+        " lead",
+        "trail  ",
+        "tabs\t\tx\n\n\ny",
+        "日本語のテキスト",
+        "<b>html</b>",
+        "x" * 3000,
+        "\n\n\n\n",
+    ]:
+        for instruction in [INSTRUCTION, "Find medical passages.", ""]:
+            cut, _ = cut_query(tok, query, 512, chars_per_token=32)
+            head, rest = prompt_token_ids(tok, cut, instruction=instruction, system_instruction=SYSTEM)
+            ids = tok.encode(query, add_special_tokens=False)[:512]
+            text = tok.decode(ids, clean_up_tokenization_spaces=False)
+            official = tok(
+                format_prompt(text, instruction=instruction, system_instruction=SYSTEM), add_special_tokens=False
+            )
+            assert head + rest == official["input_ids"], (query[:20], instruction)
