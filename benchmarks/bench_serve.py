@@ -12,6 +12,12 @@ before timing starts (warm store: SQLite with a memory tier). The cross-encoder'
 ``--ce-deadline`` seconds (unanswered requests count as slower than that; the server drops them).
 
     python benchmarks/bench_serve.py --out docs/benchmarks/serve.json [--threads 2] [--quick]
+
+``--small`` measures the common RAG shape instead (issue 26): requests of 10 and 20 passages of ~200 tokens,
+concurrency 1/4/16/64, (a) batching on (cross-request decoder calls) and (b) off, taking turns; requests/s,
+p50/p95/p99 and rows per decoder call (from the servers' ``kalm_rag_decoder_*`` metrics):
+
+    python benchmarks/bench_serve.py --small --threads 1 --out docs/benchmarks/serve_small.json
 """
 
 from __future__ import annotations
@@ -166,6 +172,8 @@ def batch_stats(url: str) -> dict[str, float]:
         "kalm_rag_batch_requests_count": "batches",
         "kalm_rag_batch_requests_sum": "requests",
         "kalm_rag_batch_duration_seconds_sum": "model_s",
+        "kalm_rag_decoder_calls_total": "decoder_calls",
+        "kalm_rag_decoder_rows_total": "decoder_rows",
     }
     out = dict.fromkeys(names.values(), 0.0)
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
@@ -236,9 +244,11 @@ def prepare(server: Server, corpus: list[str], encode: bool) -> None:
     asyncio.run(load(server.url, [("warm up?", corpus[i : i + 100]) for i in range(0, len(corpus), 100)], 1))
 
 
-def run_level(name: str, server: Server, c: int, n: int, corpus: list[str], deadline_s: float | None) -> dict:
-    """``n`` requests (the same ones for every server at this concurrency) with ``c`` in flight."""
-    requests = make_requests(corpus, n, 100, seed=c)
+def run_level(
+    name: str, server: Server, c: int, n: int, corpus: list[str], deadline_s: float | None, passages: int = 100
+) -> dict:
+    """``n`` requests of ``passages`` passages (the same ones for every server at this level) with ``c`` in flight."""
+    requests = make_requests(corpus, n, passages, seed=c + 1000 * passages)
     before = batch_stats(server.url)
     wall, lat, results = asyncio.run(load(server.url, requests, c, deadline_s))
     answered = sum(x is not None for x in lat)
@@ -254,17 +264,96 @@ def run_level(name: str, server: Server, c: int, n: int, corpus: list[str], dead
         "p99_s": percentile(lat, 0.99),
         "requests_per_batch": batched / (after["batches"] - before["batches"]) if batched else None,
         "model_s_per_request": (after["model_s"] - before["model_s"]) / batched if batched else None,
+        "rows_per_decoder_call": (after["decoder_rows"] - before["decoder_rows"])
+        / max(1.0, after["decoder_calls"] - before["decoder_calls"]),
         "results": results,
     }
     print(
         f"  {name} c={c:>2}: {answered}/{n} answered, {row['rps']:.3f} req/s, p50/p95/p99 "
         f"{_fmt(row['p50_s'], deadline_s)} / {_fmt(row['p95_s'], deadline_s)} / {_fmt(row['p99_s'], deadline_s)} s,"
-        f" {row['requests_per_batch'] or 0:.2f} req/batch, model {row['model_s_per_request'] or 0:.3f} s/req",
+        f" {row['requests_per_batch'] or 0:.2f} req/batch, model {row['model_s_per_request'] or 0:.3f} s/req,"
+        f" {row['rows_per_decoder_call']:.1f} rows/decoder call",
         file=sys.stderr,
     )
     if answered < n:  # the server drops abandoned requests; a tiny probe returns once the running one is done
         asyncio.run(load(server.url, [("probe?", corpus[:1])], 1))
     return row
+
+
+def small_requests(args: argparse.Namespace) -> None:
+    """Requests of 10 and 20 passages: batching on vs off at each concurrency, taking turns (issue 26)."""
+    counts = dict(zip(CONCURRENCY, map(int, args.small_requests.split(","))))
+    sizes = [int(x) for x in args.sizes.split(",")]
+    from kalm_rag.models.mini import MiniConfig
+    from kalm_rag.models.mini.backend import load_encoder
+
+    _, tokenizer = load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
+    corpus = make_corpus(tokenizer, args.corpus, args.tokens)
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-small-"))
+    store = f"sqlite:///{work / 'passages.db'}?memory_tier=1GB"
+    serve = [sys.executable, "-m", "kalm_rag", "serve", "--store", store, "--threads", str(args.threads)]
+    serve += ["--batch-size", str(args.batch_size), "--log-level", "warning"]
+    modes = {
+        "batching": serve
+        + ["--max-batch-passages", str(args.max_batch_passages), "--max-wait-ms", str(args.max_wait_ms)],
+        "no_batching": serve + ["--no-batching"],
+    }
+    results: dict = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores ({platform.machine()}), shared with other work",
+        "threads": args.threads,
+        "passage_tokens": args.tokens,
+        "corpus": args.corpus,
+        "batch_size": args.batch_size,
+        "max_batch_passages": args.max_batch_passages,
+        "max_wait_ms": args.max_wait_ms,
+        "sizes": {},
+    }
+    started = time.perf_counter()
+    servers: dict[str, Server] = {}
+    try:
+        for name, command in modes.items():
+            port = free_port()
+            servers[name] = Server([*command, "--port", str(port)], port, work / f"{name}.log")
+        for k, server in enumerate(servers.values()):
+            prepare(server, corpus, encode=k == 0)
+        turn = 0
+        for size in sizes:
+            rows: dict[str, dict] = {name: {} for name in servers}
+            for c, n in counts.items():
+                for name in list(servers)[:: 1 if turn % 2 == 0 else -1]:
+                    rows[name][str(c)] = run_level(name, servers[name], c, n, corpus, None, passages=size)
+                turn += 1
+            turn += 1  # the next size starts with the other server: no server always goes first at a level
+            results["sizes"][str(size)] = rows
+    finally:
+        for server in servers.values():
+            server.stop()
+    results["total_s"] = time.perf_counter() - started
+    lines = [
+        "| passages | concurrency | batching: req/s | p50 / p95 / p99 (s) | rows per decoder call | no batching: req/s "
+        "| p50 / p95 / p99 (s) | rows per decoder call | gain |",
+        "|---:|---:|---:|---|---:|---:|---|---:|---:|",
+    ]
+    same = True
+    for size, rows in results["sizes"].items():
+        for c in map(str, CONCURRENCY):
+            a, b = rows["batching"][c], rows["no_batching"][c]
+            same &= all(
+                [i for i, _ in x] == [i for i, _ in y] and max(abs(u - v) for (_, u), (_, v) in zip(x, y)) < 1e-5
+                for x, y in zip(a["results"], b["results"])
+            )
+            lat = {k: " / ".join(f"{row[f'p{q}_s']:.3f}" for q in (50, 95, 99)) for k, row in (("a", a), ("b", b))}
+            lines.append(
+                f"| {size} | {c} | {a['rps']:.2f} | {lat['a']} | {a['rows_per_decoder_call']:.1f} | {b['rps']:.2f} | "
+                f"{lat['b']} | {b['rows_per_decoder_call']:.1f} | {a['rps'] / b['rps']:.2f}x |"
+            )
+            a.pop("results"), b.pop("results")
+    results["batching_changes_no_ranking"] = same
+    results["table"] = "\n".join(lines)
+    print(results["table"])
+    print(f"rankings identical with and without batching (1e-5): {same}; total {results['total_s']:.0f} s")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
@@ -280,12 +369,22 @@ def main() -> None:
         "--ce-deadline", type=float, default=150.0, help="seconds the load generator waits at each cross-encoder level"
     )
     ap.add_argument("--quick", action="store_true", help="a smoke run: few requests, small corpus")
+    ap.add_argument("--small", action="store_true", help="requests of --sizes passages, batching on/off (issue 26)")
+    ap.add_argument("--sizes", default="10,20", help="passages per request (--small)")
+    ap.add_argument("--small-requests", default="16,32,64,128", help="requests at concurrency 1,4,16,64 (--small)")
+    ap.add_argument("--max-batch-passages", type=int, default=320, help="the batching server's bound (--small)")
+    ap.add_argument("--max-wait-ms", type=float, default=2.0, help="the batching server's wait (--small)")
     ap.add_argument("--serve-cross-encoder", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_cross_encoder is not None:
         serve_cross_encoder(args.serve_cross_encoder, args.threads, args.batch_size)
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server processes (finally) on SIGTERM too
+    if args.small:
+        if args.quick:
+            args.corpus, args.small_requests = 60, "2,4,8,16"
+        small_requests(args)
+        return
     if args.quick:
         args.corpus, args.fbnl_requests, args.ce_requests = 120, "2,4,4,8", "1,2,4,8"
     fbnl_counts = dict(zip(CONCURRENCY, map(int, args.fbnl_requests.split(","))))

@@ -26,11 +26,12 @@ from kalm_rag._logs import RateLimitedWarning
 from kalm_rag.errors import InvalidInputError, NotStoredError, NumericalError, ReadOnlyOptionError, StoreError
 from kalm_rag.evidence import EvidenceSpan, check_keep, evidence_spans, prune_passage, window_spans
 from kalm_rag.models import DEFAULT_MODEL, load_backend
-from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.base import FBNLBackend, Prompt
 from kalm_rag.padding import right_pad, right_pad_vectors
 from kalm_rag.pooling import mep_pool, repool
 from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_PREFIX
 from kalm_rag.reports import EncodeReport
+from kalm_rag.scores import probabilities, rank_order
 from kalm_rag.store import PassageStore, PooledPassage, check_store_url, open_store, passage_key
 from kalm_rag.validation import check_passages, check_positive_int, check_ratio, check_stages, check_text
 
@@ -211,12 +212,14 @@ class Reranker:
         # a store passed in as an object may be shared: only a store opened here is closed by close()
         self._owns_store = not isinstance(store, PassageStore)
         self.store = store if isinstance(store, PassageStore) else open_store(store)
-        #: Work counters: passages run through the encoder, encoder batches, pairs scored, and distinct
-        #: passages found in the store (hits) or not (misses) when scoring.
+        #: Work counters: passages run through the encoder, encoder batches, pairs scored, decoder calls and
+        #: the rows they scored, and distinct passages found in the store (hits) or not (misses) when scoring.
         self.counters = {
             "encoded_passages": 0,
             "encoder_batches": 0,
             "scored_pairs": 0,
+            "decoder_calls": 0,
+            "decoder_rows": 0,
             "store_hits": 0,
             "store_misses": 0,
         }
@@ -479,7 +482,7 @@ class Reranker:
         if not texts:
             return []
         margins = self._margins(query, texts, instruction=instr, ratio=r)
-        return margins.tolist() if return_margin else torch.sigmoid(margins).tolist()
+        return margins.tolist() if return_margin else probabilities(margins)
 
     def rerank(
         self,
@@ -492,7 +495,10 @@ class Reranker:
         evidence: bool = False,
         prune: float | None = None,
     ) -> list[RankedPassage]:
-        """Passages sorted best first (ties keep input order), cut to ``top_k``.
+        """Passages sorted best first by margin (ties keep input order), cut to ``top_k``; each with its P(yes).
+
+        The ranking reads the margins, not the probabilities: two margins of 17 and 25 both give P(yes) 1.0
+        in float32, yet rank 25 first (:mod:`kalm_rag.scores`).
 
         With ``evidence=True`` each result carries ``evidence``: its sentences (as far as the model read the
         passage, ``max_passage_tokens``) as ``(start, end, score)`` character spans, best first, read from the
@@ -508,9 +514,9 @@ class Reranker:
         keep = None if prune is None else check_keep(prune)
         if evidence or keep is not None:
             return self._rerank_with_evidence(query, passages, top_k=top_k, instruction=instruction, ratio=r, keep=keep)
-        scores = self.score(query, passages, instruction=instruction, ratio=r)
-        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
-        return [RankedPassage(index=i, score=scores[i], text=passages[i], ratio=r) for i in ranked[:top_k]]
+        margins = self.score(query, passages, instruction=instruction, ratio=r, return_margin=True)
+        scores = probabilities(margins)
+        return [RankedPassage(index=i, score=scores[i], text=passages[i], ratio=r) for i in rank_order(margins)[:top_k]]
 
     def rerank_cascade(
         self,
@@ -547,10 +553,10 @@ class Reranker:
         scored: dict[int, RankedPassage] = {}
         for stage, (r, depth) in enumerate(stages):
             head, rest = ordered[:depth], ordered[depth:]
-            scores = self.score(query, [texts[i] for i in head], instruction=instruction, ratio=r)
-            for i, score in zip(head, scores):
+            margins = self.score(query, [texts[i] for i in head], instruction=instruction, ratio=r, return_margin=True)
+            for i, score in zip(head, probabilities(margins)):
                 scored[i] = RankedPassage(index=i, score=score, text=texts[i], ratio=r)
-            head = sorted(head, key=lambda i: -scored[i].score)
+            head = [head[j] for j in rank_order(margins)]  # by margin, as rerank
             # unscored passages (beyond the first stage's depth) are dropped; earlier stages' leftovers stay
             ordered = head + (rest if stage else [])
         return [scored[i] for i in ordered][:top_k]
@@ -577,9 +583,13 @@ class Reranker:
         """Scores of several queries' passages, computed together (a server batching concurrent requests).
 
         The distinct passages of all requests are read from the store at once (one ``get_many``) and the
-        missing ones encoded together; then requests that share a prompt (query, instructions, ratio) go
-        through the decoder together, and the other prompts one after another. Each result equals
-        :meth:`score` of its request up to float rounding (batch composition changes the padding).
+        missing ones encoded together; then every (prompt, passage, ratio) row goes through the decoder in
+        calls of up to ``batch_size`` rows that mix prompts (``FBNLBackend.margins_many``: one decoder call over
+        several queries). Rows are ordered by prompt, then by length, so a request with many passages fills
+        whole batches of its own prompt, which take the backend's single-prompt path (for kalm-mini, the
+        folded path that computes the query's side once); the rows of small requests share calls. A row asked
+        for twice (the same prompt, passage and ratio) is scored once. Each result equals :meth:`score` of
+        its request up to float rounding (1e-5 in float32: batch composition changes the padding).
 
         Args:
             requests: the queries and their passages, with per-request options.
@@ -605,21 +615,30 @@ class Reranker:
             )
         unique = list(dict.fromkeys(t for _, texts, _, _, _ in checked for t in texts))
         entries = dict(zip(unique, self._pooled(unique))) if unique else {}
-        prompts: dict[tuple[str, str, str, int], list[int]] = {}  # requests sharing one prompt, in order
-        for i, (query, texts, instr, system, r) in enumerate(checked):
-            if texts:
-                prompts.setdefault((query, instr, system, r), []).append(i)
-        out: list[list[float]] = [[] for _ in checked]
-        for (query, instr, system, r), members in prompts.items():
-            texts = [t for i in members for t in checked[i][1]]
-            margins = self._decode(
-                query, [entries[t] for t in texts], instruction=instr, system_instruction=system, ratio=r
-            )
-            values = (margins if return_margin else torch.sigmoid(margins)).tolist()
-            start = 0
-            for i in members:
-                out[i] = values[start : start + len(checked[i][1])]
-                start += len(checked[i][1])
+        prompt_of: dict[tuple[str, str, str], int] = {}
+        prompts: list[Prompt] = []
+        row_of: dict[tuple[int, str, int], int] = {}  # (prompt, passage, ratio) -> row
+        rows: list[tuple[int, PooledPassage, int]] = []
+        spans: list[list[int]] = []
+        for query, texts, instr, system, r in checked:
+            if texts and (query, instr, system) not in prompt_of:
+                prompt_of[(query, instr, system)] = len(prompts)
+                prompts.append(self._prompt(query, instruction=instr, system_instruction=system))
+            span = []
+            for t in texts:
+                key = (prompt_of[(query, instr, system)], t, r)
+                if key not in row_of:
+                    row_of[key] = len(rows)
+                    rows.append((key[0], entries[t], r))
+                span.append(row_of[key])
+            spans.append(span)
+        if len(prompts) > 1:
+            self.backend.prepare_prompts(prompts)  # e.g. kalm-mini: every new query in one encoder call
+        margins = self._decode_rows(prompts, rows) if rows else torch.empty(0)
+        out: list[list[float]] = []
+        for span in spans:
+            values = margins[span]
+            out.append(values.tolist() if return_margin else probabilities(values))
         return out
 
     async def ascore(self, query: str, passages: Sequence[str], **kwargs: Any) -> list[float]:
@@ -646,26 +665,48 @@ class Reranker:
         self, query: str, entries: list[PooledPassage], *, instruction: str, system_instruction: str, ratio: int
     ) -> torch.Tensor:
         """Margins ``(N,)`` of one query against stored entries: exact re-pooling, decoder."""
+        prompt = self._prompt(query, instruction=instruction, system_instruction=system_instruction)
+        return self._decode_rows([prompt], [(0, e, ratio) for e in entries])
+
+    def _prompt(self, query: str, *, instruction: str, system_instruction: str) -> Prompt:
         prompt = self.backend.prompt_ids(
             query,
             instruction=instruction,
             system_instruction=system_instruction,
             max_query_tokens=self.max_query_tokens,
         )
-        pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in entries]
-        order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
-        margins = torch.empty(len(pooled), dtype=torch.float32)
+        self._warn_if_cut(prompt)
+        return prompt
+
+    def _decode_rows(self, prompts: list[Prompt], rows: list[tuple[int, PooledPassage, int]]) -> torch.Tensor:
+        """Margins ``(N,)`` of rows ``(prompt index, stored entry, ratio)``: exact re-pooling, decoder calls.
+
+        Rows are ordered by prompt, then longest first (less padding), and scored ``batch_size`` at a time;
+        a batch holding one prompt takes the backend's single-prompt path, one holding several its
+        multi-prompt path.
+        """
+        pooled = [repool(e.vectors, e.counts, r // self.base_ratio)[0] for _, e, r in rows]
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][0], -pooled[i].shape[0]))
+        margins = torch.empty(len(rows), dtype=torch.float32)
 
         def score_batch(batch: list[int]) -> None:
             vectors, mask = right_pad_vectors([pooled[i] for i in batch], self.backend.dtype)  # (B, W, d), (B, W)
-            margins[batch] = self.backend.margins(prompt, vectors, mask)
+            used = list(dict.fromkeys(rows[i][0] for i in batch))  # the batch's prompts, in order
+            if len(used) == 1:
+                margins[batch] = self.backend.margins(prompts[used[0]], vectors, mask)
+            else:
+                local = {p: j for j, p in enumerate(used)}
+                index = torch.tensor([local[rows[i][0]] for i in batch], dtype=torch.long)  # (B,)
+                margins[batch] = self.backend.margins_many([prompts[p] for p in used], index, vectors, mask)
+            self.counters["decoder_calls"] += 1
+            self.counters["decoder_rows"] += len(batch)
 
         self._for_each_batch(order, score_batch)
         if not torch.isfinite(margins).all():
             raise NumericalError(
                 f"non-finite scores in {self.backend.dtype}; the model overflows in this dtype, use float32 or bfloat16"
             )
-        self.counters["scored_pairs"] += len(entries)
+        self.counters["scored_pairs"] += len(rows)
         return margins
 
     def _rerank_with_evidence(
@@ -687,8 +728,8 @@ class Reranker:
         margins, weights = self._decode_with_evidence(
             query, self._pooled(texts), instruction=instr, system_instruction=self.system_instruction, ratio=ratio
         )
-        scores = torch.sigmoid(margins).tolist()
-        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
+        scores = probabilities(margins.tolist())
+        ranked = rank_order(margins.tolist())[:top_k]
         offsets = self.backend.passage_offsets([texts[i] for i in ranked], self.max_passage_tokens)
         out = []
         for i, token_offsets in zip(ranked, offsets):
@@ -719,6 +760,7 @@ class Reranker:
             system_instruction=system_instruction,
             max_query_tokens=self.max_query_tokens,
         )
+        self._warn_if_cut(prompt)
         pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in entries]
         order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
         margins = torch.empty(len(pooled), dtype=torch.float32)
@@ -738,6 +780,15 @@ class Reranker:
             )
         self.counters["scored_pairs"] += len(entries)
         return margins, weights
+
+    def _warn_if_cut(self, prompt: Prompt) -> None:
+        if prompt.query_cut:  # rate-limited: a client sending long queries would otherwise log every call
+            self._warnings.warn(
+                "query-cut",
+                "a query longer than max_query_tokens=%d was cut (the model reads its first tokens only; the "
+                "kalm-mini limit is its config's max_query_tokens)",
+                self.max_query_tokens,
+            )
 
     def _for_each_batch(self, order: list[int], fn: Callable[[list[int]], None]) -> None:
         """Call ``fn`` on consecutive batches of ``order``.

@@ -134,7 +134,7 @@ def make_random_t5gemma2(
         dtype: weights' dtype on disk.
     """
     import torch
-    from transformers import AutoTokenizer, T5Gemma2Config, T5Gemma2ForConditionalGeneration
+    from transformers import AutoTokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,9 +143,34 @@ def make_random_t5gemma2(
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)  # data, never code
         tokenizer.save_pretrained(out)
-    vocab_size = len(tokenizer)
-    if shape == "tiny":
-        vocab_size = ((vocab_size + 63) // 64) * 64
+    model = random_t5gemma2(tokenizer, shape=shape, seed=seed)
+    from kalm_rag.models.t5gemma2 import _quiet_transformers
+
+    with _quiet_transformers():
+        model.to(getattr(torch, dtype)).save_pretrained(out)
+    return out
+
+
+def random_t5gemma2(
+    tokenizer: Any, *, shape: str = "tiny", seed: int = 0, vocab_size: int | None = None, device: Any = "cpu"
+) -> Any:
+    """A random ``T5Gemma2ForConditionalGeneration`` (eval mode, fp32) built in memory on ``device``.
+
+    Args:
+        tokenizer: its tokenizer (special token ids; the vocabulary size unless ``vocab_size`` is given).
+        shape: ``tiny``, ``nano`` or ``small``.
+        seed: torch seed for the random weights.
+        vocab_size: embedding rows (e.g. Gemma 3's 262,144 with a tiny tokenizer, so that the full-vocabulary
+            logits of the official recipe cost what they cost with the real tokenizer).
+        device: where to build it (building on a GPU is much faster than building on a CPU and moving).
+    """
+    import torch
+    from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
+
+    if vocab_size is None:
+        vocab_size = len(tokenizer)
+        if shape == "tiny":
+            vocab_size = ((vocab_size + 63) // 64) * 64
     text = text_config_for_shape(shape, vocab_size)
     special = dict(
         vocab_size=vocab_size,
@@ -176,13 +201,10 @@ def make_random_t5gemma2(
         **special,
     )
     torch.manual_seed(seed)
-    model = T5Gemma2ForConditionalGeneration(config).eval()
+    with torch.device(device):
+        model = T5Gemma2ForConditionalGeneration(config).eval()
     _randomize_norms(model, seed)
-    from kalm_rag.models.t5gemma2 import _quiet_transformers
-
-    with _quiet_transformers():
-        model.to(getattr(torch, dtype)).save_pretrained(out)
-    return out
+    return model
 
 
 def _randomize_norms(model: Any, seed: int) -> None:

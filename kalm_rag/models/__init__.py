@@ -16,6 +16,7 @@ import torch
 from kalm_rag.errors import InvalidInputError, ModelLoadError
 from kalm_rag.models.base import FBNLBackend
 from kalm_rag.models.sources import refuse_custom_code, resolve_checkpoint
+from kalm_rag.threads import apply_thread_setting
 
 __all__ = ["FBNLBackend", "load_backend", "DEFAULT_MODEL"]
 
@@ -50,11 +51,16 @@ def load_backend(name_or_path: str | os.PathLike[str], *, device: torch.device, 
         device: the device to load on.
         dtype: the compute dtype.
 
+    The ``KALM_RAG_THREADS`` environment variable, when set, fixes torch's intra-op thread count first
+    (:mod:`kalm_rag.threads`).
+
     Raises:
         ModelLoadError: the checkpoint cannot be found, read or trusted.
+        InvalidInputError: ``KALM_RAG_THREADS`` is not a positive integer.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise InvalidInputError(f"model must be a name, a folder or a hub id, got {type(name_or_path).__name__}")
+    apply_thread_setting()  # KALM_RAG_THREADS, when set (see kalm_rag.threads)
     if os.fspath(name_or_path) == DEFAULT_MODEL:
         from kalm_rag.models.mini import MiniBackend
 

@@ -1,7 +1,7 @@
 """The interface between the engine and a model backend.
 
-A backend turns passages into encoder states (the offline side) and, given a tokenised prompt and
-pooled passage vectors, returns the yes/no margin (the online side). Pooling, caching and batching
+A backend turns passages into encoder states (the offline side) and, given tokenised prompts and
+pooled passage vectors, returns the yes/no margins (the online side). Pooling, caching and batching
 live in the engine; a backend never sees the store.
 """
 
@@ -9,11 +9,57 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from kalm_rag.errors import EvidenceUnsupportedError
 from kalm_rag.evidence import Offset
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenised decoder prompt, kept in two parts so that user text can never move from one to the other.
+
+    The backend builds both parts from separately tokenised texts (user text is tokenised with its
+    special-token look-alikes kept as text), so an instruction holding the text ``"[SEP]"`` stays in the
+    instruction part. The decoder reads ``instruction + query``.
+
+    Attributes:
+        instruction: ids of everything before the query: the backend's framing, the system and task
+            instructions (shared by every query with the same instructions).
+        query: ids of the query and whatever follows it.
+        query_cut: whether the query was longer than the query token limit (its end was not read).
+    """
+
+    instruction: tuple[int, ...]
+    query: tuple[int, ...]
+    query_cut: bool = False
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """The whole prompt, as the decoder reads it."""
+        return self.instruction + self.query
+
+    def __len__(self) -> int:
+        return len(self.instruction) + len(self.query)
+
+
+def cut_for_tokenizer(text: str, max_tokens: int, chars_per_token: int) -> str:
+    """``text`` cut to a character bound that holds more than ``max_tokens`` tokens (nothing tokenised yet).
+
+    A token covers at most ``chars_per_token`` characters, so the first ``max_tokens + 1`` tokens of
+    ``text`` lie inside its first ``(max_tokens + 1) * chars_per_token`` characters; the cut goes back to the
+    last whitespace inside that bound (when there is one in the last token's span), so no word is split.
+    Tokenising the cut text and keeping ``max_tokens`` tokens then gives the same ids as tokenising the whole
+    text, for a fraction of the work on a huge input (an 8 MB query would otherwise hold the model's worker).
+    """
+    bound = (max_tokens + 1) * chars_per_token
+    if len(text) <= bound:
+        return text
+    head = text[:bound]
+    space = max(head.rfind(" ", bound - chars_per_token), head.rfind("\n", bound - chars_per_token))
+    return head[:space] if space > 0 else head
 
 
 class FBNLBackend(ABC):
@@ -37,32 +83,31 @@ class FBNLBackend(ABC):
 
         By default the whole weights: a backend whose passage encoder is frozen and separate from the rest
         (kalm-mini) narrows it to that encoder, so that its stored passages stay valid across decoder versions.
+        Computed when the backend is loaded (from what was loaded), never from files read later.
         """
         return self.weights_id
 
     @abstractmethod
     def tokenize_passages(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
-        """Encoder token ids of each passage (prefix added, no special tokens, cut to ``max_tokens``)."""
+        """Encoder token ids of each passage (prefix added, no special tokens, cut to ``max_tokens``).
+
+        Text that looks like a special token (``"[CLS]"``, ``"<bos>"``) is tokenised as text.
+        """
 
     @abstractmethod
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encoder final hidden states ``(B, n, d)`` for right-padded ids ``(B, n)``."""
 
     @abstractmethod
-    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> list[int]:
-        """Decoder token ids of the prompt for ``query``."""
+    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> Prompt:
+        """The decoder prompt for ``query``: user text tokenised as text, the query cut to ``max_query_tokens``."""
 
     @abstractmethod
-    def margins(
-        self,
-        prompt_ids: Sequence[int],
-        passage_vectors: torch.Tensor,
-        passage_mask: torch.Tensor,
-    ) -> torch.Tensor:
+    def margins(self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
         """Yes/no margins ``(B,)`` in fp32 of one prompt against B passages.
 
         Args:
-            prompt_ids: the prompt's token ids (from :meth:`prompt_ids`), shared by every passage.
+            prompt: the prompt (from :meth:`prompt_ids`), shared by every passage.
             passage_vectors: pooled passage vectors ``(B, W, d)`` in the model dtype.
             passage_mask: 1 for real windows, 0 for padding ``(B, W)``.
         """
@@ -78,7 +123,7 @@ class FBNLBackend(ABC):
         raise EvidenceUnsupportedError(f"the {self.family} backend cannot map its tokens back to the passage text")
 
     def margins_and_window_weights(
-        self, prompt_ids: Sequence[int], passage_vectors: torch.Tensor, passage_mask: torch.Tensor
+        self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`margins` ``(B,)`` and, from the same pass, a relevance weight per passage window ``(B, W)``.
 
@@ -86,3 +131,37 @@ class FBNLBackend(ABC):
         weights are higher for windows that made the passage relevant (padding windows: any value).
         """
         raise EvidenceUnsupportedError(f"the {self.family} backend has no evidence readout")
+
+    def prepare_prompts(self, prompts: Sequence[Prompt]) -> None:
+        """Compute ahead, in one go, what the decoder calls over ``prompts`` will need (a hint; default: nothing).
+
+        kalm-mini encodes the prompts' new queries in one encoder call here, so that a batch of many small
+        requests pays one query-encoder call instead of one per request.
+        """
+        del prompts
+
+    def margins_many(
+        self,
+        prompts: Sequence[Prompt],
+        prompt_index: torch.Tensor,
+        passage_vectors: torch.Tensor,
+        passage_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Yes/no margins ``(B,)`` fp32 of B rows, row ``b`` scoring ``prompts[prompt_index[b]]`` (one decoder call
+        over several queries: what cross-request batching needs).
+
+        Each margin equals :meth:`margins` of its prompt alone up to float rounding. This default calls
+        :meth:`margins` once per prompt; the backends override it with one call over padded prompts.
+
+        Args:
+            prompts: the distinct prompts.
+            prompt_index: ``(B,)`` long, the prompt of each row.
+            passage_vectors: pooled passage vectors ``(B, W, d)`` in the model dtype.
+            passage_mask: 1 for real windows ``(B, W)``.
+        """
+        out = torch.empty(passage_vectors.shape[0], dtype=torch.float32)
+        for p, prompt in enumerate(prompts):
+            rows = (prompt_index == p).nonzero().flatten()
+            if len(rows):
+                out[rows] = self.margins(prompt, passage_vectors[rows], passage_mask[rows]).float().cpu()
+        return out

@@ -22,10 +22,11 @@ from torch import nn
 
 from kalm_rag.errors import EvidenceUnsupportedError, ModelLoadError
 from kalm_rag.evidence import Offset, passage_offsets_from_prefixed
-from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.base import FBNLBackend, Prompt
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.sources import refuse_custom_code, resolve_checkpoint
-from kalm_rag.prompt import PASSAGE_PREFIX, format_passage, format_prompt, truncate_query
+from kalm_rag.padding import right_pad
+from kalm_rag.prompt import PASSAGE_PREFIX, check_control_tokens, cut_query, format_passage, prompt_token_ids
 
 MODEL_TYPE = "t5gemma2"
 
@@ -53,6 +54,9 @@ class T5Gemma2Backend(FBNLBackend):
         self.yes_id = single_token_id(tokenizer, "yes")
         self.no_id = single_token_id(tokenizer, "no")
         self.final_logit_softcapping = decoder_config.final_logit_softcapping
+        check_control_tokens(tokenizer)
+        #: The most characters one token covers: a huge query is cut to a character bound before tokenising.
+        self.chars_per_token = max(map(len, tokenizer.get_vocab())) + 1
         # The two LM-head rows the score needs, in fp32: (2, d)
         head = model.get_output_embeddings()
         rows = head.weight[[self.yes_id, self.no_id]].detach().to(torch.float32)
@@ -61,7 +65,7 @@ class T5Gemma2Backend(FBNLBackend):
         self._yes_no_bias = None if bias is None else bias[[self.yes_id, self.no_id]].detach().float()
         self._encoder = model.get_encoder()
         self._decoder = model.get_decoder()
-        #: Use the lean decoder forward when every row scores the same prompt (the usual case).
+        #: Use the lean decoder forward (one prompt or several, see margins_many) when the config allows it.
         self.lean = LeanT5Gemma2Decoder.supports(decoder_config)
         self._lean = LeanT5Gemma2Decoder(self._decoder) if self.lean else None
 
@@ -86,7 +90,7 @@ class T5Gemma2Backend(FBNLBackend):
         folder = resolve_checkpoint(name_or_path)
         refuse_custom_code(folder)
         source = str(folder)
-        safe = {"trust_remote_code": False, "local_files_only": True}
+        safe: dict[str, Any] = {"trust_remote_code": False, "local_files_only": True}
         try:
             config = AutoConfig.from_pretrained(source, **safe)
         except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... depending on the cause
@@ -116,7 +120,9 @@ class T5Gemma2Backend(FBNLBackend):
 
     def tokenize_passages(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
         texts = [format_passage(p) for p in passages]
-        batch = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens)
+        batch = self.tokenizer(
+            texts, add_special_tokens=False, truncation=True, max_length=max_tokens, split_special_tokens=True
+        )
         return [list(ids) for ids in batch["input_ids"]]
 
     def passage_offsets(self, passages: Sequence[str], max_tokens: int) -> list[list[Offset]]:
@@ -125,7 +131,12 @@ class T5Gemma2Backend(FBNLBackend):
         """
         texts = [format_passage(p) for p in passages]
         batch = self.tokenizer(
-            texts, add_special_tokens=False, truncation=True, max_length=max_tokens, return_offsets_mapping=True
+            texts,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_tokens,
+            return_offsets_mapping=True,
+            split_special_tokens=True,  # as tokenize_passages: user text never becomes control tokens
         )
         prefix = len(PASSAGE_PREFIX)
         return [
@@ -140,30 +151,63 @@ class T5Gemma2Backend(FBNLBackend):
 
     # ----- query side ------------------------------------------------------------------------------
 
-    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> list[int]:
-        query = truncate_query(self.tokenizer, query, max_query_tokens)
-        text = format_prompt(query, instruction=instruction, system_instruction=system_instruction)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> Prompt:
+        """The official template's ids (:func:`~kalm_rag.prompt.prompt_token_ids`): the query cut as the official
+        recipe cuts it, special-token text in any user text kept as text.
+        """
+        query, cut = cut_query(self.tokenizer, query, max_query_tokens, chars_per_token=self.chars_per_token)
+        head, rest = prompt_token_ids(
+            self.tokenizer, query, instruction=instruction, system_instruction=system_instruction
+        )
+        return Prompt(tuple(head), tuple(rest), query_cut=cut)
 
     @torch.inference_mode()
-    def margins(
-        self,
-        prompt_ids: Sequence[int],
-        passage_vectors: torch.Tensor,
-        passage_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)  # (T,)
+    def margins(self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(prompt.ids, dtype=torch.long, device=self.device)  # (T,)
         passage_vectors = passage_vectors.to(self.device, self.dtype)
         passage_mask = passage_mask.to(self.device)
         if self.lean and self._lean is not None:
-            last = self._lean.last_hidden(prompt, passage_vectors, passage_mask).float()  # (B, d)
+            last = self._lean.last_hidden(ids, passage_vectors, passage_mask).float()  # (B, d)
         else:
-            last = self._reference_last_hidden(prompt, passage_vectors, passage_mask)
+            last = self._reference_last_hidden(ids, passage_vectors, passage_mask)
+        return self._margin_from_hidden(last)
+
+    @torch.inference_mode()
+    def margins_many(
+        self,
+        prompts: Sequence[Prompt],
+        prompt_index: torch.Tensor,
+        passage_vectors: torch.Tensor,
+        passage_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Margins ``(B,)`` of rows scoring different prompts in one decoder call (see ``FBNLBackend.margins_many``).
+
+        The prompts are right-padded to the longest: the decoder is causal, so a real position never reads
+        the padding after its prompt's end, and each row's margin is read at its own prompt's last position.
+        """
+        if len(prompts) == 1:
+            return self.margins(prompts[0], passage_vectors, passage_mask)
+        ids, mask = right_pad([p.ids for p in prompts], self.pad_token_id, self.device)  # (P, T)
+        rows = prompt_index.to(self.device)  # (B,)
+        last_position = (mask.sum(dim=1) - 1)[rows]  # (B,)
+        passage_vectors = passage_vectors.to(self.device, self.dtype)
+        passage_mask = passage_mask.to(self.device)
+        if self.lean and self._lean is not None:
+            last = self._lean.last_hidden_many(ids, rows, last_position, passage_vectors, passage_mask).float()
+        else:
+            hidden = self._decoder(
+                input_ids=ids[rows],
+                attention_mask=mask[rows],
+                encoder_hidden_states=passage_vectors,
+                encoder_attention_mask=passage_mask,
+                use_cache=False,
+            ).last_hidden_state  # (B, T, d)
+            last = hidden[torch.arange(len(rows), device=self.device), last_position].float()  # (B, d)
         return self._margin_from_hidden(last)
 
     @torch.inference_mode()
     def margins_and_window_weights(
-        self, prompt_ids: Sequence[int], passage_vectors: torch.Tensor, passage_mask: torch.Tensor
+        self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`margins` and, from the same pass, the training-free evidence readout ``(B, W)``: the last
         position's attention over the passage windows, averaged over heads and layers (windows sum to at
@@ -174,10 +218,10 @@ class T5Gemma2Backend(FBNLBackend):
                 "evidence needs the lean decoder path (no attention softcapping, GeGLU-tanh MLP); "
                 "this T5Gemma 2 config does not support it"
             )
-        prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)  # (T,)
+        ids = torch.as_tensor(prompt.ids, dtype=torch.long, device=self.device)  # (T,)
         probe: list[torch.Tensor] = []
         last = self._lean.last_hidden(
-            prompt, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device), probe
+            ids, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device), probe
         ).float()  # (B, d)
         weights = torch.stack(probe).mean(dim=0)  # (L, B, W) -> (B, W)
         weights = weights.masked_fill(~passage_mask.to(self.device).bool(), 0.0)
@@ -357,9 +401,44 @@ class LeanT5Gemma2Decoder:
         Returns:
             ``(B, d)`` hidden states (model dtype).
         """
-        T = prompt_ids.shape[0]
+        return self._forward(prompt_ids.unsqueeze(0), None, None, passages, passage_mask, probe)
+
+    @torch.inference_mode()
+    def last_hidden_many(
+        self,
+        prompt_ids: torch.Tensor,
+        rows: torch.Tensor,
+        last_position: torch.Tensor,
+        passages: torch.Tensor,
+        passage_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`last_hidden` of several prompts at once: row ``b`` reads prompt ``rows[b]``.
+
+        Args:
+            prompt_ids: the distinct prompts, right-padded ``(P, T)``.
+            rows: ``(B,)`` the prompt of each row.
+            last_position: ``(B,)`` the last real position of each row's prompt.
+            passages: pooled passage vectors ``(B, W, d)`` in the model dtype.
+            passage_mask: 1 for real windows ``(B, W)``.
+
+        Returns:
+            ``(B, d)`` hidden states (model dtype).
+        """
+        return self._forward(prompt_ids, rows, last_position, passages, passage_mask)
+
+    def _forward(
+        self,
+        prompt_ids: torch.Tensor,
+        rows: torch.Tensor | None,
+        last_position: torch.Tensor | None,
+        passages: torch.Tensor,
+        passage_mask: torch.Tensor,
+        probe: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Prompts ``(P, T)`` (P = 1: shared by every row; else ``rows`` picks each row's) -> ``(B, d)``."""
+        T = prompt_ids.shape[1]
         positions = torch.arange(T, device=prompt_ids.device).unsqueeze(0)  # (1, T)
-        x = self.decoder.embed_tokens(prompt_ids.unsqueeze(0))  # (1, T, d): shared until the first attention
+        x = self.decoder.embed_tokens(prompt_ids)  # (P, T, d): per prompt until the first attention
         rope = {t: self.decoder.rotary_emb(x, positions, t) for t in set(self.layer_types)}  # (1, T, hd) each
         masks = self._masks(T, passage_mask)
         shape = (self.num_heads, self.num_kv_heads, self.head_dim)
@@ -367,7 +446,19 @@ class LeanT5Gemma2Decoder:
         for i, (weights, layer_type) in enumerate(zip(self.layers, self.layer_types)):
             cos, sin = rope[layer_type]
             x = _lean_layer(
-                x, passages, masks[layer_type], cos, sin, weights, shape, self.scaling, self.eps, i == last, probe
+                x,
+                passages,
+                masks[layer_type],
+                cos,
+                sin,
+                weights,
+                shape,
+                self.scaling,
+                self.eps,
+                i == last,
+                probe,
+                rows=rows if i == 0 else None,  # after the first layer every row has its own states
+                last_position=last_position,
             )
         return _rms_norm(x[:, -1], self.final_norm, self.eps)  # (B, d)
 
@@ -394,11 +485,15 @@ def _lean_layer(
     eps: float,
     last: bool,
     probe: list[torch.Tensor] | None = None,
+    *,
+    rows: torch.Tensor | None = None,
+    last_position: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoder layer: merged attention over [prompt; passages], then the GeGLU MLP.
 
     Args:
-        x: prompt states ``(Bx, T, d)``; ``Bx`` is 1 before the first attention (shared), else ``B``.
+        x: prompt states ``(Bx, T, d)``; before the first attention ``Bx`` is the number of distinct prompts
+            (1: shared by every row), else ``B``.
         passages: pooled passage vectors ``(B, W, d)``.
         mask: boolean merged mask ``(B, 1, T, T + W)``.
         cos: RoPE cosine table ``(1, T, hd)``.
@@ -410,6 +505,8 @@ def _lean_layer(
         last: only the last position's output is needed.
         probe: if given, the last position's attention over the passage windows, averaged over heads
             ``(B, W)`` fp32, is appended to it (the evidence readout; the layer's output is unchanged).
+        rows: ``(B,)`` the prompt of each row when ``x`` holds several distinct prompts.
+        last_position: ``(B,)`` each row's last real position (prompts right-padded); ``None``: position ``T-1``.
 
     Returns:
         ``(B, T, d)``, or ``(B, 1, d)`` when ``last``.
@@ -425,14 +522,22 @@ def _lean_layer(
     q = _rms_norm(q, w["q_norm"], eps).transpose(1, 2)  # (Bx, H, T, hd)
     k = _rms_norm(k, w["k_norm"], eps).transpose(1, 2)  # (Bx, Hkv, T, hd)
     q, k = _apply_rope(q, k, cos, sin)
+    if rows is not None:  # several prompts: each row takes its prompt's states (computed once per prompt)
+        q, k, v, x = q[rows], k[rows], v[rows], x[rows]
 
     pkv = passages @ w["kv"].T  # (B, W, 2 Hkv hd): passages get the k/v projections and k-norm, no RoPE
     pk = _rms_norm(pkv[..., : Hkv * hd].view(B, W, Hkv, hd), w["k_norm"], eps).transpose(1, 2)  # (B, Hkv, W, hd)
     pv = pkv[..., Hkv * hd :].view(B, W, Hkv, hd).transpose(1, 2)  # (B, Hkv, W, hd)
     keys = torch.cat([k.expand(B, -1, -1, -1), pk], dim=2)  # (B, Hkv, T + W, hd)
     values = torch.cat([v.expand(B, -1, -1, -1), pv], dim=2)
-    if last:  # only the last position is read: skip the other queries' work
+    if last and last_position is None:  # only the last position is read: skip the other queries' work
         q, mask, x = q[:, :, -1:], mask[:, :, -1:], x[:, -1:]
+    elif last:  # each row's own last position
+        assert last_position is not None
+        at = torch.arange(B, device=x.device)
+        x = x.expand(B, -1, -1)[at, last_position].unsqueeze(1)  # (B, 1, d)
+        q = q.expand(B, -1, -1, -1)[at, :, last_position].unsqueeze(2)  # (B, H, 1, hd)
+        mask = mask[at, :, last_position].unsqueeze(2)  # (B, 1, 1, T + W)
     q = q.expand(B, -1, -1, -1)
     Tq = q.shape[2]
     if probe is not None:

@@ -7,12 +7,12 @@ batch with :meth:`kalm_rag.Reranker.score_many` on its own thread (one thread ho
 than one batch at a time, so the model is never oversubscribed) and hands each job its scores. A job with
 more passages than ``max_batch_passages`` runs as a batch of its own; jobs are never split.
 
-What a batch shares: jobs with the same prompt (query, instructions, ratio) go through the engine
-together (one store read, one encoder pass for their misses, one decoder pass); different prompts run back
-to back on the worker thread, without a thread hop per request, and each job is answered as soon as its
-prompt is scored. The engine's backend interface takes one prompt per decoder call, so jobs with different
-queries never share a decoder pass. Other model work (pre-encoding, token counts) goes through the same
-queue with :meth:`DynamicBatcher.call`, so it never runs beside a batch.
+What a batch shares: everything. All its jobs go through the engine in one
+:meth:`~kalm_rag.Reranker.score_many` call: one store read, one encoder pass for their misses, and decoder
+calls over rows of several queries at once (the backends' multi-prompt path, ``FBNLBackend.margins_many``),
+up to the reranker's ``batch_size`` rows per call; a job's margins equal the job scored alone (within 1e-5
+in float32), so batching never changes a ranking. Other model work (pre-encoding, token counts) goes through
+the same queue with :meth:`DynamicBatcher.call`, so it never runs beside a batch.
 
 Failures: every job and call has a deadline (``timeout_s``: :class:`RequestTimeoutError`, and the worker skips
 it); if the worker task itself dies, everything waiting fails with :class:`ModelWorkerError` and the next
@@ -24,23 +24,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
-
 from kalm_rag.engine import Reranker, ScoreRequest
 from kalm_rag.errors import InvalidInputError, KalmError
+from kalm_rag.scores import probabilities
 from kalm_rag.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+__all__ = ["BatchReport", "DynamicBatcher", "ServiceStoppingError", "probabilities"]
+
 #: Engine counters whose growth during a batch is reported to the observer.
-COUNTERS = ("store_hits", "store_misses", "encoded_passages", "scored_pairs")
+COUNTERS = ("store_hits", "store_misses", "encoded_passages", "scored_pairs", "decoder_calls", "decoder_rows")
 
 
 class ServiceStoppingError(KalmError):
@@ -92,11 +93,6 @@ class _Call:
 
 
 _STOP = object()
-
-
-def probabilities(margins: Sequence[float]) -> list[float]:
-    """``sigmoid(margin)`` in fp32, exactly as :meth:`kalm_rag.Reranker.score` computes P(yes)."""
-    return torch.sigmoid(torch.tensor(list(margins), dtype=torch.float32)).tolist()
 
 
 class DynamicBatcher:
@@ -320,23 +316,17 @@ class DynamicBatcher:
                 _settle(job.future, exc)
 
     def _score(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
-        """On the worker thread: run the batch one prompt at a time, answering each job as soon as it is scored.
+        """On the worker thread: score the whole batch with one :meth:`~kalm_rag.Reranker.score_many` call.
 
-        Jobs with the same prompt (query, instructions, ratio) go through :meth:`~kalm_rag.Reranker.score_many`
-        together: one store read, one encoder pass for their misses, one decoder pass. Different prompts run
-        back to back, each job's future settled when its prompt is done (not when the whole batch is), so that
-        coalescing never makes a request wait for other requests' decoder passes.
+        Every job's rows go through the decoder together, whatever their query, instructions or ratio: one
+        store read, one encoder pass for the misses, and decoder calls of up to the reranker's ``batch_size``
+        rows that mix prompts (``FBNLBackend.margins_many``); each margin equals the job scored alone (1e-5).
+        A job that fails (bad input) is retried alone, so that it cannot fail the others.
         """
         started = time.perf_counter()
         before = {name: self.reranker.counters.get(name, 0) for name in COUNTERS}
-        by_prompt: dict[tuple[Any, ...], list[_Job]] = {}
-        for job in jobs:
-            r = job.request
-            by_prompt.setdefault((r.query, r.instruction, r.system_instruction, r.ratio), []).append(job)
-        for group in by_prompt.values():
-            members = [job for job in group if not job.future.done()]  # a caller that has gone needs no scores
-            if not members:
-                continue
+        members = [job for job in jobs if not job.future.done()]  # a caller that has gone needs no scores
+        if members:
             outcomes: list[list[float] | Exception]
             try:
                 outcomes = list(self.reranker.score_many([job.request for job in members], return_margin=True))

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the service: requests, latency, batches, queue depth, store hits and encoder work.
+"""Prometheus metrics of the service: requests, latency, batches, queue depth, store hits, encoder and decoder work.
 
 Each app has its own registry, so that several apps can live in one process (tests, mounted apps). With
 several uvicorn worker processes, ``kalm-rag serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics``
@@ -20,6 +20,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PASSAGE_BUCKETS = (1, 10, 25, 50, 100, 200, 400, 800, 1600, 3200)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 def multiprocess_dir() -> str | None:
@@ -78,6 +79,16 @@ class ServeMetrics:
             "kalm_rag_encoded_passages", "Passages run through the encoder (scoring misses and /v1/encode)", registry=r
         )
         self.scored_passages = Counter("kalm_rag_scored_passages", "Query-passage pairs scored", registry=r)
+        self.decoder_calls = Counter(
+            "kalm_rag_decoder_calls", "Decoder calls (each over one or more prompts)", registry=r
+        )
+        self.decoder_rows = Counter("kalm_rag_decoder_rows", "Query-passage rows scored by decoder calls", registry=r)
+        self.rows_per_call = Histogram(
+            "kalm_rag_decoder_rows_per_call",
+            "Rows per decoder call (one observation per call: its batch's mean), what cross-request batching grows",
+            buckets=ROWS_BUCKETS,
+            registry=r,
+        )
         self.model_ready = Gauge(
             "kalm_rag_model_ready", "1 once the model is loaded", multiprocess_mode="livemax", registry=r
         )
@@ -90,6 +101,9 @@ class ServeMetrics:
         for seconds in report.queue_seconds:
             self.queue_seconds.observe(seconds)
         self.observe_counters(report.counters)
+        calls, rows = report.counters.get("decoder_calls", 0), report.counters.get("decoder_rows", 0)
+        for _ in range(calls):
+            self.rows_per_call.observe(rows / calls)
 
     def observe_counters(self, counters: dict[str, int]) -> None:
         """Add the growth of the engine's work counters."""
@@ -97,6 +111,8 @@ class ServeMetrics:
         self.store_misses.inc(counters.get("store_misses", 0))
         self.encoded_passages.inc(counters.get("encoded_passages", 0))
         self.scored_passages.inc(counters.get("scored_pairs", 0))
+        self.decoder_calls.inc(counters.get("decoder_calls", 0))
+        self.decoder_rows.inc(counters.get("decoder_rows", 0))
 
     def render(self) -> bytes:
         """The text exposition of every metric (all worker processes' in multiprocess mode)."""

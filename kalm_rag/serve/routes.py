@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from kalm_rag.errors import EvidenceUnsupportedError
+from kalm_rag.scores import rank_order
 from kalm_rag.serve.batching import probabilities
 from kalm_rag.serve.checks import RequestChecks, refuse_surrogates
 from kalm_rag.serve.errors import ERROR_RESPONSES, ApiError
@@ -46,7 +47,7 @@ def add_routes(app: FastAPI, service: Service, checks: RequestChecks) -> None:
             return [], ratio
         margins = await service.rank(http, request)
         scores = probabilities(margins)
-        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        order = rank_order(margins)  # by margin: P(yes) ties at 1.0 in float32 from a margin of ~17
         return [(i, scores[i], margins[i]) for i in order], ratio
 
     async def evidence(query: str, texts: list[str], ext: Extensions) -> list[list[dict[str, Any]]]:

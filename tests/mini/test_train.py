@@ -496,12 +496,14 @@ def test_the_instruction_is_encoded_once_per_instruction(backend: MiniBackend, m
 
     monkeypatch.setattr(backend, "encode_segments", spy)
     first = rr.score("Which planet is smallest?", texts, return_margin=True)
-    assert len(calls) == 1  # the query alone
+    assert len(calls) == 0  # the query's states are kept too (the warm call encoded it)
     other = rr.score("Which planet is smallest?", texts, instruction="Find the biography.", return_margin=True)
-    assert len(calls) == 3  # a new instruction is encoded (and the query)
+    assert len(calls) == 1  # a new instruction is encoded
     assert other != first  # and used
     again = rr.score("Which planet is smallest?", texts, return_margin=True)
-    assert len(calls) == 4 and again == first
+    assert len(calls) == 1 and again == first
+    rr.score("Which planet is largest?", texts, return_margin=True)
+    assert len(calls) == 2  # a new query is encoded, the default instruction is not
 
 
 @pytest.mark.parametrize("same_query", [False, True])

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from kalm_rag.errors import ModelLoadError
 from kalm_rag.evidence import Offset
-from kalm_rag.models.base import FBNLBackend
+from kalm_rag.models.base import FBNLBackend, Prompt, cut_for_tokenizer
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
 from kalm_rag.models.mini.evidence_head import EvidenceHead, load_evidence_head, relevance_readout, window_features
@@ -126,6 +126,9 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
             )
 
 
+#: Queries whose encoder states are kept (about 8 KB per query token: 256 queries of 20 tokens take 8 MB).
+QUERY_CACHE_SIZE = 256
+
 #: Decoder parameters added in kalm-mini 1.1 (a checkpoint saved before them can be continued from).
 ADDED_PARAMETERS = frozenset({"cosine_weight"})
 
@@ -166,16 +169,23 @@ class MiniBackend(FBNLBackend):
         self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
         #: The trained evidence readout shipped with the checkpoint (``evidence_head.safetensors``), if any.
         self.evidence_head: EvidenceHead | None = None
+        self._query_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._instruction_kv_cache: dict[tuple[int, ...], tuple[tuple, list]] = {}
+        #: The most characters one token covers (WordPiece reads a longer word as one [UNK]): a huge query is
+        #: cut to a character bound before tokenising.
+        self.chars_per_token = max(max(map(len, tokenizer.get_vocab())), _max_word_chars(tokenizer)) + 1
+        # the encoder's identity, taken once from the files just loaded: files changed on disk later (a package
+        # upgrade under a running process) must not file this encoder's vectors under another namespace
+        self._passage_encoder_id = f"{spec.distribution}:{encoder_fingerprint(spec)}:w{self.config.encoder_window}"
 
     @property
     def passage_encoder_id(self) -> str:
         """The frozen encoder's bytes and the window it reads: all the stored vectors depend on.
 
         The decoder's weights are not part of it, so passages stored by one kalm-mini checkpoint stay valid
-        for another (they share the encoder).
+        for another (they share the encoder). Fingerprinted once, when the backend is built.
         """
-        spec = self.config.encoder_spec
-        return f"{spec.distribution}:{encoder_fingerprint(spec)}:w{self.config.encoder_window}"
+        return self._passage_encoder_id
 
     # ----- loading ---------------------------------------------------------------------------------
 
@@ -262,7 +272,9 @@ class MiniBackend(FBNLBackend):
         body = self.config.encoder_window - 2
         # no passage needs more content tokens than its position budget: cut before framing (one token more,
         # to tell a passage that fills the budget from one that is cut)
-        enc = self.tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=limit + 1)
+        enc = self.tokenizer(
+            list(passages), add_special_tokens=False, truncation=True, max_length=limit + 1, split_special_tokens=True
+        )
         out = []
         cut = 0
         for tokens in enc["input_ids"]:
@@ -297,7 +309,12 @@ class MiniBackend(FBNLBackend):
         limit = int(max_tokens)
         body = self.config.encoder_window - 2
         enc = self.tokenizer(
-            list(passages), add_special_tokens=False, truncation=True, max_length=limit + 1, return_offsets_mapping=True
+            list(passages),
+            add_special_tokens=False,
+            truncation=True,
+            max_length=limit + 1,
+            return_offsets_mapping=True,
+            split_special_tokens=True,  # as tokenize_passages
         )
         out = []
         for spans in enc["offset_mapping"]:
@@ -334,35 +351,39 @@ class MiniBackend(FBNLBackend):
 
     # ----- query side ------------------------------------------------------------------------------
 
-    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> list[int]:
-        """``[CLS] instruction [SEP] query [SEP]``.
+    def prompt_ids(self, query: str, *, instruction: str, system_instruction: str, max_query_tokens: int) -> Prompt:
+        """``[CLS] instruction [SEP]`` and ``query [SEP]``, each tokenised apart (special-token text stays text).
 
         kalm-mini has no system turn: ``system_instruction`` is accepted for the interface and ignored.
         """
         del system_instruction
-        q = self.tokenize_query(query, max_tokens=max_query_tokens)
-        i = self.tokenizer(
-            instruction, add_special_tokens=False, truncation=True, max_length=self.config.max_instruction_tokens
-        )["input_ids"]
-        return [self.cls_id, *i, self.sep_id, *q, self.sep_id]
+        q, cut = self._user_ids(query, self._query_limit(max_query_tokens))
+        i = self._user_ids(instruction, self.config.max_instruction_tokens)[0]
+        return Prompt((self.cls_id, *i, self.sep_id), (*q, self.sep_id), query_cut=cut)
 
     def tokenize_query(self, query: str, *, max_tokens: int | None = None) -> list[int]:
         """The query's token ids (no special tokens), cut to ``min(max_tokens, config.max_query_tokens)``."""
-        limit = (
-            self.config.max_query_tokens if max_tokens is None else min(int(max_tokens), self.config.max_query_tokens)
-        )
-        return list(self.tokenizer(query, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"])
+        return self._user_ids(query, self._query_limit(max_tokens))[0]
 
-    def split_prompt(self, prompt_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    def _query_limit(self, max_tokens: int | None) -> int:
+        limit = self.config.max_query_tokens
+        return limit if max_tokens is None else min(int(max_tokens), limit)
+
+    def _user_ids(self, text: str, limit: int) -> tuple[list[int], bool]:
+        """Ids of user text cut to ``limit`` tokens (cut to a character bound first), and whether it was cut."""
+        text = cut_for_tokenizer(text, limit, self.chars_per_token)
+        ids = self.tokenizer(
+            text, add_special_tokens=False, truncation=True, max_length=limit + 1, split_special_tokens=True
+        )["input_ids"]
+        return list(ids[:limit]), len(ids) > limit
+
+    def split_prompt(self, prompt: Prompt) -> tuple[list[int], list[int]]:
         """``([CLS] instruction [SEP], query [SEP])`` of a prompt built by :meth:`prompt_ids`."""
-        ids = [int(i) for i in prompt_ids]
-        try:
-            cut = ids.index(self.sep_id) + 1  # the instruction segment ends at the first [SEP]
-        except ValueError:
-            raise ValueError("the prompt has no [SEP]; build it with prompt_ids()") from None
-        if cut >= len(ids):
+        if not isinstance(prompt, Prompt):
+            raise TypeError(f"split_prompt takes a Prompt from prompt_ids(), got {type(prompt).__name__}")
+        if not prompt.query:
             raise ValueError("the prompt has an empty query segment")
-        return ids[:cut], ids[cut:]
+        return list(prompt.instruction), list(prompt.query)
 
     @torch.no_grad()
     def encode_segments(
@@ -394,6 +415,61 @@ class MiniBackend(FBNLBackend):
             self._instruction_cache.pop(next(iter(self._instruction_cache)))
         return states
 
+    def instruction_context(self, instruction_ids: Sequence[int]) -> tuple[torch.Tensor, list]:
+        """The instruction's encoder states ``(1, Ti, d)`` and the decoder layers' keys/values of them, kept
+        per instruction while the decoder's weights stay the same (the instruction never reads a passage or
+        the query, so this is a fixed cost of every call otherwise).
+        """
+        h_instr = self.instruction_states(instruction_ids)
+        key, version = tuple(int(i) for i in instruction_ids), self.decoder.weights_version()
+        cached = self._instruction_kv_cache.get(key)
+        if cached is None or cached[0] != version:
+            cached = (version, self.decoder.instruction_kvs(h_instr))
+            self._instruction_kv_cache[key] = cached
+            while len(self._instruction_kv_cache) > 16:
+                self._instruction_kv_cache.pop(next(iter(self._instruction_kv_cache)))
+        return h_instr, cached[1]
+
+    def query_states(self, query_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states ``(1, Tq, d)`` and mask of ``query [SEP]``, kept for the last 256 queries.
+
+        The encoder is frozen, so a query's states never change: a cascade's later stages, a client that
+        retries, or several requests with one query skip the encoder (a fixed cost of every scoring call).
+        """
+        key = tuple(int(i) for i in query_ids)
+        states = self._query_cache.get(key)
+        if states is None:
+            states = self.encode_segments([key], prefix=[self.cls_id])
+        self._remember_query(key, states)
+        return states
+
+    def _remember_query(self, key: tuple[int, ...], states: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._query_cache.pop(key, None)
+        self._query_cache[key] = states  # most recent last
+        while len(self._query_cache) > QUERY_CACHE_SIZE:
+            self._query_cache.pop(next(iter(self._query_cache)))
+
+    def stacked_query_states(self, queries: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`query_states` of several queries, right-padded into ``(Q, Tq, d)`` with their mask ``(Q, Tq)``.
+
+        The queries not in the cache are encoded together, in one encoder call over right-padded ids (each
+        query attends only to its own tokens, so its states equal its states encoded alone up to float
+        rounding): a batch of small requests pays one encoder call for all its new queries, not one each.
+        """
+        keys = [tuple(int(i) for i in q) for q in queries]
+        missing = [k for k in dict.fromkeys(keys) if k not in self._query_cache]
+        if missing:
+            h, mask = self.encode_segments(missing, prefix=[self.cls_id])  # (M, T, d), (M, T)
+            for i, key in enumerate(missing):
+                self._remember_query(key, (h[i : i + 1, : len(key)].clone(), mask[i : i + 1, : len(key)].clone()))
+        states = [self.query_states(k) for k in keys]  # [(1, Tq_i, d), (1, Tq_i)]
+        Tq = max(h.shape[1] for h, _ in states)
+        h_query = torch.zeros((len(states), Tq, self.hidden_size), dtype=self.dtype, device=self.device)
+        query_mask = torch.zeros((len(states), Tq), dtype=torch.long, device=self.device)
+        for i, (h, m) in enumerate(states):
+            h_query[i, : h.shape[1]], query_mask[i, : m.shape[1]] = h[0], m[0]
+        return h_query, query_mask
+
     def forward_scores(
         self,
         instruction_ids: Sequence[int],
@@ -413,13 +489,11 @@ class MiniBackend(FBNLBackend):
         )
 
     @torch.inference_mode()
-    def margins(
-        self, prompt_ids: Sequence[int], passage_vectors: torch.Tensor, passage_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def margins(self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
         """Relevance logits ``(B,)`` fp32 of one prompt against B passages (see ``FBNLBackend.margins``)."""
-        instruction, query = self.split_prompt(prompt_ids)
-        h_instr = self.instruction_states(instruction)  # (1, Ti, d)
-        h_query, query_mask = self.encode_segments([query], prefix=[self.cls_id])  # (1, Tq, d): once per query
+        instruction, query = self.split_prompt(prompt)
+        h_instr, instruction_kv = self.instruction_context(instruction)  # (1, Ti, d), per layer (1, Ti, d) x 2
+        h_query, query_mask = self.query_states(query)  # (1, Tq, d): once per query
         B = passage_vectors.shape[0]
         out = self.decoder(
             h_instr,
@@ -427,26 +501,29 @@ class MiniBackend(FBNLBackend):
             query_mask.expand(B, -1),
             passage_vectors.to(self.device, self.dtype),
             passage_mask.to(self.device),
+            instruction_kv=instruction_kv,
         )
         return out.float().cpu()
 
     @torch.inference_mode()
     def margins_and_window_weights(
-        self, prompt_ids: Sequence[int], passage_vectors: torch.Tensor, passage_mask: torch.Tensor
+        self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`margins` and, from the same pass, evidence weights per window ``(B, W)``: the trained
         :class:`~kalm_rag.models.mini.evidence_head.EvidenceHead`'s logits when the checkpoint ships one, else
         the relevance attention averaged over the query tokens.
         """
-        instruction, query = self.split_prompt(prompt_ids)
-        h_instr = self.instruction_states(instruction)  # (1, Ti, d)
-        h_query, query_mask = self.encode_segments([query], prefix=[self.cls_id])  # (1, Tq, d)
+        instruction, query = self.split_prompt(prompt)
+        h_instr, instruction_kv = self.instruction_context(instruction)  # (1, Ti, d), per layer
+        h_query, query_mask = self.query_states(query)  # (1, Tq, d)
         B = passage_vectors.shape[0]
         passages = passage_vectors.to(self.device, self.dtype)  # (B, W, d)
         mask = passage_mask.to(self.device)  # (B, W)
         query_mask = query_mask.expand(B, -1)  # (B, Tq)
         probe: dict[str, torch.Tensor] = {}
-        out = self.decoder(h_instr, h_query.expand(B, -1, -1), query_mask, passages, mask, probe)
+        out = self.decoder(
+            h_instr, h_query.expand(B, -1, -1), query_mask, passages, mask, probe, instruction_kv=instruction_kv
+        )
         head = self.evidence_head
         if head is None:
             weights = relevance_readout(probe, query_mask)  # (B, W)
@@ -454,3 +531,59 @@ class MiniBackend(FBNLBackend):
             feats = window_features(probe, query_mask)  # (B, W, 4)
             weights = head.to(self.device)(feats, probe["query_states"], query_mask, passages)  # (B, W)
         return out.float().cpu(), weights.float().masked_fill(~mask.bool(), float("-inf")).cpu()
+
+    @torch.inference_mode()
+    def prepare_prompts(self, prompts: Sequence[Prompt]) -> None:
+        """Encode the prompts' new queries in one encoder call (kept in the query cache for the decoder calls)."""
+        queries = list(dict.fromkeys(p.query for p in prompts))[-QUERY_CACHE_SIZE:]
+        if len(queries) > 1:
+            self.stacked_query_states(queries)
+
+    @torch.inference_mode()
+    def margins_many(
+        self,
+        prompts: Sequence[Prompt],
+        prompt_index: torch.Tensor,
+        passage_vectors: torch.Tensor,
+        passage_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Relevance logits ``(B,)`` fp32 of rows scoring different prompts (see ``FBNLBackend.margins_many``).
+
+        Rows that share an instruction go through the decoder in one call, each row with its own query
+        (the distinct queries encoded together, right-padded, per-row masks: the decoder's training path);
+        rows with another instruction take one call per instruction. A single prompt takes :meth:`margins`,
+        whose shared-query path computes the query's side once for every row (the folded fast path).
+        """
+        if len(prompts) == 1:
+            return self.margins(prompts[0], passage_vectors, passage_mask)
+        out = torch.empty(passage_vectors.shape[0], dtype=torch.float32)
+        instructions: dict[tuple[int, ...], list[int]] = {}  # instruction -> its prompts
+        for p, prompt in enumerate(prompts):
+            instructions.setdefault(prompt.instruction, []).append(p)
+        for instruction, members in instructions.items():
+            is_member = torch.zeros(len(prompts), dtype=torch.bool)
+            is_member[members] = True
+            rows = is_member[prompt_index].nonzero().flatten()  # (R,) rows of this instruction
+            if len(rows) == 0:
+                continue
+            h_instr, instruction_kv = self.instruction_context(instruction)  # (1, Ti, d), per layer
+            h_query, query_mask = self.stacked_query_states([prompts[p].query for p in members])  # (Q, Tq, d)
+            local = torch.zeros(len(prompts), dtype=torch.long)
+            local[members] = torch.arange(len(members))
+            row_query = local[prompt_index[rows]].to(self.device)  # (R,) each row's query among the Q
+            margins = self.decoder(
+                h_instr,
+                h_query[row_query],
+                query_mask[row_query],
+                passage_vectors[rows].to(self.device, self.dtype),
+                passage_mask[rows].to(self.device),
+                instruction_kv=instruction_kv,
+            )
+            out[rows] = margins.float().cpu()
+        return out
+
+
+def _max_word_chars(tokenizer: Any) -> int:
+    """WordPiece's longest word (a longer one is a single ``[UNK]``), 0 for other tokenizer models."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return int(getattr(getattr(backend, "model", None), "max_input_chars_per_word", 0) or 0)

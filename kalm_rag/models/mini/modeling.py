@@ -295,6 +295,7 @@ class MiniDecoder(nn.Module):
         passages: torch.Tensor,
         passage_mask: torch.Tensor,
         probe: dict[str, torch.Tensor] | None = None,
+        instruction_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Calibrated relevance logits ``(B,)`` fp32.
 
@@ -307,6 +308,7 @@ class MiniDecoder(nn.Module):
             probe: if given, receives what the evidence readout needs (the relevance attention's logits and
                 probabilities over ``[summary; windows]`` ``(B, Tq, 1+W)``, the query's final states
                 ``query_states`` ``(B, Tq, d)``); the logits are unchanged.
+            instruction_kv: :meth:`instruction_kvs` of ``h_instr`` when the caller keeps them (inference).
         """
         passages, passage_mask = with_summary_window(passages, passage_mask)  # (B, 1+W, d), (B, 1+W)
         cosine = encoder_cosine(h_query, query_mask, passages[:, 0])  # (B,): before any layer reads the query
@@ -314,24 +316,20 @@ class MiniDecoder(nn.Module):
         B = h_query.shape[0]
         Ti = h_instr.shape[1]
         instr_mask = torch.ones((1, Ti), dtype=query_mask.dtype, device=query_mask.device)  # (1, Ti)
+        kvs = self.instruction_kvs(h_instr) if instruction_kv is None else instruction_kv  # [(1, Ti, d) x 2]
         if not torch.is_grad_enabled() and self.folding_pays(h_query.shape[1], passages.shape[1]):
             x_hat = F.layer_norm(passages, passages.shape[-1:], eps=self.config.layer_norm_eps)  # (B, 1+W, d)
             W, b = self.fused_weights()
             d = self.config.hidden_size
             W, b = W.view(len(self.layers), 2, d, d), b.view(len(self.layers), 2, d)  # [layer, k/v]
             for i, folded in enumerate(cast(list[MergedAttentionLayer], self.layers)):
-                k_i, v_i = folded.key(h_instr), folded.value(h_instr)  # (1, Ti, d)
                 h_query = folded.forward_folded(
-                    h_query, query_mask, (k_i, v_i), x_hat, passage_mask, (W[i, 0], b[i, 0], W[i, 1], b[i, 1])
+                    h_query, query_mask, kvs[i], x_hat, passage_mask, (W[i, 0], b[i, 0], W[i, 1], b[i, 1])
                 )  # (B, Tq, d)
-                h_instr = folded(h_instr, instr_mask)  # (1, Ti, d)
         else:
             ctx_mask = torch.cat([instr_mask.expand(B, -1), passage_mask.to(query_mask.dtype)], dim=1)  # (B, Ti+1+W)
-            for layer, (k_p, v_p) in zip(self.layers, self.passage_kvs(passages), strict=True):
-                # instruction keys/values: computed once, shared by every row
-                k_i, v_i = layer.key(h_instr), layer.value(h_instr)  # (1, Ti, d)
-                h_query = layer(h_query, query_mask, [(k_i, v_i), (k_p, v_p)], ctx_mask)  # (B, Tq, d)
-                h_instr = layer(h_instr, instr_mask)  # (1, Ti, d): the instruction never sees a passage
+            for layer, kv_i, (k_p, v_p) in zip(self.layers, kvs, self.passage_kvs(passages), strict=True):
+                h_query = layer(h_query, query_mask, [kv_i, (k_p, v_p)], ctx_mask)  # (B, Tq, d)
         h_query = h_query + relevance  # (B, Tq, d)
         if probe is not None:
             probe["query_states"] = h_query
@@ -339,6 +337,25 @@ class MiniDecoder(nn.Module):
         h_out = (h_query * w).sum(dim=1) / w.sum(dim=1)  # (B, d): mean of the query tokens
         logits = (self.head(h_out).squeeze(-1) + self.cosine_weight * cosine).float()  # (B,)
         return self.config.score_scale * logits + self.config.score_bias
+
+    def instruction_kvs(self, h_instr: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values ``(1, Ti, d)`` of the instruction's tokens.
+
+        The instruction attends only to itself (it never sees a passage or the query), so these depend on the
+        instruction alone: computed once per call and shared by every row, and kept by the backend across
+        calls at inference (most calls use the default instruction).
+        """
+        instr_mask = torch.ones(h_instr.shape[:2], dtype=torch.long, device=h_instr.device)  # (1, Ti)
+        out = []
+        for i, layer in enumerate(cast(list[MergedAttentionLayer], self.layers)):
+            out.append((layer.key(h_instr), layer.value(h_instr)))  # (1, Ti, d) each
+            if i < len(self.layers) - 1:  # the last layer's instruction states are never read
+                h_instr = layer(h_instr, instr_mask)  # (1, Ti, d)
+        return out
+
+    def weights_version(self) -> tuple:
+        """Changes whenever a parameter is updated in place or moved (what caches of derived weights check)."""
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
 
     def folding_pays(self, query_tokens: int, passage_vectors: int) -> bool:
         """Whether :meth:`MergedAttentionLayer.forward_folded` costs fewer products than forming passage keys/values.
