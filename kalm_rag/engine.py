@@ -642,6 +642,7 @@ class Reranker:
             margins = self._decode(
                 query, [entries[t] for t in texts], instruction=instr, system_instruction=system, ratio=r
             )
+            margins = self._with_lexical(query, texts, margins)
             values = (margins if return_margin else torch.sigmoid(margins)).tolist()
             start = 0
             for i in members:
@@ -665,9 +666,21 @@ class Reranker:
 
     def _margins(self, query: str, texts: list[str], *, instruction: str, ratio: int) -> torch.Tensor:
         """Margins ``(N,)`` of one query against ``texts``: store lookups, exact re-pooling, decoder."""
-        return self._decode(
+        margins = self._decode(
             query, self._pooled(texts), instruction=instruction, system_instruction=self.system_instruction, ratio=ratio
         )
+        return self._with_lexical(query, texts, margins)
+
+    def _with_lexical(self, query: str, texts: list[str], margins: torch.Tensor) -> torch.Tensor:
+        """``margins`` plus the backend's lexical term of ``texts``, for a backend that has one (kalm-mini 2.0
+        candidates: ``MiniBackend.lexical_margins``); unchanged otherwise.
+        """
+        lexical = getattr(self.backend, "lexical_margins", None)
+        if lexical is None:
+            return margins
+        limits = {"max_query_tokens": self.max_query_tokens, "max_passage_tokens": self.max_passage_tokens}
+        extra = lexical(query, texts, **limits)
+        return margins if extra is None else margins + extra.to(margins.dtype)
 
     def _decode(
         self, query: str, entries: list[PooledPassage], *, instruction: str, system_instruction: str, ratio: int

@@ -56,3 +56,76 @@ def test_normalised_score_is_a_fraction_of_the_query_mass() -> None:
 def test_missing_statistics_are_a_load_error(tmp_path) -> None:
     with pytest.raises(ModelLoadError):
         LexicalStats.load(tmp_path)
+
+
+# ----- the lexical term inside kalm-mini (a 2.0 candidate option, off in the shipped config) ---------------
+
+PASSAGES = [
+    "Photosynthesis lets plants turn light, water and carbon dioxide into glucose and oxygen.",
+    "Plants in a garden need water and food to grow well.",
+    "Many animals eat plants as their main food.",
+    "The Seine flows through Paris.",
+]
+QUERY = "How do plants make their food from light?"
+
+
+def candidate_checkpoint(tmp_path, weight: float, *, with_stats: bool = True):
+    """A copy of the shipped checkpoint with ``lexical_weight`` set and statistics counted over PASSAGES."""
+    import json
+    import shutil
+
+    from kalm_rag.models.mini import EMBEDDED_DIR, MiniConfig
+    from kalm_rag.models.mini.backend import load_encoder
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(EMBEDDED_DIR, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["lexical_weight"] = weight
+    (folder / "config.json").write_text(json.dumps(config))
+    _, tok = load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
+    docs = tok(PASSAGES, add_special_tokens=False)["input_ids"]
+    if with_stats:
+        LexicalStats.count(docs, vocab_size=tok.vocab_size, ignore_ids=tok.all_special_ids).save(folder)
+    return folder, tok, docs
+
+
+def test_the_lexical_term_adds_bm25s_scores_to_the_logit(tmp_path) -> None:
+    import math
+
+    from kalm_rag import Reranker
+
+    folder, tok, docs = candidate_checkpoint(tmp_path, 2.0)
+    off = Reranker.from_pretrained(device="cpu", dtype="float32")
+    on = Reranker.from_pretrained(str(folder), device="cpu", dtype="float32")
+    assert on.backend.weights_id != off.backend.weights_id
+    added = torch.tensor(on.score(QUERY, PASSAGES, return_margin=True)) - torch.tensor(
+        off.score(QUERY, PASSAGES, return_margin=True)
+    )
+
+    model = bm25s.BM25(method="lucene", k1=1.5, b=0.75)
+    model.index([[str(i) for i in d] for d in docs], show_progress=False)
+    query = sorted({i for i in tok(QUERY, add_special_tokens=False)["input_ids"] if any(i in d for d in docs)})
+    bm25 = torch.tensor(model.get_scores([str(i) for i in query]), dtype=torch.float32)
+    n = len(docs)
+    every = set(tok(QUERY, add_special_tokens=False)["input_ids"])  # unseen ids count in the bound too
+    bound = sum(math.log1p((n - sum(i in d for d in docs) + 0.5) / (sum(i in d for d in docs) + 0.5)) for i in every)
+    expected = on.backend.config.score_scale * 2.0 * bm25 / bound
+    torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-4)
+    assert float(added[3]) == 0.0 and bool((added[:3] > 0).all())  # no query word in the Seine passage
+
+
+def test_lexical_weight_off_keeps_the_1x_config_and_identity() -> None:
+    from kalm_rag.models.mini import MiniConfig
+
+    assert "lexical_weight" not in MiniConfig().to_dict()
+    assert MiniConfig(lexical_weight=0.5).to_dict()["lexical_weight"] == 0.5
+    with pytest.raises(ValueError):
+        MiniConfig(lexical_weight=-1.0)
+
+
+def test_a_lexical_checkpoint_without_statistics_is_refused(tmp_path) -> None:
+    from kalm_rag import Reranker
+
+    folder, _, _ = candidate_checkpoint(tmp_path, 1.0, with_stats=False)
+    with pytest.raises(ModelLoadError):
+        Reranker.from_pretrained(str(folder), device="cpu", dtype="float32")

@@ -25,6 +25,7 @@ from kalm_rag.errors import ModelLoadError
 from kalm_rag.models.base import FBNLBackend
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
+from kalm_rag.models.mini.lexical import LexicalStats, bm25_scores, max_bm25
 from kalm_rag.models.mini.modeling import MiniDecoder
 from kalm_rag.padding import right_pad
 
@@ -110,6 +111,11 @@ def read_checkpoint(folder: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], 
     return config, state, hashlib.sha256(raw).hexdigest()
 
 
+def checkpoint_identity_of_file(path: Path) -> str:
+    """First 8 hex digits of a file's sha256 (part of a checkpoint's identity)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+
+
 def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
     """Every expected tensor is present with its shape, and nothing else (names the first differences)."""
     if set(state) != set(expected):
@@ -162,6 +168,8 @@ class MiniBackend(FBNLBackend):
         #: Passages cut to the token limit so far (text past ``max_tokens`` is not read).
         self.passages_cut = 0
         self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        #: Word-piece document frequencies of the lexical term (``config.lexical_weight > 0``), else None.
+        self.lexical: LexicalStats | None = None
 
     @property
     def passage_encoder_id(self) -> str:
@@ -193,15 +201,20 @@ class MiniBackend(FBNLBackend):
         check_state_dict(state, decoder.state_dict(), str(folder / "model.safetensors"))
         decoder.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
         decoder.to(device=device, dtype=dtype).eval()
+        lexical = LexicalStats.load(folder) if config.lexical_weight else None
         spec = config.encoder_spec
         config_digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-        return cls(
+        if lexical is not None:
+            config_digest += f"-lex{checkpoint_identity_of_file(folder / 'lexical.safetensors')}"
+        backend = cls(
             config,
             encoder,
             tokenizer,
             decoder,
             weights_id=f"kalm-mini-{digest[:16]}-{config_digest}+{spec.distribution}=={encoder_version(spec)}",
         )
+        backend.lexical = lexical
+        return backend
 
     @classmethod
     def continue_from(cls, folder: str | os.PathLike[str], *, device: torch.device | None = None) -> MiniBackend:
@@ -385,6 +398,27 @@ class MiniBackend(FBNLBackend):
         return self.decoder(
             h_instr, h_query, query_mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device)
         )
+
+    def lexical_margins(
+        self, query: str, passages: Sequence[str], *, max_query_tokens: int, max_passage_tokens: int
+    ) -> torch.Tensor | None:
+        """The lexical term ``(B,)`` to add to the calibrated logits, or None when the checkpoint has none.
+
+        ``score_scale * lexical_weight * bm25(query, passage) / max_bm25(query)`` over the word pieces the
+        encoder reads (the passage cut to ``max_passage_tokens``, as :meth:`tokenize_passages` cuts it); the
+        passage side stays query-free, the term needs only its token counts.
+        """
+        if self.lexical is None or not self.config.lexical_weight:
+            return None
+        special = set(self.tokenizer.all_special_ids)
+        q = [i for i in self.tokenize_query(query, max_tokens=max_query_tokens) if i not in special]
+        top = max_bm25(q, self.lexical)
+        if top <= 0:
+            return torch.zeros(len(passages))
+        enc = self.tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=max_passage_tokens)
+        ids = [[i for i in row if i not in special] for row in enc["input_ids"]]
+        scale = self.config.score_scale * self.config.lexical_weight
+        return scale * bm25_scores(q, ids, self.lexical) / top  # (B,)
 
     @torch.inference_mode()
     def margins(
