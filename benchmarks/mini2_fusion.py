@@ -61,20 +61,23 @@ def reference_passages(data_dir: Path) -> dict[str, list[str]]:
 def build_idf(args: argparse.Namespace) -> None:
     from kalm_rag.models.mini.backend import load_encoder
     from kalm_rag.models.mini.config import MiniConfig
-    from kalm_rag.models.mini.lexical import LexicalStats
+    from kalm_rag.models.mini.lexical import WORD_BUCKETS, LexicalStats, continuation_mask, word_buckets
 
     _, tok = load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
     corpora = reference_passages(Path(args.data_dir))
+    special = set(tok.all_special_ids)
+    continuation = continuation_mask(tok)
     docs: list[list[int]] = []
     for name, texts in corpora.items():
-        ids = tok(texts, add_special_tokens=False, truncation=True, max_length=1024)["input_ids"]
-        docs += ids
+        for ids in tok(texts, add_special_tokens=False, truncation=True, max_length=1024)["input_ids"]:
+            ids = [i for i in ids if i not in special]
+            docs.append(word_buckets(ids, continuation) if args.unit == "word" else ids)
         logger.info("%s: %d passages", name, len(texts))
     stats = LexicalStats.count(
         docs,
-        vocab_size=tok.vocab_size,
-        ignore_ids=tok.all_special_ids,
+        vocab_size=WORD_BUCKETS if args.unit == "word" else tok.vocab_size,
         sources=[f"{n}: {len(t)} passages" for n, t in corpora.items()],
+        unit=args.unit,
     )
     Path(args.target).mkdir(parents=True, exist_ok=True)
     logger.info("%d documents, avgdl %.1f -> %s", stats.num_docs, stats.avgdl, stats.save(args.target))
@@ -201,6 +204,7 @@ def load_signals(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
     out = Path(args.out)
     lex = LexicalScorer.from_pretrained(args.model, stats=args.lexical_stats)
+    lexw = LexicalScorer.from_pretrained(args.model, stats=args.word_stats) if args.word_stats else None
     data: dict[str, dict[str, Any]] = {}
     for folder in args.datasets:
         es = load_eval_set(folder)
@@ -227,6 +231,9 @@ def load_signals(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             sig["bm25_list"] = candidate_bm25(es.ds.queries[qid], texts)
             sig["lex"] = np.asarray(lex.scores(es.ds.queries[qid], texts))
             sig["lexn"] = np.asarray(lex.scores(es.ds.queries[qid], texts, normalised=True))
+            if lexw is not None:
+                sig["lexw"] = np.asarray(lexw.scores(es.ds.queries[qid], texts))
+                sig["lexwn"] = np.asarray(lexw.scores(es.ds.queries[qid], texts, normalised=True))
             question = is_question(es.ds.queries[qid])
             sig["lex_question"] = sig["lex"] * question  # the lexical signal only for question-like queries
             sig["lex_keywords"] = sig["lex"] * (not question)
@@ -291,7 +298,7 @@ def fuse(args: argparse.Namespace) -> None:
         return cache[key]
 
     ratio = args.ratio
-    singles = ["bm25_first", "bm25_list", "lex", "cos", f"dec_r{ratio}", f"kalm_r{ratio}"]
+    singles = ["bm25_first", "bm25_list", "lex", "lexw", "cos", f"dec_r{ratio}", f"kalm_r{ratio}"]
     designs: list[tuple[str, list[str], bool, list[float]]] = [
         ("z(kalm)+a*z(lex)", [f"kalm_r{ratio}", "lex"], True, STEPS),
         ("z(kalm)+a*z(bm25_list)", [f"kalm_r{ratio}", "bm25_list"], True, STEPS),
@@ -306,6 +313,10 @@ def fuse(args: argparse.Namespace) -> None:
         ("z(cos)+a*z(lex)+b*z(dec)", ["cos", "lex", f"dec_r{ratio}"], True, STEPS),
         ("z(kalm)+a*z(lex)+b*z(cos)", [f"kalm_r{ratio}", "lex", "cos"], True, STEPS),
         ("kalm+a*lexn (list-independent)", [f"kalm_r{ratio}", "lexn"], False, RAW_STEPS),
+        ("z(kalm)+a*z(lexw)", [f"kalm_r{ratio}", "lexw"], True, STEPS),
+        ("z(cos)+a*z(lexw)", ["cos", "lexw"], True, STEPS),
+        ("z(kalm)+a*z(lexw)+b*z(cos)", [f"kalm_r{ratio}", "lexw", "cos"], True, STEPS),
+        ("kalm+a*lexwn (list-independent)", [f"kalm_r{ratio}", "lexwn"], False, RAW_STEPS),
         ("z(kalm)+a*z(bm25_first) (corpus IDF, reference)", [f"kalm_r{ratio}", "bm25_first"], True, STEPS),
     ]
     results: dict[str, Any] = {"sets": list(data), "select": select, "ratio": ratio, "singles": {}, "designs": []}
@@ -461,7 +472,8 @@ def main() -> None:
     sub.choices["score"].add_argument("--ratios", default="4")
     sub.choices["score"].add_argument("--encode-dtype", default="float32", choices=["float32", "bfloat16"])
     sub.choices["fuse"].add_argument("--ratio", type=int, default=4)
-    sub.choices["fuse"].add_argument("--lexical-stats", default=None, help="Folder of lexical.safetensors.")
+    sub.choices["fuse"].add_argument("--lexical-stats", default=None, help="Folder of lexical.safetensors (pieces).")
+    sub.choices["fuse"].add_argument("--word-stats", default=None, help="Folder of lexical.safetensors (words).")
     sub.choices["fuse"].add_argument(
         "--select", default="scifact,nfcorpus,wikiqa,squad", help="Sets used to choose weights (LODO)."
     )
@@ -474,6 +486,7 @@ def main() -> None:
     p = sub.add_parser("idf", help="Count the word-piece document frequencies shipped with the model.")
     p.add_argument("--data-dir", required=True, help="The shared data folder (squad/, medquad/, extra-train/).")
     p.add_argument("--target", default="kalm_rag/weights/kalm-mini", help="Checkpoint folder to write into.")
+    p.add_argument("--unit", default="word", choices=["word", "piece"], help="Whole words (hashed) or word pieces.")
     p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

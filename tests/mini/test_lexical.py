@@ -69,13 +69,16 @@ PASSAGES = [
 QUERY = "How do plants make their food from light?"
 
 
-def candidate_checkpoint(tmp_path, weight: float, *, with_stats: bool = True):
-    """A copy of the shipped checkpoint with ``lexical_weight`` set and statistics counted over PASSAGES."""
+def candidate_checkpoint(tmp_path, weight: float, *, with_stats: bool = True, unit: str = "piece"):
+    """A copy of the shipped checkpoint with ``lexical_weight`` set and statistics counted over PASSAGES
+    (word pieces, or whole words hashed into buckets); returns the folder, the tokenizer and the counted ids.
+    """
     import json
     import shutil
 
     from kalm_rag.models.mini import EMBEDDED_DIR, MiniConfig
     from kalm_rag.models.mini.backend import load_encoder
+    from kalm_rag.models.mini.lexical import WORD_BUCKETS, continuation_mask, word_buckets
 
     folder = tmp_path / "ckpt"
     shutil.copytree(EMBEDDED_DIR, folder)
@@ -84,17 +87,22 @@ def candidate_checkpoint(tmp_path, weight: float, *, with_stats: bool = True):
     (folder / "config.json").write_text(json.dumps(config))
     _, tok = load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
     docs = tok(PASSAGES, add_special_tokens=False)["input_ids"]
+    vocab = tok.vocab_size
+    if unit == "word":
+        docs, vocab = [word_buckets(d, continuation_mask(tok)) for d in docs], WORD_BUCKETS
     if with_stats:
-        LexicalStats.count(docs, vocab_size=tok.vocab_size, ignore_ids=tok.all_special_ids).save(folder)
+        LexicalStats.count(docs, vocab_size=vocab, ignore_ids=tok.all_special_ids, unit=unit).save(folder)
     return folder, tok, docs
 
 
-def test_the_lexical_term_adds_bm25s_scores_to_the_logit(tmp_path) -> None:
+@pytest.mark.parametrize("unit", ["piece", "word"])
+def test_the_lexical_term_adds_bm25s_scores_to_the_logit(tmp_path, unit: str) -> None:
     import math
 
     from kalm_rag import Reranker
+    from kalm_rag.models.mini.lexical import continuation_mask, word_buckets
 
-    folder, tok, docs = candidate_checkpoint(tmp_path, 2.0)
+    folder, tok, docs = candidate_checkpoint(tmp_path, 2.0, unit=unit)
     off = Reranker.from_pretrained(device="cpu", dtype="float32")
     on = Reranker.from_pretrained(str(folder), device="cpu", dtype="float32")
     assert on.backend.weights_id != off.backend.weights_id
@@ -104,10 +112,11 @@ def test_the_lexical_term_adds_bm25s_scores_to_the_logit(tmp_path) -> None:
 
     model = bm25s.BM25(method="lucene", k1=1.5, b=0.75)
     model.index([[str(i) for i in d] for d in docs], show_progress=False)
-    query = sorted({i for i in tok(QUERY, add_special_tokens=False)["input_ids"] if any(i in d for d in docs)})
+    every = tok(QUERY, add_special_tokens=False)["input_ids"]
+    every = set(word_buckets(every, continuation_mask(tok)) if unit == "word" else every)
+    query = sorted(i for i in every if any(i in d for d in docs))
     bm25 = torch.tensor(model.get_scores([str(i) for i in query]), dtype=torch.float32)
-    n = len(docs)
-    every = set(tok(QUERY, add_special_tokens=False)["input_ids"])  # unseen ids count in the bound too
+    n = len(docs)  # every query id counts in the bound, unseen ones too
     bound = sum(math.log1p((n - sum(i in d for d in docs) + 0.5) / (sum(i in d for d in docs) + 0.5)) for i in every)
     expected = on.backend.config.score_scale * 2.0 * bm25 / bound
     torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-4)
@@ -129,3 +138,18 @@ def test_a_lexical_checkpoint_without_statistics_is_refused(tmp_path) -> None:
     folder, _, _ = candidate_checkpoint(tmp_path, 1.0, with_stats=False)
     with pytest.raises(ModelLoadError):
         Reranker.from_pretrained(str(folder), device="cpu", dtype="float32")
+
+
+def test_word_buckets_join_pieces_into_words() -> None:
+    from kalm_rag.models.mini import MiniConfig
+    from kalm_rag.models.mini.backend import load_encoder
+    from kalm_rag.models.mini.lexical import continuation_mask, word_buckets
+
+    _, tok = load_encoder(MiniConfig(), device=torch.device("cpu"), dtype=torch.float32)
+    text = "Photosynthesis converts light; photosynthesis again."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    words = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text.lower())  # the tokenizer's own words
+    buckets = word_buckets(ids, continuation_mask(tok))
+    assert len(ids) > len(words) == len(buckets)  # "photosynthesis" is several pieces, one word
+    assert buckets[0] == buckets[4] != buckets[1]  # the same word, the same bucket
+    assert buckets[2] == tok.convert_tokens_to_ids("light") + 1  # a one-piece word is its id + 1

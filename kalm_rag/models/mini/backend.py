@@ -25,7 +25,7 @@ from kalm_rag.errors import ModelLoadError
 from kalm_rag.models.base import FBNLBackend
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
-from kalm_rag.models.mini.lexical import LexicalStats, bm25_scores, max_bm25
+from kalm_rag.models.mini.lexical import LexicalStats, bm25_scores, continuation_mask, max_bm25, word_buckets
 from kalm_rag.models.mini.modeling import MiniDecoder
 from kalm_rag.padding import right_pad
 
@@ -170,6 +170,7 @@ class MiniBackend(FBNLBackend):
         self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
         #: Word-piece document frequencies of the lexical term (``config.lexical_weight > 0``), else None.
         self.lexical: LexicalStats | None = None
+        self._continuation: list[bool] | None = None
 
     @property
     def passage_encoder_id(self) -> str:
@@ -412,11 +413,17 @@ class MiniBackend(FBNLBackend):
             return None
         special = set(self.tokenizer.all_special_ids)
         q = [i for i in self.tokenize_query(query, max_tokens=max_query_tokens) if i not in special]
+        enc = self.tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=max_passage_tokens)
+        ids = [[i for i in row if i not in special] for row in enc["input_ids"]]
+        if self.lexical.unit == "word":  # whole words, hashed as the statistics were counted
+            if self._continuation is None:
+                self._continuation = continuation_mask(self.tokenizer)
+            buckets = self.lexical.idf.shape[0]
+            q = word_buckets(q, self._continuation, buckets)
+            ids = [word_buckets(row, self._continuation, buckets) for row in ids]
         top = max_bm25(q, self.lexical)
         if top <= 0:
             return torch.zeros(len(passages))
-        enc = self.tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=max_passage_tokens)
-        ids = [[i for i in row if i not in special] for row in enc["input_ids"]]
         scale = self.config.score_scale * self.config.lexical_weight
         return scale * bm25_scores(q, ids, self.lexical) / top  # (B,)
 

@@ -44,6 +44,7 @@ class LexicalStats:
         avgdl: their mean length in word pieces.
         k1, b: BM25's saturation and length-normalisation parameters.
         sources: what was counted (names of the corpora), for the model card.
+        unit: ``"piece"`` (ids are word pieces) or ``"word"`` (ids are :func:`word_buckets` of whole words).
     """
 
     idf: torch.Tensor
@@ -52,6 +53,7 @@ class LexicalStats:
     k1: float = 1.5
     b: float = 0.75
     sources: tuple[str, ...] = ()
+    unit: str = "piece"
 
     @classmethod
     def count(
@@ -63,6 +65,7 @@ class LexicalStats:
         k1: float = 1.5,
         b: float = 0.75,
         sources: Sequence[str] = (),
+        unit: str = "piece",
     ) -> LexicalStats:
         """Statistics of ``documents`` (each a sequence of token ids), ids in ``ignore_ids`` left out."""
         ignore = set(int(i) for i in ignore_ids)
@@ -77,7 +80,7 @@ class LexicalStats:
         if n == 0:
             raise ValueError("no documents to count")
         idf = torch.log1p((n - df + 0.5) / (df + 0.5)).float()  # (V,)
-        return cls(idf, n, total / n, k1, b, tuple(sources))
+        return cls(idf, n, total / n, k1, b, tuple(sources), unit)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``lexical.safetensors`` into ``folder`` (IDF as a tensor, the rest as metadata)."""
@@ -90,6 +93,7 @@ class LexicalStats:
             "k1": repr(self.k1),
             "b": repr(self.b),
             "sources": json.dumps(list(self.sources)),
+            "unit": self.unit,
         }
         save_file({"idf": self.idf.float().contiguous()}, str(path), metadata=meta)
         return path
@@ -113,9 +117,42 @@ class LexicalStats:
                 float(meta["k1"]),
                 float(meta["b"]),
                 tuple(json.loads(meta.get("sources", "[]"))),
+                meta.get("unit", "piece"),
             )
         except (KeyError, ValueError, OSError) as exc:
             raise ModelLoadError(f"{path}: not a readable lexical statistics file ({exc})") from exc
+
+
+#: Whole words are hashed into this many buckets (a word-level vocabulary without shipping the words).
+WORD_BUCKETS = 1 << 18
+_PRIME = (1 << 61) - 1
+
+
+def continuation_mask(tokenizer: Any) -> list[bool]:
+    """Per vocabulary id: whether the piece continues a word (WordPiece's ``##`` prefix)."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
+    return [str(p).startswith("##") for p in pieces]
+
+
+def word_buckets(piece_ids: Sequence[int], continuation: Sequence[bool], buckets: int = WORD_BUCKETS) -> list[int]:
+    """Whole words of a word-piece sequence (a piece and the ``##`` pieces after it), each hashed to a bucket.
+
+    A one-piece word maps to ``piece id + 1`` (no collision among them); longer words to a polynomial hash of
+    their pieces. Deterministic across processes and Python versions.
+    """
+    out: list[int] = []
+    h: int | None = None
+    for i in piece_ids:
+        i = int(i)
+        if h is not None and continuation[i]:
+            h = (h * 1_000_003 + i + 1) % _PRIME
+            continue
+        if h is not None:
+            out.append(h % buckets)
+        h = i + 1
+    if h is not None:
+        out.append(h % buckets)
+    return out
 
 
 def bm25_scores(query_ids: Sequence[int], passages_ids: Sequence[Sequence[int]], stats: LexicalStats) -> torch.Tensor:
@@ -162,6 +199,7 @@ class LexicalScorer:
     def __init__(self, tokenizer: Any, stats: LexicalStats, *, ignore_ids: Iterable[int], max_tokens: int) -> None:
         self.tokenizer, self.stats, self.max_tokens = tokenizer, stats, max_tokens
         self.ignore = {int(i) for i in ignore_ids}
+        self.continuation = continuation_mask(tokenizer) if stats.unit == "word" else None
 
     @classmethod
     def from_pretrained(
@@ -181,7 +219,10 @@ class LexicalScorer:
     def ids(self, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
         """Word-piece ids of each text (no special tokens), cut to ``max_tokens``."""
         enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)
-        return [[i for i in ids if i not in self.ignore] for ids in enc["input_ids"]]
+        ids = [[i for i in row if i not in self.ignore] for row in enc["input_ids"]]
+        if self.continuation is not None:
+            ids = [word_buckets(row, self.continuation, self.stats.idf.shape[0]) for row in ids]
+        return ids
 
     def scores(self, query: str, passages: Sequence[str], *, normalised: bool = False) -> list[float]:
         """BM25 of each passage for ``query`` (``normalised``: divided by :func:`max_bm25`, in [0, 1))."""
@@ -193,4 +234,13 @@ class LexicalScorer:
         return s.tolist()
 
 
-__all__ = ["LEXICAL_FILE", "LexicalScorer", "LexicalStats", "bm25_scores", "max_bm25"]
+__all__ = [
+    "LEXICAL_FILE",
+    "WORD_BUCKETS",
+    "LexicalScorer",
+    "LexicalStats",
+    "bm25_scores",
+    "continuation_mask",
+    "max_bm25",
+    "word_buckets",
+]
