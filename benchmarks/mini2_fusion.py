@@ -83,6 +83,27 @@ def build_idf(args: argparse.Namespace) -> None:
     logger.info("%d documents, avgdl %.1f -> %s", stats.num_docs, stats.avgdl, stats.save(args.target))
 
 
+def make_candidate(args: argparse.Namespace) -> None:
+    """A kalm-mini 2.0 candidate folder: the shipped checkpoint, the lexical statistics, ``lexical_weight``.
+
+    ``--weight`` is the fusion weight in calibrated-logit units (``kalm + a * lexn``, as ``fuse`` reports it);
+    the config holds it before calibration, ``a / score_scale``.
+    """
+    import shutil
+
+    from kalm_rag.models.mini.backend import EMBEDDED_DIR
+
+    source = EMBEDDED_DIR if args.model == "kalm-mini" else Path(args.model)
+    target = Path(args.target)
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    shutil.copyfile(Path(args.lexical_stats) / "lexical.safetensors", target / "lexical.safetensors")
+    config = json.loads((target / "config.json").read_text())
+    config["lexical_weight"] = args.weight / config["score_scale"]
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    weight = config["lexical_weight"]
+    logger.info("%s: lexical_weight %.4f (a=%g in calibrated-logit units)", target, weight, args.weight)
+
+
 # ----- step 1: model scores ---------------------------------------------------------------------------
 
 
@@ -483,6 +504,12 @@ def main() -> None:
     p.add_argument("--ratio", type=int, default=4)
     p.add_argument("--lexical-stats", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("candidate", help="Write a 2.0 candidate checkpoint with the lexical term switched on.")
+    p.add_argument("--target", required=True)
+    p.add_argument("--model", default="kalm-mini")
+    p.add_argument("--lexical-stats", required=True, help="Folder of the lexical.safetensors to ship.")
+    p.add_argument("--weight", type=float, required=True, help="a of kalm + a * lexn (calibrated-logit units).")
+    p.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("idf", help="Count the word-piece document frequencies shipped with the model.")
     p.add_argument("--data-dir", required=True, help="The shared data folder (squad/, medquad/, extra-train/).")
     p.add_argument("--target", default="kalm_rag/weights/kalm-mini", help="Checkpoint folder to write into.")
@@ -492,7 +519,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    {"idf": build_idf, "score": score_sets, "fuse": fuse, "cases": check_cases}[args.step](args)
+    steps = {"idf": build_idf, "candidate": make_candidate, "score": score_sets, "fuse": fuse, "cases": check_cases}
+    steps[args.step](args)
 
 
 if __name__ == "__main__":
