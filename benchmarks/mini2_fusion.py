@@ -284,6 +284,30 @@ def ece(data_set: dict[str, Any], logits: dict[str, np.ndarray]) -> float:
     return calibration_report(probs, labels).ece
 
 
+def refit_ece(data: dict[str, dict[str, Any]], weights: dict[str, float], calibrate_on: str) -> dict[str, Any]:
+    """A list-independent fusion recalibrated as ``kalm-rag train calibrate`` does (Platt: temperature and
+    bias) on ``calibrate_on``'s lists (SQuAD dev: 1.1's calibration source, held-in), then its ECE.
+    """
+    from kalm_rag.train.calibrate import fit_temperature_and_bias
+
+    if calibrate_on not in data:
+        return {}
+    src = data[calibrate_on]
+    logits = fused(src, weights, z=False)
+    xs = [float(x) for q in src["queries"] for x in logits[q]]
+    ys = [
+        int(src["queries"][q]["grades"].get(d, 0) >= src["relevant_grade"])
+        for q in src["queries"]
+        for d in src["queries"][q]["docs"]
+    ]
+    a, b = fit_temperature_and_bias(xs, ys)
+    out: dict[str, Any] = {"a": a, "b": b}
+    for n in data:
+        z = fused(data[n], weights, z=False)
+        out[n] = ece(data[n], {q: a * v + b for q, v in z.items()})
+    return out
+
+
 def fused(data_set: dict[str, Any], weights: dict[str, float], *, z: bool) -> dict[str, np.ndarray]:
     """Per query ``sum_i w_i * s_i`` (``z``: each signal z-scored within the query's list first)."""
     out = {}
@@ -340,7 +364,14 @@ def fuse(args: argparse.Namespace) -> None:
         ("kalm+a*lexwn (list-independent)", [f"kalm_r{ratio}", "lexwn"], False, RAW_STEPS),
         ("z(kalm)+a*z(bm25_first) (corpus IDF, reference)", [f"kalm_r{ratio}", "bm25_first"], True, STEPS),
     ]
-    results: dict[str, Any] = {"sets": list(data), "select": select, "ratio": ratio, "singles": {}, "designs": []}
+    results: dict[str, Any] = {
+        "sets": list(data),
+        "select": select,
+        "ratio": ratio,
+        "calibrate_on": args.calibrate_on,
+        "singles": {},
+        "designs": [],
+    }
     for s in singles:
         results["singles"][s] = {n: score(n, {s: 1.0}, False) for n in data}
     for title, signals, z, steps in designs:
@@ -365,6 +396,7 @@ def fuse(args: argparse.Namespace) -> None:
                 "all": {n: score(n, final, z) for n in data},
                 # a list-independent fusion is a logit: its calibration next to kalm-mini's own
                 "ece": None if z else {n: ece(data[n], fused(data[n], final, z=False)) for n in data},
+                "ece_refit": None if z else refit_ece(data, final, args.calibrate_on),
             }
         )
     results["ece_kalm"] = {n: ece(data[n], fused(data[n], {f"kalm_r{ratio}": 1.0}, z=False)) for n in data}
@@ -395,6 +427,7 @@ def check_cases(args: argparse.Namespace) -> None:
     results = json.loads((Path(args.out) / f"fusion_r{args.ratio}.json").read_text())
     rr = Reranker.from_pretrained(args.model)
     cos, lex = CosineScorer(), LexicalScorer.from_pretrained(args.model, stats=args.lexical_stats)
+    lexw = LexicalScorer.from_pretrained(args.model, stats=args.word_stats) if args.word_stats else None
     r = args.ratio
     designs = [(d["design"], d["weights"], d["z"]) for d in results["designs"]]
     designs = [(f"kalm_r{r}", {f"kalm_r{r}": 1.0}, False), ("cos", {"cos": 1.0}, False), *designs]
@@ -410,6 +443,11 @@ def check_cases(args: argparse.Namespace) -> None:
                 "lexn": np.asarray(lex.scores(query, passages, normalised=True)),
                 "bm25_list": candidate_bm25(query, passages),
             }
+            if lexw is not None:
+                sig["lexw"] = np.asarray(lexw.scores(query, passages))
+                sig["lexwn"] = np.asarray(lexw.scores(query, passages, normalised=True))
+            question = is_question(query)
+            sig["lex_question"], sig["lex_keywords"] = sig["lex"] * question, sig["lex"] * (not question)
             for name, weights, z in designs:
                 if not all(k in sig for k in weights):
                     wins[name][g] = None  # a signal the cases do not have (the first stage's)
@@ -461,6 +499,12 @@ def markdown(results: dict[str, Any], report: list[str]) -> str:
             + " |"
         )
     for d in results["designs"]:
+        if d.get("ece_refit"):
+            r = d["ece_refit"]
+            lines.append(
+                f"| ECE of {d['design']}, recalibrated on {results['calibrate_on']} "
+                f"(a={r['a']:.3f}, b={r['b']:.3f}) | | | " + " | ".join(f"{r[n]:.3f}" for n in sets) + " | | |"
+            )
         if d["ece"]:
             lines.append(
                 f"| ECE of {d['design']} (kalm-mini alone) | | | "
@@ -494,6 +538,7 @@ def main() -> None:
     sub.choices["score"].add_argument("--encode-dtype", default="float32", choices=["float32", "bfloat16"])
     sub.choices["fuse"].add_argument("--ratio", type=int, default=4)
     sub.choices["fuse"].add_argument("--lexical-stats", default=None, help="Folder of lexical.safetensors (pieces).")
+    sub.choices["fuse"].add_argument("--calibrate-on", default="squad", help="Set a fusion logit is recalibrated on.")
     sub.choices["fuse"].add_argument("--word-stats", default=None, help="Folder of lexical.safetensors (words).")
     sub.choices["fuse"].add_argument(
         "--select", default="scifact,nfcorpus,wikiqa,squad", help="Sets used to choose weights (LODO)."
@@ -503,6 +548,7 @@ def main() -> None:
     p.add_argument("--model", default="kalm-mini")
     p.add_argument("--ratio", type=int, default=4)
     p.add_argument("--lexical-stats", default=None)
+    p.add_argument("--word-stats", default=None)
     p.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("candidate", help="Write a 2.0 candidate checkpoint with the lexical term switched on.")
     p.add_argument("--target", required=True)
