@@ -369,6 +369,7 @@ def fuse(args: argparse.Namespace) -> None:
         "select": select,
         "ratio": ratio,
         "calibrate_on": args.calibrate_on,
+        "queries": {n: data[n]["n"] for n in data},
         "singles": {},
         "designs": [],
     }
@@ -473,6 +474,8 @@ RAW_STEPS = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0]
 def markdown(results: dict[str, Any], report: list[str]) -> str:
     sets = results["sets"]
     lines = [
+        "queries per set: " + ", ".join(f"{n} {results['queries'][n]}" for n in sets),
+        "",
         "| method | weights (chosen on "
         + "+".join(results["select"])
         + ") | LODO mean (selection sets) | "
