@@ -153,3 +153,32 @@ def test_word_buckets_join_pieces_into_words() -> None:
     assert len(ids) > len(words) == len(buckets)  # "photosynthesis" is several pieces, one word
     assert buckets[0] == buckets[4] != buckets[1]  # the same word, the same bucket
     assert buckets[2] == tok.convert_tokens_to_ids("light") + 1  # a one-piece word is its id + 1
+
+
+def test_passages_are_tokenised_once_for_the_lexical_term(tmp_path) -> None:
+    from kalm_rag.models.mini import MiniBackend
+
+    folder, _, _ = candidate_checkpoint(tmp_path, 1.0, unit="word")
+    backend = MiniBackend.from_pretrained(folder)
+    first = backend.lexical_margins(QUERY, PASSAGES, max_query_tokens=512, max_passage_tokens=1024)
+    seen: list[int] = []
+    tokenizer = backend.tokenizer
+
+    class Counting:  # the real tokenizer, counting the texts it is given as a list (passages)
+        def __getattr__(self, name: str):
+            return getattr(tokenizer, name)
+
+        def __call__(self, texts, **kwargs):
+            if isinstance(texts, list):
+                seen.append(len(texts))
+            return tokenizer(texts, **kwargs)
+
+    backend.tokenizer = Counting()
+    again = backend.lexical_margins("plants and light", PASSAGES[::-1], max_query_tokens=512, max_passage_tokens=1024)
+    assert seen == []  # every passage came from the cache
+    fresh = MiniBackend.from_pretrained(folder)
+    expected = fresh.lexical_margins("plants and light", PASSAGES[::-1], max_query_tokens=512, max_passage_tokens=1024)
+    assert first is not None and again is not None and expected is not None
+    torch.testing.assert_close(again, expected)
+    backend.lexical_margins(QUERY, PASSAGES, max_query_tokens=512, max_passage_tokens=200)
+    assert seen == [len(PASSAGES)]  # another token limit is another entry

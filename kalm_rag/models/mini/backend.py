@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
 from kalm_rag.models.mini.lexical import LexicalStats, bm25_scores, continuation_mask, max_bm25, word_buckets
 from kalm_rag.models.mini.modeling import MiniDecoder
 from kalm_rag.padding import right_pad
+from kalm_rag.store.base import passage_key
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,9 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
             )
 
 
+#: Passages whose lexical units a backend keeps (most recently used), so a reranked passage is tokenised once.
+LEXICAL_CACHE_SIZE = 8192
+
 #: Decoder parameters added in kalm-mini 1.1 (a checkpoint saved before them can be continued from).
 ADDED_PARAMETERS = frozenset({"cosine_weight"})
 
@@ -171,6 +176,7 @@ class MiniBackend(FBNLBackend):
         #: Word-piece document frequencies of the lexical term (``config.lexical_weight > 0``), else None.
         self.lexical: LexicalStats | None = None
         self._continuation: list[bool] | None = None
+        self._lexical_cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()  # LRU of passage units
 
     @property
     def passage_encoder_id(self) -> str:
@@ -407,25 +413,46 @@ class MiniBackend(FBNLBackend):
 
         ``score_scale * lexical_weight * bm25(query, passage) / max_bm25(query)`` over the word pieces the
         encoder reads (the passage cut to ``max_passage_tokens``, as :meth:`tokenize_passages` cuts it); the
-        passage side stays query-free, the term needs only its token counts.
+        passage side stays query-free, the term needs only its token ids (kept for the most recent
+        :data:`LEXICAL_CACHE_SIZE` passages: tokenising is most of the term's cost).
         """
         if self.lexical is None or not self.config.lexical_weight:
             return None
-        special = set(self.tokenizer.all_special_ids)
-        q = [i for i in self.tokenize_query(query, max_tokens=max_query_tokens) if i not in special]
-        enc = self.tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=max_passage_tokens)
-        ids = [[i for i in row if i not in special] for row in enc["input_ids"]]
-        if self.lexical.unit == "word":  # whole words, hashed as the statistics were counted
-            if self._continuation is None:
-                self._continuation = continuation_mask(self.tokenizer)
-            buckets = self.lexical.idf.shape[0]
-            q = word_buckets(q, self._continuation, buckets)
-            ids = [word_buckets(row, self._continuation, buckets) for row in ids]
+        q = self.lexical_units(self.tokenize_query(query, max_tokens=max_query_tokens))
         top = max_bm25(q, self.lexical)
         if top <= 0:
             return torch.zeros(len(passages))
         scale = self.config.score_scale * self.config.lexical_weight
-        return scale * bm25_scores(q, ids, self.lexical) / top  # (B,)
+        return scale * bm25_scores(q, self.passage_lexical_units(passages, max_passage_tokens), self.lexical) / top
+
+    def lexical_units(self, ids: Sequence[int]) -> list[int]:
+        """The units the lexical statistics count: word pieces (special tokens dropped) or hashed whole words."""
+        special = set(self.tokenizer.all_special_ids)
+        kept = [int(i) for i in ids if i not in special]
+        if self.lexical is None or self.lexical.unit != "word":
+            return kept
+        if self._continuation is None:
+            self._continuation = continuation_mask(self.tokenizer)
+        return word_buckets(kept, self._continuation, self.lexical.idf.shape[0])
+
+    def passage_lexical_units(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
+        """:meth:`lexical_units` of each passage, from the cache or tokenised together (then cached)."""
+        keys = [(passage_key(t), int(max_tokens)) for t in passages]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._lexical_cache))
+        if missing:
+            texts = {k: t for k, t in zip(keys, passages)}
+            enc = self.tokenizer(
+                [texts[k] for k in missing], add_special_tokens=False, truncation=True, max_length=int(max_tokens)
+            )
+            for k, row in zip(missing, enc["input_ids"]):
+                self._lexical_cache[k] = self.lexical_units(row)
+        out = []
+        for k in keys:
+            self._lexical_cache.move_to_end(k)
+            out.append(self._lexical_cache[k])
+        while len(self._lexical_cache) > LEXICAL_CACHE_SIZE:
+            self._lexical_cache.popitem(last=False)
+        return out
 
     @torch.inference_mode()
     def margins(
