@@ -173,7 +173,7 @@ class MiniBackend(FBNLBackend):
         #: Passages cut to the token limit so far (text past ``max_tokens`` is not read).
         self.passages_cut = 0
         self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        #: Word-piece document frequencies of the lexical term (``config.lexical_weight > 0``), else None.
+        #: Document-frequency statistics of the lexical term (``config.lexical_weight > 0``), else None.
         self.lexical: LexicalStats | None = None
         self._continuation: list[bool] | None = None
         self._lexical_cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()  # LRU of passage units
