@@ -636,8 +636,8 @@ class Reranker:
             self.backend.prepare_prompts(prompts)  # e.g. kalm-mini: every new query in one encoder call
         margins = self._decode_rows(prompts, rows) if rows else torch.empty(0)
         out: list[list[float]] = []
-        for span in spans:
-            values = margins[span]
+        for span, (query, texts, _, _, _) in zip(spans, checked):
+            values = self._with_lexical(query, texts, margins[span])
             out.append(values.tolist() if return_margin else probabilities(values))
         return out
 
@@ -657,9 +657,21 @@ class Reranker:
 
     def _margins(self, query: str, texts: list[str], *, instruction: str, ratio: int) -> torch.Tensor:
         """Margins ``(N,)`` of one query against ``texts``: store lookups, exact re-pooling, decoder."""
-        return self._decode(
+        margins = self._decode(
             query, self._pooled(texts), instruction=instruction, system_instruction=self.system_instruction, ratio=ratio
         )
+        return self._with_lexical(query, texts, margins)
+
+    def _with_lexical(self, query: str, texts: list[str], margins: torch.Tensor) -> torch.Tensor:
+        """``margins`` plus the backend's lexical term of ``texts``, for a backend that has one (kalm-mini 2.0
+        candidates: ``MiniBackend.lexical_margins``); unchanged otherwise.
+        """
+        lexical = getattr(self.backend, "lexical_margins", None)
+        if lexical is None:
+            return margins
+        limits = {"max_query_tokens": self.max_query_tokens, "max_passage_tokens": self.max_passage_tokens}
+        extra = lexical(query, texts, **limits)
+        return margins if extra is None else margins + extra.to(margins.dtype)
 
     def _decode(
         self, query: str, entries: list[PooledPassage], *, instruction: str, system_instruction: str, ratio: int
@@ -728,6 +740,7 @@ class Reranker:
         margins, weights = self._decode_with_evidence(
             query, self._pooled(texts), instruction=instr, system_instruction=self.system_instruction, ratio=ratio
         )
+        margins = self._with_lexical(query, texts, margins)
         scores = probabilities(margins.tolist())
         ranked = rank_order(margins.tolist())[:top_k]
         offsets = self.backend.passage_offsets([texts[i] for i in ranked], self.max_passage_tokens)

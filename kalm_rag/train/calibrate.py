@@ -130,7 +130,11 @@ def calibrate_checkpoint(checkpoint: Path, dev: list, cache, *, ratio: int = 4) 
             )
             h, m = cache.padded(dq.candidates)  # (B, n, d), (B, n)
             pooled, counts = mep_pool(h, m, ratio)  # (B, W, d), (B, W)
-            logits += backend.margins(prompt, pooled, (counts > 0).long()).tolist()
+            margins = backend.margins(prompt, pooled, (counts > 0).long())  # (B,)
+            lexical = backend.lexical_margins(  # a 2.0 candidate's lexical term, as the engine adds it
+                dq.query, dq.candidates, max_query_tokens=512, max_passage_tokens=backend.config.max_passage_tokens
+            )
+            logits += (margins if lexical is None else margins + lexical).tolist()
             labels += [int(g > 0) for g in dq.grades]
             sources += [dq.source] * len(dq.grades)
     a, b = fit_temperature_and_bias(logits, labels)

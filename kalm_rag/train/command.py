@@ -119,6 +119,9 @@ def prepare(
     echo_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of the queries given a query-echo negative.")
     ] = 0.15,
+    extra_train: Annotated[
+        bool, typer.Option(help="Also DATA_DIR/extra-train's licence-checked sources (2.0 candidates).")
+    ] = False,
     threads: Threads = None,
 ) -> None:
     """Build training groups with hard negatives and encode every passage into the cache (resumable).
@@ -139,6 +142,7 @@ def prepare(
         wiki=wiki,
         wiki_limit=wiki_limit,
         echo_fraction=echo_fraction,
+        extra_train=extra_train,
     )
 
 

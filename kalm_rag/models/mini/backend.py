@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ from kalm_rag.models.base import FBNLBackend, Prompt, cut_for_tokenizer
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
 from kalm_rag.models.mini.evidence_head import EvidenceHead, load_evidence_head, relevance_readout, window_features
+from kalm_rag.models.mini.lexical import LexicalStats, bm25_scores, continuation_mask, max_bm25, word_buckets
 from kalm_rag.models.mini.modeling import MiniDecoder
 from kalm_rag.padding import right_pad
+from kalm_rag.store.base import passage_key
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +115,11 @@ def read_checkpoint(folder: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], 
     return config, state, hashlib.sha256(raw).hexdigest()
 
 
+def checkpoint_identity_of_file(path: Path) -> str:
+    """First 8 hex digits of a file's sha256 (part of a checkpoint's identity)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+
+
 def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
     """Every expected tensor is present with its shape, and nothing else (names the first differences)."""
     if set(state) != set(expected):
@@ -128,6 +136,9 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
 
 #: Queries whose encoder states are kept (about 8 KB per query token: 256 queries of 20 tokens take 8 MB).
 QUERY_CACHE_SIZE = 256
+
+#: Passages whose lexical units a backend keeps (most recently used), so a reranked passage is tokenised once.
+LEXICAL_CACHE_SIZE = 8192
 
 #: Decoder parameters added in kalm-mini 1.1 (a checkpoint saved before them can be continued from).
 ADDED_PARAMETERS = frozenset({"cosine_weight"})
@@ -177,6 +188,10 @@ class MiniBackend(FBNLBackend):
         # the encoder's identity, taken once from the files just loaded: files changed on disk later (a package
         # upgrade under a running process) must not file this encoder's vectors under another namespace
         self._passage_encoder_id = f"{spec.distribution}:{encoder_fingerprint(spec)}:w{self.config.encoder_window}"
+        #: Document-frequency statistics of the lexical term (``config.lexical_weight > 0``), else None.
+        self.lexical: LexicalStats | None = None
+        self._continuation: list[bool] | None = None
+        self._lexical_cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()  # LRU of passage units
 
     @property
     def passage_encoder_id(self) -> str:
@@ -207,8 +222,11 @@ class MiniBackend(FBNLBackend):
         check_state_dict(state, decoder.state_dict(), str(folder / "model.safetensors"))
         decoder.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
         decoder.to(device=device, dtype=dtype).eval()
+        lexical = LexicalStats.load(folder) if config.lexical_weight else None
         spec = config.encoder_spec
         config_digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        if lexical is not None:
+            config_digest += f"-lex{checkpoint_identity_of_file(folder / 'lexical.safetensors')}"
         backend = cls(
             config,
             encoder,
@@ -217,6 +235,7 @@ class MiniBackend(FBNLBackend):
             weights_id=f"kalm-mini-{digest[:16]}-{config_digest}+{spec.distribution}=={encoder_version(spec)}",
         )
         backend.evidence_head = load_evidence_head(folder)
+        backend.lexical = lexical
         return backend
 
     @classmethod
@@ -487,6 +506,58 @@ class MiniBackend(FBNLBackend):
         return self.decoder(
             h_instr, h_query, query_mask, passage_vectors.to(self.device, self.dtype), passage_mask.to(self.device)
         )
+
+    def lexical_margins(
+        self, query: str, passages: Sequence[str], *, max_query_tokens: int, max_passage_tokens: int
+    ) -> torch.Tensor | None:
+        """The lexical term ``(B,)`` to add to the calibrated logits, or None when the checkpoint has none.
+
+        ``score_scale * lexical_weight * bm25(query, passage) / max_bm25(query)`` over the word pieces the
+        encoder reads (the passage cut to ``max_passage_tokens``, as :meth:`tokenize_passages` cuts it); the
+        passage side stays query-free, the term needs only its token ids (kept for the most recent
+        :data:`LEXICAL_CACHE_SIZE` passages: tokenising is most of the term's cost).
+        """
+        if self.lexical is None or not self.config.lexical_weight:
+            return None
+        q = self.lexical_units(self.tokenize_query(query, max_tokens=max_query_tokens))
+        top = max_bm25(q, self.lexical)
+        if top <= 0:
+            return torch.zeros(len(passages))
+        scale = self.config.score_scale * self.config.lexical_weight
+        return scale * bm25_scores(q, self.passage_lexical_units(passages, max_passage_tokens), self.lexical) / top
+
+    def lexical_units(self, ids: Sequence[int]) -> list[int]:
+        """The units the lexical statistics count: word pieces (special tokens dropped) or hashed whole words."""
+        special = set(self.tokenizer.all_special_ids)
+        kept = [int(i) for i in ids if i not in special]
+        if self.lexical is None or self.lexical.unit != "word":
+            return kept
+        if self._continuation is None:
+            self._continuation = continuation_mask(self.tokenizer)
+        return word_buckets(kept, self._continuation, self.lexical.idf.shape[0])
+
+    def passage_lexical_units(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
+        """:meth:`lexical_units` of each passage, from the cache or tokenised together (then cached)."""
+        keys = [(passage_key(t), int(max_tokens)) for t in passages]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._lexical_cache))
+        if missing:
+            texts = {k: t for k, t in zip(keys, passages)}
+            enc = self.tokenizer(
+                [texts[k] for k in missing],
+                add_special_tokens=False,
+                truncation=True,
+                max_length=int(max_tokens),
+                split_special_tokens=True,  # as tokenize_passages: user text stays text
+            )
+            for k, row in zip(missing, enc["input_ids"]):
+                self._lexical_cache[k] = self.lexical_units(row)
+        out = []
+        for k in keys:
+            self._lexical_cache.move_to_end(k)
+            out.append(self._lexical_cache[k])
+        while len(self._lexical_cache) > LEXICAL_CACHE_SIZE:
+            self._lexical_cache.popitem(last=False)
+        return out
 
     @torch.inference_mode()
     def margins(self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,10 @@ class MiniConfig:
     # data; 1 and 0 leave the head's logit as it is).
     score_scale: float = 1.0
     score_bias: float = 0.0
+    # Lexical term (a 2.0 candidate, off in 1.x): the logit before calibration gets ``lexical_weight *``
+    # the word-piece BM25 of the query in the passage, normalised to [0, 1) (``lexical.py``), with IDF
+    # statistics shipped next to the weights (``lexical.safetensors``). 0 turns it off.
+    lexical_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.init_layers = tuple(int(i) for i in self.init_layers)
@@ -78,6 +82,8 @@ class MiniConfig:
             raise ValueError(f"encoder_window must be >= 3 ([CLS], a token, [SEP]), got {self.encoder_window}")
         if self.max_passage_tokens < 3:
             raise ValueError(f"max_passage_tokens must be >= 3, got {self.max_passage_tokens}")
+        if not (self.lexical_weight >= 0 and self.lexical_weight < float("inf")):
+            raise ValueError(f"lexical_weight must be a finite number >= 0, got {self.lexical_weight}")
         if not self.score_scale > 0:
             raise ValueError(f"score_scale must be > 0 (a calibration keeps the order), got {self.score_scale}")
 
@@ -99,4 +105,6 @@ class MiniConfig:
         """The ``config.json`` dict (plain JSON types)."""
         data = asdict(self)
         data["init_layers"] = list(self.init_layers)
+        if not self.lexical_weight:
+            del data["lexical_weight"]  # off: a 1.x config (and so its checkpoint's identity) is unchanged
         return data
