@@ -206,7 +206,7 @@ def test_t5gemma2_readout_is_transformers_attention_averaged(rr, tiny_checkpoint
     B, T = vectors.shape[0], len(prompt)
     with torch.no_grad():
         out = model.get_decoder()(
-            input_ids=torch.tensor([prompt] * B),
+            input_ids=torch.tensor([list(prompt.ids)] * B),
             attention_mask=torch.ones(B, T, dtype=torch.long),
             encoder_hidden_states=vectors,
             encoder_attention_mask=mask,
