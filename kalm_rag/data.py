@@ -402,3 +402,12 @@ class BM25Index:
         tokens = self._bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
         docs, scores = self.model.retrieve(tokens, k=k, show_progress=False)
         return np.asarray(docs), np.asarray(scores)
+
+    def scores(self, query: str) -> list[float]:
+        """BM25 score of ``query`` against every text, in index order (all 0.0 when every query word is a stop word)."""
+        tokens = self._bm25s.tokenize([query], stopwords="en", show_progress=False)
+        if not tokens.vocab:
+            return [0.0] * self.n
+        docs, scores = self.model.retrieve(tokens, k=self.n, show_progress=False)
+        by_doc = dict(zip(docs[0].tolist(), scores[0].tolist()))
+        return [float(by_doc.get(i, 0.0)) for i in range(self.n)]

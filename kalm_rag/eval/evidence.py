@@ -150,22 +150,10 @@ def first_sentence_scores(examples: Sequence[EvidenceExample]) -> list[list[floa
 
 
 def bm25_scores(examples: Sequence[EvidenceExample]) -> list[list[float]]:
-    """BM25 (``bm25s``, Lucene variant, English stop words) of the query against each sentence of its passage."""
-    import bm25s
+    """BM25 (``bm25s`` through :class:`kalm_rag.data.BM25Index`) of the query against each sentence of its passage."""
+    from kalm_rag.data import BM25Index
 
-    out = []
-    for ex in examples:
-        texts = [ex.text[s:e] for s, e in ex.sentences]
-        retriever = bm25s.BM25()
-        retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-        query_tokens = bm25s.tokenize([ex.query], stopwords="en", show_progress=False)
-        if not query_tokens.vocab:  # every query word is a stop word
-            out.append([0.0] * len(texts))
-            continue
-        docs, scores = retriever.retrieve(query_tokens, k=len(texts), show_progress=False)
-        by_doc = dict(zip(docs[0].tolist(), scores[0].tolist()))
-        out.append([float(by_doc.get(i, 0.0)) for i in range(len(texts))])
-    return out
+    return [BM25Index([ex.text[s:e] for s, e in ex.sentences]).scores(ex.query) for ex in examples]
 
 
 def cosine_scores(examples: Sequence[EvidenceExample]) -> list[list[float]]:
