@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kalm_rag.engine import Reranker
-from kalm_rag.errors import NotStoredError
+from kalm_rag.errors import NotStoredError, StoreError
 from kalm_rag.index.corpus import Counts, check_corpus, unique_passages
 from kalm_rag.index.report import IndexReport, build_report
 
@@ -57,7 +57,8 @@ def index_local(
             text_field=text_field,
             title_field=title_field,
             limit=limit,
-            chunk_size=reranker.batch_size * CHUNK_BATCHES,
+            # the first chunk holds the passages a resN codebook is trained from (Reranker.encode trains it)
+            chunk_size=max(reranker.batch_size * CHUNK_BATCHES, reranker.codebook_passages),
             counts=Counts(),
         ):
             try:
@@ -70,6 +71,7 @@ def index_local(
             present += report.already_present
             encoded += report.stored
             bar.update(len(chunk))
+        storage, per_passage = reranker.storage, _bytes_per_passage(reranker)
     finally:
         bar.close()
         reranker.close()
@@ -82,4 +84,16 @@ def index_local(
         engine="local",
         workers=1,
         errors=tuple(errors),
+        storage=storage,
+        bytes_per_passage=per_passage,
     )
+
+
+def _bytes_per_passage(reranker: Reranker) -> int | None:
+    """Mean bytes per entry of the whole store (``None`` when it cannot say)."""
+    try:
+        stats = reranker.store.stats()
+    except StoreError:
+        return None
+    entries, nbytes = stats.get("entries", -1), stats.get("bytes", -1)
+    return nbytes // entries if entries > 0 and nbytes >= 0 else None

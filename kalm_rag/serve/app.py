@@ -50,6 +50,7 @@ from kalm_rag.serve.schemas import (
     TEIRerankRequest,
     TEIResult,
 )
+from kalm_rag.store import redact_url
 from kalm_rag.validation import check_positive_int, check_ratio
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class ServeConfig:
         max_batch_passages: most passages per dynamic batch.
         max_wait_ms: how long a batch waits for more requests.
         batching: ``False`` runs each request alone.
+        storage: how passage vectors are stored (``float32``, ``res4``, ...); ``None``: the store's recorded
+            setting for the model (what ``kalm-rag index`` wrote), else the model's default. The base ratio and
+            passage length are always the store's recorded ones (else the defaults).
     """
 
     model: str = DEFAULT_MODEL
@@ -112,6 +116,7 @@ class ServeConfig:
     max_batch_passages: int = 256
     max_wait_ms: float = 2.0
     batching: bool = True
+    storage: str | None = None
 
     def to_json(self) -> str:
         """The settings as JSON (what the worker processes read from :data:`CONFIG_ENV`)."""
@@ -123,15 +128,24 @@ class ServeConfig:
         return cls(**json.loads(text))
 
     def load_reranker(self) -> Reranker:
-        """Load the model with these settings."""
-        return Reranker.from_pretrained(
+        """Load the model with these settings (warns when the store holds nothing for the model)."""
+        reranker = Reranker.from_pretrained(
             self.model,
             store=self.store,
             ratio=self.ratio,
             device=self.device,
             dtype=self.dtype,
             batch_size=self.batch_size,
+            storage=self.storage,
         )
+        if self.store is not None and reranker.settings_source == "defaults":
+            logger.warning(
+                "the store %s holds no passage vectors of this model (nothing was indexed into it with it): every "
+                "passage is encoded at request time until it is stored; index a corpus first with "
+                "kalm-rag index CORPUS --store ...",
+                redact_url(self.store),
+            )
+        return reranker
 
 
 # ----- errors ---------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class KaLMRanker(KaLMComponentBase):
         ratio: int | None = None,
         batch_size: int = 32,
         title_key: str | None = None,
+        storage: str | None = None,
     ) -> None:
         """Create a KaLMRanker; the model is loaded by :meth:`warm_up` (or the first run), not here.
 
@@ -70,6 +71,10 @@ class KaLMRanker(KaLMComponentBase):
         :param title_key:
             Metadata key of a title put before ``content`` (``kalm_rag.index.passage_text``); ``None``: the text
             alone. Use the same setting as ``kalm-rag index --title-field``.
+        :param storage:
+            How passage vectors are stored (``float32``, ``bfloat16``, ``int8``, ``res4``, ``res2``, ``res1``);
+            ``None``: the store's recorded setting for the model (as ``kalm-rag index`` wrote it), else the
+            model's default.
         :raises ValueError:
             If ``top_k`` is not > 0 or another option is out of range.
         """
@@ -79,7 +84,7 @@ class KaLMRanker(KaLMComponentBase):
         self.ratio = None if ratio is None else check_ratio(ratio)
         # explicit base call: @component rebuilds the class, which breaks zero-argument super()
         KaLMComponentBase.__init__(
-            self, model=model, store=store, device=device, batch_size=batch_size, title_key=title_key
+            self, model=model, store=store, device=device, batch_size=batch_size, title_key=title_key, storage=storage
         )
 
     def to_dict(self) -> dict[str, Any]:
