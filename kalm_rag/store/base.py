@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from kalm_rag.store.quantize import Codebook
 
 
-_META_LOCK = threading.Lock()
+_META_LOCK = threading.RLock()
 
 
 def passage_key(text: str) -> str:
