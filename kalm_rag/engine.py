@@ -550,6 +550,7 @@ class Reranker:
             present = [False] * len(keys)
         missing = {k: unique[k] for k, p in zip(keys, present) if not p}
         outcome = _StoreOutcome(errors=errors)
+        n_missing = len(missing)
         if missing and residual_bits(self.storage) and self.codebook is None:
             # train the namespace's codebook on the first passages, then store them with it
             sample = dict(list(missing.items())[: self.codebook_passages])
@@ -566,10 +567,10 @@ class Reranker:
             self._encode_into_store(missing, show_progress_bar=show_progress_bar, outcome=outcome, strict=strict)
         report = EncodeReport(
             passages=len(keys),
-            already_present=len(keys) - len(missing),
+            already_present=len(keys) - n_missing,
             encoded=outcome.encoded,
             stored=outcome.stored,
-            not_stored=len(missing) - outcome.stored,
+            not_stored=n_missing - outcome.stored,
             errors=tuple(dict.fromkeys(outcome.errors)),
         )
         if strict and report.not_stored:

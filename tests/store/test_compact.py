@@ -135,7 +135,9 @@ def test_an_entry_is_never_decoded_with_another_codebook(books):
     assert isinstance(err.value, KalmError)
     # a codebook of another width cannot encode either
     with pytest.raises(CodebookMismatchError):
-        encode_entry(NS, KEY, PooledPassage(torch.ones(2, 8), torch.tensor([2, 1], dtype=torch.int32), 2, "res2", other))
+        encode_entry(
+            NS, KEY, PooledPassage(torch.ones(2, 8), torch.tensor([2, 1], dtype=torch.int32), 2, "res2", other)
+        )
 
 
 def test_an_entry_whose_codebook_is_unknown_is_corrupt_not_decoded(books, monkeypatch):
@@ -169,7 +171,9 @@ def test_repooling_compact_entries_pools_the_decoded_vectors(books):
     exact = _compact_entry(4, "float32", None, n_tokens=37, ratio=1)
     for storage in ("int8", "res4"):
         book = books[4] if storage == "res4" else None
-        back = decode_entry(encode_entry(NS, KEY, PooledPassage(exact.vectors, exact.counts, 1, storage, book)), namespace=NS, key=KEY)
+        back = decode_entry(
+            encode_entry(NS, KEY, PooledPassage(exact.vectors, exact.counts, 1, storage, book)), namespace=NS, key=KEY
+        )
         pooled, counts = repool(back.vectors, back.counts, 4)
         reference, ref_counts = repool(exact.vectors, exact.counts, 4)
         assert torch.equal(counts, ref_counts)
@@ -184,7 +188,9 @@ def _v1_bytes(namespace: str, key: str, vectors: torch.Tensor, ratio: int, n_tok
     """A format-1 entry built from its documented layout, independently of encode_entry."""
     W, d = vectors.shape
     digest = lambda text: hashlib.blake2b(text.encode(), digest_size=16).digest()  # noqa: E731
-    prefix = struct.pack("<4sBBHIIII16s16sI", b"KLMP", 1, 1, 0, ratio, W, d, n_tokens, digest(namespace), digest(key), 0)
+    prefix = struct.pack(
+        "<4sBBHIIII16s16sI", b"KLMP", 1, 1, 0, ratio, W, d, n_tokens, digest(namespace), digest(key), 0
+    )
     payload = vectors.numpy().astype("<f4").tobytes()
     return prefix + struct.pack("<I", zlib.crc32(payload, zlib.crc32(prefix))) + payload
 
