@@ -275,6 +275,8 @@ class Reranker:
         # a store passed in as an object may be shared: only a store opened here is closed by close()
         self._owns_store = not isinstance(store, PassageStore)
         self.store = store if isinstance(store, PassageStore) else open_store(store)
+        if given["storage"] is None:  # the store URL's ?storage=
+            given["storage"] = getattr(self.store, "storage", None)
         try:
             settings, self.settings_source = self._resolve_settings(given)
         except BaseException:

@@ -75,6 +75,9 @@ class PassageStore(ABC):
     Open one from a URL with :meth:`PassageStore.open`; see :func:`kalm_rag.store.open_store`.
     """
 
+    #: The ``storage`` a reranker opened on this store uses when it is given none (the URL's ``?storage=``).
+    storage: str | None = None
+
     @staticmethod
     def open(url: str | None = None, **options: Any) -> PassageStore:
         """Open a store from a URL (``memory://``, ``sqlite:///path``, ``redis://host:port/db``)."""

@@ -158,3 +158,11 @@ def test_a_store_written_before_settings_were_recorded_keeps_its_settings(backen
     assert (fresh.storage, fresh.base_ratio) == ("res4", 4)
     old.close()
     adopted.close()
+
+
+def test_the_store_url_names_the_storage(backend, tmp_path):
+    rr = Reranker(backend, store=f"sqlite:///{tmp_path}/p.db?storage=int8")
+    assert rr.storage == "int8" and rr.store.storage == "int8"
+    rr.close()
+    with pytest.raises(KalmError, match="storage must be one of"):
+        Reranker(backend, store="memory://?storage=int4")
