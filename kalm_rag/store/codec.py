@@ -214,10 +214,10 @@ def encode_entry(namespace: str, key: str, entry: PooledPassage) -> bytes:
     if blob is not None and blob[24:40] == _digest(namespace) and blob[40:56] == _digest(key):
         return blob  # read from a store for this very namespace/key: keep its bytes (never re-quantise)
     storage = entry.storage
-    if storage in _FLOAT_STORAGES and entry.vectors.dtype != _FLOAT_STORAGES[storage]:
-        entry = replace(entry, vectors=entry.vectors.to(_FLOAT_STORAGES[storage]))
-    elif storage not in (None, *_FLOAT_STORAGES):
+    if storage is not None and storage not in _FLOAT_STORAGES:
         return _encode_compact(namespace, key, entry, storage)
+    if storage is not None and entry.vectors.dtype != _FLOAT_STORAGES[storage]:
+        entry = replace(entry, vectors=entry.vectors.to(_FLOAT_STORAGES[storage]))
     vectors, counts, ratio = entry.vectors, entry.counts, int(entry.ratio)
     W, d = vectors.shape
     code = DTYPE_CODES[vectors.dtype]

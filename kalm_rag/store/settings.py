@@ -126,12 +126,12 @@ def resolve(
     if recorded is not None:
         conflicts = {k: v for k, v in chosen.items() if getattr(recorded, k) != v}
         if conflicts:
-            wanted = VectorSettings(**{**asdict(recorded), **conflicts})  # type: ignore[arg-type]
+            wanted = VectorSettings(**{**asdict(recorded), **conflicts})
             raise StoreSettingsError(conflict_message(store, recorded, wanted))
         return recorded, "store"
     base = LEGACY_DEFAULTS if legacy_present else family_defaults(family)
     source = "legacy store" if legacy_present else "defaults"
-    return VectorSettings(**{**asdict(base), **chosen}), source  # type: ignore[arg-type]
+    return VectorSettings(**{**asdict(base), **chosen}), source
 
 
 def conflict_message(store: PassageStore, recorded: VectorSettings, wanted: VectorSettings) -> str:
