@@ -40,7 +40,7 @@ def main() -> None:
                 break
     ckpt = make_random_t5gemma2(Path(tempfile.mkdtemp()) / "ckpt", shape=args.shape, seed=0)
     exact = Reranker.from_pretrained(ckpt, store=MemoryStore(max_bytes="4GB"), base_ratio=1, storage="float32")
-    print(f"T5Gemma2 fixture ({args.shape}, d={exact.backend.hidden_size if hasattr(exact.backend, 'hidden_size') else '?'}), {len(texts)} passages")
+    print(f"T5Gemma2 fixture ({args.shape}), {len(texts)} passages")
     reference = {r: [exact.score(q, texts, ratio=r, return_margin=True) for q in QUERIES] for r in (1, 4)}
     for storage in ("bfloat16", "int8", "res4", "res2", "res1"):
         rr = Reranker(exact.backend, store=MemoryStore(max_bytes="4GB"), base_ratio=1, storage=storage)

@@ -1,6 +1,6 @@
 """Markdown tables of bench_storage.py JSON files (several files: their sets are concatenated).
 
-    python benchmarks/storage_report.py storage.json storage2.json ...
+python benchmarks/storage_report.py storage.json storage2.json ...
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ B4 = ["int8", "res4", "res2", "res1"]
 def main() -> None:
     sets = []
     for path in sys.argv[1:]:
-        data = json.load(open(path))
+        with open(path) as fh:
+            data = json.load(fh)
         sets += data["sets"]
         machine = data["machine"]
     print(f"Machine: {machine}\n")
@@ -33,7 +34,8 @@ def main() -> None:
             deltas[c].append(row[f"ndcg_{c}"] - ref)
         print("| " + " | ".join(cells) + " |")
     print("| mean change vs b1 float32 | | " + " | ".join(f"{sum(v) / len(v):+.4f}" for v in deltas.values()) + " |")
-    print("| max \\|margin error\\| | | " + " | ".join(f"{max(r[f'maxerr_{c}'] for r in sets):.3f}" for c in configs) + " |")
+    worst = [max(r[f"maxerr_{c}"] for r in sets) for c in configs]
+    print("| max \\|margin error\\| | | " + " | ".join(f"{w:.3f}" for w in worst) + " |")
     r1 = ["b1_float32_r1", "b1_int8_r1", "b1_res4_r1"]
     print("\nnDCG@10 at call ratio 1 (stored at base ratio 1)\n")
     print("| set | float32 | int8 | res4 |\n|---|---|---|---|")
@@ -72,7 +74,8 @@ def main() -> None:
     for row in sets:
         cells = []
         for b, s in cols:
-            cells.append(f"{1000 * row[f'decode100_s_b{b}_{s}']:.1f} ms ({100 * row[f'decode100_s_b{b}_{s}'] / row[f'rerank100_s_b{b}']:.1f}%)")
+            decode = row[f"decode100_s_b{b}_{s}"]
+            cells.append(f"{1000 * decode:.1f} ms ({100 * decode / row[f'rerank100_s_b{b}']:.1f}%)")
         print(f"| {row['dataset']} | {row['rerank100_s_b1']:.2f} | " + " | ".join(cells) + " |")
 
 
