@@ -218,17 +218,30 @@ class Codebook:
         return ids.astype(np.uint16), _pack(codes, self.bits)
 
     def decode(self, ids: np.ndarray, packed: np.ndarray) -> torch.Tensor:
-        """float32 vectors ``(W, d)`` from :meth:`encode`'s ids and packed codes."""
+        """float32 vectors ``(W, d)`` from :meth:`encode`'s ids and packed codes.
+
+        One table lookup per code byte: ``byte_table[j * 256 + byte]`` holds the decoded residual values of the
+        ``8 / bits`` dimensions that byte ``j`` packs, so no per-dimension unpacking is needed.
+        """
         tables = self._cache.get("tables")
         if tables is None:
-            levels = 1 << self.bits
-            offsets = torch.arange(self.dim, dtype=torch.int64) * levels  # (d,)
-            tables = (torch.from_numpy(self.centroids), torch.from_numpy(self.weights.reshape(-1)), offsets)
+            per_byte = 8 // self.bits
+            nbytes = self.code_bytes
+            mask = (1 << self.bits) - 1
+            byte = np.arange(256)[:, None]  # (256, 1)
+            codes = (byte >> (np.arange(per_byte) * self.bits)) & mask  # (256, per_byte)
+            padded = np.zeros((nbytes * per_byte, 1 << self.bits), dtype=np.float32)
+            padded[: self.dim] = self.weights
+            dims = np.arange(nbytes)[:, None, None] * per_byte + np.arange(per_byte)[None, None, :]  # (nbytes, 1, pb)
+            table = padded[dims, codes[None]]  # (nbytes, 256, per_byte)
+            offsets = torch.arange(nbytes, dtype=torch.int64) * 256
+            flat = torch.from_numpy(np.ascontiguousarray(table.reshape(nbytes * 256, per_byte)))
+            tables = (torch.from_numpy(self.centroids), flat, offsets)
             self._cache["tables"] = tables
-        centroids, weights, offsets = tables
-        codes = torch.from_numpy(_unpack(packed, self.bits, self.dim)).to(torch.int64)  # (W, d)
-        base = centroids[torch.from_numpy(ids.astype(np.int64))]  # (W, d)
-        return base + weights[codes + offsets]
+        centroids, table, offsets = tables
+        index = torch.from_numpy(packed).to(torch.int64) + offsets  # (W, nbytes)
+        residual = table[index].reshape(len(packed), -1)[:, : self.dim]  # (W, d)
+        return centroids[torch.from_numpy(ids.astype(np.int64))] + residual
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
