@@ -239,7 +239,7 @@ class Codebook:
             tables = (torch.from_numpy(self.centroids), flat, offsets)
             self._cache["tables"] = tables
         centroids, table, offsets = tables
-        index = torch.from_numpy(packed).to(torch.int64) + offsets  # (W, nbytes)
+        index = torch.from_numpy(packed.astype(np.int64)) + offsets  # (W, nbytes)
         residual = table[index].reshape(len(packed), -1)[:, : self.dim]  # (W, d)
         return centroids[torch.from_numpy(ids.astype(np.int64))] + residual
 
