@@ -220,6 +220,11 @@ class Reranker:
     ``max_query_tokens``, ``instruction``, ``system_instruction``, ``show_progress_bar``) may be assigned and
     are checked when they are.
 
+    ``settings_source`` says where ``base_ratio``/``storage``/``max_passage_tokens`` came from: ``"store"``
+    (recorded in the store by whoever wrote this model's vectors first), ``"legacy store"`` (a store written
+    before settings were recorded) or ``"defaults"`` (given, or the model's defaults; nothing recorded yet).
+    ``codebook_passages`` (256) is how many passages train a ``resN`` codebook (docs/store.md).
+
     Example:
         >>> rr = Reranker.from_pretrained("path/to/KaLM-Reranker-V1-Nano")  # doctest: +SKIP
         >>> rr.encode(["Paris is the capital of France.", "Bananas are yellow."])  # doctest: +SKIP
