@@ -166,3 +166,24 @@ def test_the_store_url_names_the_storage(backend, tmp_path):
     rr.close()
     with pytest.raises(KalmError, match="storage must be one of"):
         Reranker(backend, store="memory://?storage=int4")
+
+
+def test_serve_warns_at_start_up_when_the_store_holds_nothing_for_its_model(tiny_checkpoint, tmp_path, caplog):
+    pytest.importorskip("fastapi")
+    import logging
+
+    from kalm_rag.serve.app import ServeConfig
+
+    config = ServeConfig(model=str(tiny_checkpoint), store=f"sqlite:///{tmp_path}/p.db", storage="int8")
+    with caplog.at_level(logging.WARNING, logger="kalm_rag.serve.app"):
+        rr = config.load_reranker()
+    assert "holds no passage vectors of this model" in caplog.text
+    assert rr.storage == "int8"
+    rr.encode(PASSAGES[:2])
+    rr.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kalm_rag.serve.app"):
+        rr = ServeConfig(model=str(tiny_checkpoint), store=config.store).load_reranker()  # no --storage
+    assert "holds no passage vectors" not in caplog.text
+    assert (rr.storage, rr.settings_source) == ("int8", "store")  # adopted from what was indexed
+    rr.close()
