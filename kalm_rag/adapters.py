@@ -42,6 +42,7 @@ from kalm_rag.errors import InvalidInputError, KalmError
 from kalm_rag.evidence import EvidenceSpan, check_keep
 from kalm_rag.models import DEFAULT_MODEL
 from kalm_rag.store import PassageStore, check_store_url
+from kalm_rag.store.quantize import check_storage
 from kalm_rag.validation import check_positive_int
 
 __all__ = [
@@ -138,28 +139,32 @@ def shared_reranker(
     store: PassageStore | str | None = None,
     device: str | None = None,
     batch_size: int = 32,
+    storage: str | None = None,
 ) -> Reranker:
     """A :class:`~kalm_rag.Reranker` for this configuration, loaded once and shared while anyone holds it.
 
-    Two adapters asking for the same model, store, device and batch size get the same object, so the
-    weights sit in memory once and one worker thread serves both.
+    Two adapters asking for the same model, store, device, batch size and storage get the same object, so
+    the weights sit in memory once and one worker thread serves both. ``storage`` (``float32``, ``res4``, ...)
+    left out is the store's recorded setting for the model, else the model's default.
     """
     source = os.fspath(model)
     if os.path.isdir(source):
         source = os.path.abspath(source)
     resolved_store = shared_store(store)
     # the reranker holds its store, so id(store) cannot be reused while the entry is alive
-    key = (source, id(resolved_store), None if device is None else str(device), batch_size)
+    key = (source, id(resolved_store), None if device is None else str(device), batch_size, storage)
     with _lock:
         rr = _rerankers.get(key)
         if rr is None:
-            rr = Reranker.from_pretrained(source, store=resolved_store, device=device, batch_size=batch_size)
+            rr = Reranker.from_pretrained(
+                source, store=resolved_store, device=device, batch_size=batch_size, storage=storage
+            )
             _rerankers[key] = rr
         return rr
 
 
 #: Adapter fields that configure loading; they conflict with a ready ``reranker=``.
-LOAD_FIELDS = ("model", "store", "device", "batch_size")
+LOAD_FIELDS = ("model", "store", "device", "batch_size", "storage")
 
 
 def handle_from_fields(config: Any, fields_set: set[str]) -> RerankerHandle:
@@ -174,7 +179,12 @@ def handle_from_fields(config: Any, fields_set: set[str]) -> RerankerHandle:
             "a ready reranker already has its model and store"
         )
     return RerankerHandle(
-        config.reranker, model=config.model, store=config.store, device=config.device, batch_size=config.batch_size
+        config.reranker,
+        model=config.model,
+        store=config.store,
+        device=config.device,
+        batch_size=config.batch_size,
+        storage=getattr(config, "storage", None),
     )
 
 
@@ -189,6 +199,8 @@ class RerankerHandle:
         store: store object or URL (see :func:`shared_store`).
         device: torch device string; ``None`` lets the engine choose.
         batch_size: passages per encoder or decoder batch.
+        storage: how passage vectors are stored (``float32``, ``bfloat16``, ``int8``, ``res4``, ``res2``,
+            ``res1``); ``None``: the store's recorded setting for the model, else the model's default.
     """
 
     def __init__(
@@ -199,6 +211,7 @@ class RerankerHandle:
         store: PassageStore | str | None = None,
         device: str | None = None,
         batch_size: int = 32,
+        storage: str | None = None,
     ) -> None:
         if reranker is not None and not isinstance(reranker, Reranker):
             raise InvalidInputError(f"reranker must be a kalm_rag.Reranker, got {type(reranker).__name__}")
@@ -212,6 +225,7 @@ class RerankerHandle:
         self._store = store
         self._device = device
         self._batch_size = batch_size
+        self._storage = None if storage is None else check_storage(storage)
         self._lock = threading.Lock()
 
     @property
@@ -232,7 +246,11 @@ class RerankerHandle:
             with self._lock:
                 if self._reranker is None:
                     self._reranker = shared_reranker(
-                        self._model, store=self._store, device=self._device, batch_size=self._batch_size
+                        self._model,
+                        store=self._store,
+                        device=self._device,
+                        batch_size=self._batch_size,
+                        storage=self._storage,
                     )
         return self._reranker
 

@@ -372,6 +372,13 @@ def serve(
     ] = 10.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug.")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request (uvicorn's access log).")] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="How vectors are stored: float32, bfloat16, int8, res4, res2 or res1. Default: what the store "
+            "records for the model (as kalm-rag index wrote it), else the model's default."
+        ),
+    ] = None,
 ) -> None:
     """Serve the reranker over HTTP: the Cohere (v1, v2), Jina and TEI rerank APIs, on FastAPI + uvicorn.
 
@@ -430,6 +437,7 @@ def serve(
         batching=batching,
         request_timeout_s=request_timeout,
         body_timeout_s=body_timeout,
+        storage=storage,
     )
     # uvicorn's worker processes build the app from the environment (app_from_env)
     os.environ[CONFIG_ENV] = config.to_json()
@@ -487,11 +495,26 @@ def index(
         str | None, typer.Option(help="A field holding a title, put before the text by passage_text().")
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Read only the first N rows.")] = None,
-    storage_dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (as the query side's).")] = "float32",
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="How vectors are stored: float32, bfloat16, int8, res4, res2 or res1 (resN trains the store's "
+            "codebook from the first 256 passages). Default: the store's recorded setting, else the model's "
+            "(kalm-mini res4, official checkpoints float32)."
+        ),
+    ] = None,
+    storage_dtype: Annotated[str | None, typer.Option(hidden=True, help="The older name of --storage.")] = None,
     base_ratio: Annotated[
-        int, typer.Option(min=1, max=32, help="Ratio passages are stored at (as the query side's).")
-    ] = 1,
-    max_passage_tokens: Annotated[int, typer.Option(min=1, help="Passage length cut (as the query side's).")] = 1024,
+        int | None,
+        typer.Option(
+            min=1,
+            max=32,
+            help="Ratio passages are stored at. Default: the store's, else the model's (kalm-mini 4, official 1).",
+        ),
+    ] = None,
+    max_passage_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Passage length cut. Default: the store's, else 1024.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA when available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="Compute dtype: float32 or bfloat16.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
@@ -502,7 +525,10 @@ def index(
     the text field alone, as the adapters and the service send it, so that indexed passages are store hits at
     query time; rerunning the same command after an interruption does only the rest. The report on stdout has
     read, unique, already_present, encoded, failed, seconds, passages_per_s, engine, workers; the exit status is
-    1 when any passage is not stored (the count is on stderr) or on a bad input.
+    1 when any passage is not stored (the count is on stderr) or on a bad input. It also says how the vectors
+    are stored (storage) and the store's mean bytes per passage (bytes_per_passage). The settings that shape
+    the vectors (--storage, --base-ratio, --max-passage-tokens) are recorded in the store, and the query side
+    adopts them.
     """
     from kalm_rag.index import IncompleteIndexError, index_corpus
 
@@ -527,6 +553,7 @@ def index(
             text_field=text_field,
             title_field=title_field,
             limit=limit,
+            storage=storage,
             storage_dtype=storage_dtype,
             base_ratio=base_ratio,
             max_passage_tokens=max_passage_tokens,

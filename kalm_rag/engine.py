@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar, overload
 
 import torch
@@ -33,6 +33,17 @@ from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, PAS
 from kalm_rag.reports import EncodeReport
 from kalm_rag.scores import probabilities, rank_order
 from kalm_rag.store import PassageStore, PooledPassage, check_store_url, open_store, passage_key
+from kalm_rag.store import settings as store_settings
+from kalm_rag.store.codebooks import publish_codebook, read_codebook
+from kalm_rag.store.codec import decode_entry, encode_entry
+from kalm_rag.store.quantize import (
+    DEFAULT_TRAIN_PASSAGES,
+    Codebook,
+    check_storage,
+    residual_bits,
+    train_codebook,
+)
+from kalm_rag.store.settings import StoreSettingsError, VectorSettings
 from kalm_rag.validation import check_passages, check_positive_int, check_ratio, check_stages, check_text
 
 logger = logging.getLogger(__name__)
@@ -40,6 +51,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: A codebook is trained from fewer than ``DEFAULT_TRAIN_PASSAGES`` passages only when they give this many vectors.
+MIN_TRAIN_VECTORS = 2048
 #: The paper's cascade: rerank the top-100 at ratio 32, then the top-20 of those at ratio 2.
 DEFAULT_CASCADE: tuple[tuple[int, int], ...] = ((32, 100), (2, 20))
 
@@ -140,6 +153,10 @@ def _check_storage_dtype(value: object, name: str) -> str:
     return value
 
 
+def _check_optional_storage(value: object, name: str) -> str | None:
+    return None if value is None else check_storage(value, name)
+
+
 def _check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidInputError(f"{name} must be True or False, got {value!r}")
@@ -156,10 +173,15 @@ class Reranker:
     Build one with :meth:`Reranker.from_pretrained`. Every option is keyword-only.
 
     The options that shape stored vectors (``backend``, ``max_passage_tokens``, ``base_ratio``,
-    ``storage_dtype``) are read-only after construction: assigning one raises
+    ``storage``) are read-only after construction: assigning one raises
     :class:`~kalm_rag.errors.ReadOnlyOptionError`. The others (``ratio``, ``batch_size``,
     ``max_query_tokens``, ``instruction``, ``system_instruction``, ``show_progress_bar``) may be assigned and
     are checked when they are.
+
+    ``settings_source`` says where ``base_ratio``/``storage``/``max_passage_tokens`` came from: ``"store"``
+    (recorded in the store by whoever wrote this model's vectors first), ``"legacy store"`` (a store written
+    before settings were recorded) or ``"defaults"`` (given, or the model's defaults; nothing recorded yet).
+    ``codebook_passages`` (256) is how many passages train a ``resN`` codebook (docs/store.md).
 
     Example:
         >>> rr = Reranker.from_pretrained("path/to/KaLM-Reranker-V1-Nano")  # doctest: +SKIP
@@ -172,7 +194,7 @@ class Reranker:
     backend = _Option(_check_backend, fixed=True)
     max_passage_tokens = _Option(check_positive_int, fixed=True)
     base_ratio = _Option(check_ratio, fixed=True)
-    storage_dtype = _Option(_check_storage_dtype, fixed=True)
+    storage = _Option(check_storage, fixed=True)
     ratio = _Option(check_ratio)
     batch_size = _Option(check_positive_int)
     max_query_tokens = _Option(check_positive_int)
@@ -185,33 +207,59 @@ class Reranker:
         backend: FBNLBackend,
         *,
         store: PassageStore | str | None = None,
-        ratio: int = 4,
+        ratio: int | None = None,
         batch_size: int = 32,
         max_query_tokens: int = 512,
-        max_passage_tokens: int = 1024,
+        max_passage_tokens: int | None = None,
         instruction: str | None = None,
         system_instruction: str | None = None,
-        base_ratio: int = 1,
-        storage_dtype: str = "float32",
+        base_ratio: int | None = None,
+        storage: str | None = None,
+        storage_dtype: str | None = None,
         show_progress_bar: bool | None = None,
     ) -> None:
         self.backend = backend
-        self.ratio = ratio
-        self.base_ratio = base_ratio
-        if self.ratio % self.base_ratio:
-            raise InvalidInputError(f"ratio {ratio} is not a multiple of base_ratio {base_ratio}")
+        given = {
+            "base_ratio": None if base_ratio is None else check_ratio(base_ratio, "base_ratio"),
+            "storage": _resolve_storage_option(storage, storage_dtype),
+            "max_passage_tokens": None
+            if max_passage_tokens is None
+            else check_positive_int(max_passage_tokens, "max_passage_tokens"),
+        }
         self.batch_size = batch_size
         self.max_query_tokens = max_query_tokens
-        self.max_passage_tokens = max_passage_tokens
         self.instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         self.system_instruction = DEFAULT_SYSTEM_INSTRUCTION if system_instruction is None else system_instruction
-        self.storage_dtype = storage_dtype
         self.show_progress_bar = show_progress_bar
+        if ratio is not None:
+            check_ratio(ratio, "ratio")
         if store is not None and not isinstance(store, (PassageStore, str, os.PathLike)):
             raise InvalidInputError(f"store must be a PassageStore, a store URL or None, got {type(store).__name__}")
         # a store passed in as an object may be shared: only a store opened here is closed by close()
         self._owns_store = not isinstance(store, PassageStore)
         self.store = store if isinstance(store, PassageStore) else open_store(store)
+        if given["storage"] is None:  # the store URL's ?storage=
+            given["storage"] = getattr(self.store, "storage", None)
+        try:
+            settings, self.settings_source = self._resolve_settings(given)
+        except BaseException:
+            if self._owns_store:
+                self.store.close()
+            raise
+        self.base_ratio = settings.base_ratio
+        self.storage = settings.storage
+        self.max_passage_tokens = settings.max_passage_tokens
+        if ratio is None:  # the default call ratio 4, or the base ratio when 4 is not a multiple of it
+            ratio = 4 if 4 % self.base_ratio == 0 else self.base_ratio
+        self.ratio = ratio
+        if self.ratio % self.base_ratio:
+            raise InvalidInputError(f"ratio {ratio} is not a multiple of base_ratio {self.base_ratio}")
+        #: Passages whose vectors train the namespace's codebook when ``storage`` is ``resN`` and it has none.
+        self.codebook_passages = DEFAULT_TRAIN_PASSAGES
+        self._codebook: Codebook | None = None
+        self._sample: list[torch.Tensor] = []
+        self._sample_passages = 0
+        self._settings_recorded = False
         #: Work counters: passages run through the encoder, encoder batches, pairs scored, decoder calls and
         #: the rows they scored, and distinct passages found in the store (hits) or not (misses) when scoring.
         self.counters = {
@@ -233,16 +281,17 @@ class Reranker:
         name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
         *,
         store: PassageStore | str | None = None,
-        ratio: int = 4,
+        ratio: int | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         batch_size: int = 32,
         max_query_tokens: int = 512,
-        max_passage_tokens: int = 1024,
+        max_passage_tokens: int | None = None,
         instruction: str | None = None,
         system_instruction: str | None = None,
-        base_ratio: int = 1,
-        storage_dtype: str = "float32",
+        base_ratio: int | None = None,
+        storage: str | None = None,
+        storage_dtype: str | None = None,
         show_progress_bar: bool | None = None,
     ) -> Reranker:
         """Load a KaLM-Reranker-V1 checkpoint (local folder or hub id) as a reranker.
@@ -251,16 +300,25 @@ class Reranker:
             name_or_path: ``"kalm-mini"`` (the embedded default), a local checkpoint folder, or a hub id
                 such as ``KaLM-Embedding/KaLM-Reranker-V1-Nano``.
             store: a ``PassageStore`` or a store URL; ``None`` gives a bounded in-memory store.
-            ratio: default MEP ratio (1..32) for scoring calls that give none.
+            ratio: default MEP ratio (1..32) for scoring calls that give none (default 4, or the base ratio
+                when 4 is not a multiple of it).
             device: ``cpu``, ``cuda``, ...; default CUDA when available.
             dtype: ``float32`` or ``bfloat16``; default fp32 on CPU, bf16 on CUDA. fp16 is refused.
             batch_size: passages per encoder or decoder batch (shrunk automatically on CUDA out-of-memory).
             max_query_tokens: the query is cut to this many tokens before it is put in the prompt.
-            max_passage_tokens: ``"<Document>: " + passage`` is cut to this many tokens.
+            max_passage_tokens: ``"<Document>: " + passage`` is cut to this many tokens (default 1024).
             instruction: task instruction (default: the official one).
             system_instruction: system instruction, the prompt's first line (default: the official one).
             base_ratio: ratio at which passages are stored; any call ratio must be a multiple of it.
-            storage_dtype: dtype of stored vectors, ``float32`` or ``bfloat16``.
+            storage: how stored vectors are kept: ``float32``, ``bfloat16``, ``int8`` or ``res4``/``res2``/
+                ``res1`` (a residual codebook trained on the corpus; ``kalm-rag[compact]``). See docs/store.md.
+            storage_dtype: the older name of ``storage`` (``float32`` or ``bfloat16``).
+
+        ``base_ratio``, ``storage`` and ``max_passage_tokens`` shape the stored vectors: left out (``None``),
+        they are adopted from the store when it records settings for this model, else the model's defaults
+        apply (kalm-mini: base ratio 4, ``res4``; the official checkpoints: base ratio 1, ``float32``, so
+        their scores match the official recipe exactly). Given, they must agree with the store's record
+        (:class:`~kalm_rag.store.settings.StoreSettingsError` otherwise).
             show_progress_bar: show progress on long encodes; ``None`` follows the logger level.
         """
         if not isinstance(store, PassageStore):
@@ -278,6 +336,7 @@ class Reranker:
             instruction=instruction,
             system_instruction=system_instruction,
             base_ratio=base_ratio,
+            storage=storage,
             storage_dtype=storage_dtype,
             show_progress_bar=show_progress_bar,
         )
@@ -291,23 +350,130 @@ class Reranker:
         Recomputed from the current settings whenever one of them differs from the last computation (the
         settings are read-only, but the backend's identity is read afresh), so it can never go stale.
         """
-        settings = (
-            self.backend.family,
-            self.backend.passage_encoder_id,
-            PASSAGE_PREFIX,
-            self.max_passage_tokens,
-            self.base_ratio,
-            self.storage_dtype,
-            str(self.backend.dtype).removeprefix("torch."),
-        )
+        settings = self._namespace_settings(VectorSettings(self.base_ratio, self.storage, self.max_passage_tokens))
         cached = self._namespace
         if cached is not None and cached[0] == settings:
             return cached[1]
-        names = ("family", "weights", "prefix", "max_passage_tokens", "base_ratio", "storage_dtype", "compute_dtype")
-        payload = json.dumps(dict(zip(names, settings)), sort_keys=True).encode()
-        namespace = f"{self.backend.family}:{hashlib.sha256(payload).hexdigest()[:32]}"
+        namespace = _namespace_of(settings)
         self._namespace = (settings, namespace)
         return namespace
+
+    def _namespace_settings(self, vector_settings: VectorSettings) -> tuple[Any, ...]:
+        # the storage name sits where storage_dtype always did, so float32/bfloat16 namespaces are unchanged
+        return (
+            self.backend.family,
+            self.backend.passage_encoder_id,
+            PASSAGE_PREFIX,
+            vector_settings.max_passage_tokens,
+            vector_settings.base_ratio,
+            vector_settings.storage,
+            str(self.backend.dtype).removeprefix("torch."),
+        )
+
+    @property
+    def storage_dtype(self) -> str:
+        """The older name of :attr:`storage` (read-only)."""
+        return self.storage
+
+    @storage_dtype.setter
+    def storage_dtype(self, value: object) -> None:
+        raise ReadOnlyOptionError(
+            "storage_dtype shapes the stored passage vectors (it is part of the store namespace), so it cannot "
+            "change after the Reranker is built; build another one: Reranker.from_pretrained(..., storage=...)"
+        )
+
+    @property
+    def model_scope(self) -> str:
+        """The store scope of this model's records (its settings): the passage encoder's identity."""
+        digest = hashlib.sha256(self.backend.passage_encoder_id.encode()).hexdigest()[:32]
+        return f"model:{self.backend.family}:{digest}"
+
+    def _resolve_settings(self, given: dict[str, Any]) -> tuple[VectorSettings, str]:
+        """The vector settings: the caller's, the store's record, or the defaults (see ``from_pretrained``)."""
+        legacy = store_settings.LEGACY_DEFAULTS
+        legacy_present = False
+        if store_settings.read_settings(self.store, self.model_scope) is None and all(
+            v is None or v == getattr(legacy, k) for k, v in given.items()
+        ):
+            legacy_present = _has_entries(self.store, _namespace_of(self._namespace_settings(legacy)))
+        return store_settings.resolve(
+            self.store, self.model_scope, family=self.backend.family, given=given, legacy_present=legacy_present
+        )
+
+    def _record_settings(self, *, strict: bool) -> None:
+        """Record this reranker's vector settings in the store before its first write (once)."""
+        if self._settings_recorded:
+            return
+        try:
+            store_settings.record_settings(
+                self.store,
+                self.model_scope,
+                VectorSettings(self.base_ratio, self.storage, self.max_passage_tokens),
+            )
+        except StoreSettingsError:
+            if strict:
+                raise
+            self._warnings.warn("settings", "%s", "the store records other settings for this model")
+        except StoreError as exc:
+            self._warnings.warn("settings", "could not record the vector settings in the store (%s)", exc)
+            return
+        self._settings_recorded = True
+
+    # ----- codebooks ---------------------------------------------------------------------------------
+
+    @property
+    def codebook(self) -> Codebook | None:
+        """The namespace's residual codebook (``storage="resN"``), read from the store; ``None`` if it has none."""
+        if residual_bits(self.storage) and self._codebook is None:
+            try:
+                self._codebook = read_codebook(self.store, self.namespace)
+            except StoreError:
+                return None
+        return self._codebook
+
+    def train_codebook(self, passages: Sequence[str], *, show_progress_bar: bool | None = None) -> Codebook:
+        """Train the namespace's residual codebook on ``passages`` (encoded, not stored) and keep it in the store.
+
+        ``Reranker.encode`` and ``kalm-rag index`` call this themselves with the first ``codebook_passages``
+        passages when the store has no codebook yet; call it to train on a sample of your choice first. When
+        another process stored a codebook meanwhile, that one is kept and returned (the first writer wins).
+
+        Raises:
+            InvalidInputError: ``storage`` is not ``resN``, or no passages.
+            StoreError: the codebook cannot be stored.
+        """
+        if not residual_bits(self.storage):
+            raise InvalidInputError(f"storage {self.storage!r} uses no codebook; only res4, res2 and res1 do")
+        texts = check_passages(passages)
+        unique = {passage_key(t): t for t in texts}
+        entries = self._encode_into_store(
+            unique, show_progress_bar=show_progress_bar, outcome=_StoreOutcome(), keep=True, write=False
+        )
+        return self._publish_codebook([e.vectors for e in entries.values()])
+
+    def _publish_codebook(self, vectors: list[torch.Tensor]) -> Codebook:
+        sample = torch.cat([v.float() for v in vectors]) if vectors else torch.zeros(0)
+        book = train_codebook(sample, bits=residual_bits(self.storage))
+        self._record_settings(strict=True)
+        self._codebook = publish_codebook(self.store, self.namespace, book)
+        self._sample, self._sample_passages = [], 0
+        return self._codebook
+
+    def _compact(self, entries: dict[str, PooledPassage], *, final: bool = False) -> dict[str, PooledPassage]:
+        """``entries`` marked with the storage they are written in (int8 while a ``resN`` store has no codebook)."""
+        if self.storage in STORAGE_DTYPES:
+            return entries  # format 1, byte for byte as before
+        book = None
+        if residual_bits(self.storage):
+            book = self.codebook
+            if book is None:
+                self._sample.extend(e.vectors for e in entries.values())
+                self._sample_passages += len(entries)
+                vectors = sum(int(v.shape[0]) for v in self._sample)
+                if self._sample_passages >= self.codebook_passages or (final and vectors >= MIN_TRAIN_VECTORS):
+                    book = self._publish_codebook(self._sample)
+        storage = self.storage if book is not None or not residual_bits(self.storage) else "int8"
+        return {k: replace(e, storage=storage, codebook=book) for k, e in entries.items()}
 
     # ----- passage side ----------------------------------------------------------------------------
 
@@ -353,14 +519,27 @@ class Reranker:
             present = [False] * len(keys)
         missing = {k: unique[k] for k, p in zip(keys, present) if not p}
         outcome = _StoreOutcome(errors=errors)
+        n_missing = len(missing)
+        if missing and residual_bits(self.storage) and self.codebook is None:
+            # train the namespace's codebook on the first passages, then store them with it
+            sample = dict(list(missing.items())[: self.codebook_passages])
+            entries = self._encode_into_store(
+                sample, show_progress_bar=show_progress_bar, outcome=outcome, keep=True, write=False
+            )
+            try:
+                self._store_batch(entries, outcome, strict=strict, final=True)
+            except _StopEncoding:
+                pass
+            else:
+                missing = {k: t for k, t in missing.items() if k not in sample}
         if missing:
             self._encode_into_store(missing, show_progress_bar=show_progress_bar, outcome=outcome, strict=strict)
         report = EncodeReport(
             passages=len(keys),
-            already_present=len(keys) - len(missing),
+            already_present=len(keys) - n_missing,
             encoded=outcome.encoded,
             stored=outcome.stored,
-            not_stored=len(missing) - outcome.stored,
+            not_stored=n_missing - outcome.stored,
             errors=tuple(dict.fromkeys(outcome.errors)),
         )
         if strict and report.not_stored:
@@ -379,11 +558,13 @@ class Reranker:
         outcome: _StoreOutcome,
         strict: bool = False,
         keep: bool = False,
+        write: bool = True,
     ) -> dict[str, PooledPassage]:
         """Run the encoder over ``texts_by_key`` (longest first), pool and store; return the entries if ``keep``.
 
         Store failures are recorded in ``outcome``; with ``strict`` the first one stops the work, otherwise
-        it is logged (rate-limited) and the computed vectors are used anyway.
+        it is logged (rate-limited) and the computed vectors are used anyway. With ``write=False`` nothing
+        is stored and the exact (unquantised) entries are returned (to train a codebook on).
         """
         keys = list(texts_by_key)
         token_ids = self.backend.tokenize_passages([texts_by_key[k] for k in keys], self.max_passage_tokens)
@@ -400,7 +581,7 @@ class Reranker:
             ids, mask = right_pad([token_ids[i] for i in batch], self.backend.pad_token_id)
             hidden = self.backend.encode(ids, mask)  # (B, n, d)
             pooled, counts = mep_pool(hidden, mask.to(hidden.device), self.base_ratio)  # (B, W, d), (B, W)
-            pooled = pooled.to(STORAGE_DTYPES[self.storage_dtype]).cpu()
+            pooled = pooled.to(STORAGE_DTYPES.get(self.storage, torch.float32)).cpu()
             if not bool(torch.isfinite(pooled).all()):  # never store (nor score with) vectors that poison scores
                 raise NumericalError(
                     f"the encoder produced non-finite passage vectors in {self.backend.dtype} "
@@ -414,16 +595,8 @@ class Reranker:
             self.counters["encoded_passages"] += len(batch)
             self.counters["encoder_batches"] += 1
             outcome.encoded += len(batch)
-            try:
-                self.store.put_many(self.namespace, new)  # per batch: a crash loses at most one batch
-                outcome.stored += len(new)
-            except StoreError as exc:  # the vectors are computed: score with them even if they cannot be kept
-                outcome.errors.append(str(exc))
-                if strict:
-                    raise _StopEncoding from exc
-                self._warnings.warn(
-                    "store-write", "could not store %d encoded passages (%s); scoring goes on", len(new), exc
-                )
+            if write:
+                new = self._store_batch(new, outcome, strict=strict)
             if keep:
                 entries.update(new)
             bar.update(len(batch))
@@ -435,6 +608,33 @@ class Reranker:
         finally:
             bar.close()
         return entries
+
+    def _store_batch(
+        self, new: dict[str, PooledPassage], outcome: _StoreOutcome, *, strict: bool, final: bool = False
+    ) -> dict[str, PooledPassage]:
+        """Store one batch of exact entries in the reranker's storage; return them as a store read gives them back.
+
+        Scoring with the stored (decoded) vectors makes a passage's score the same whether it was a hit or a miss.
+        """
+        self._record_settings(strict=strict)
+        compact = self._compact(new, final=final)
+        try:
+            self.store.put_many(self.namespace, compact)  # per batch: a crash loses at most one batch
+            outcome.stored += len(compact)
+        except StoreError as exc:  # the vectors are computed: score with them even if they cannot be kept
+            outcome.errors.append(str(exc))
+            if strict:
+                raise _StopEncoding from exc
+            self._warnings.warn(
+                "store-write", "could not store %d encoded passages (%s); scoring goes on", len(new), exc
+            )
+        if self.storage in STORAGE_DTYPES:
+            return compact
+        namespace = self.namespace
+        return {
+            k: decode_entry(encode_entry(namespace, k, e), namespace=namespace, key=k, codebook=e.codebook)
+            for k, e in compact.items()
+        }
 
     def _pooled(self, texts: list[str]) -> list[PooledPassage]:
         """Stored encodings of ``texts`` (encoding and storing those that are missing or unusable)."""
@@ -854,6 +1054,36 @@ class Reranker:
             self._executor = None
         if self._owns_store:
             self.store.close()
+
+
+def _resolve_storage_option(storage: object, storage_dtype: object) -> str | None:
+    """``storage``, or its older name ``storage_dtype``; both given must agree."""
+    storage = _check_optional_storage(storage, "storage")
+    if storage_dtype is not None:
+        old = _check_storage_dtype(storage_dtype, "storage_dtype")
+        if storage is not None and storage != old:
+            raise InvalidInputError(f"storage={storage!r} and storage_dtype={old!r} disagree; give storage alone")
+        storage = old
+    return storage
+
+
+def _namespace_of(settings: tuple[Any, ...]) -> str:
+    names = ("family", "weights", "prefix", "max_passage_tokens", "base_ratio", "storage_dtype", "compute_dtype")
+    payload = json.dumps(dict(zip(names, settings)), sort_keys=True).encode()
+    return f"{settings[0]}:{hashlib.sha256(payload).hexdigest()[:32]}"
+
+
+def _has_entries(store: PassageStore, namespace: str) -> bool:
+    """Whether ``store`` holds any entry of ``namespace`` (False for stores where asking would walk every key)."""
+    from kalm_rag.store.tiered import TieredStore
+
+    back = store.back if isinstance(store, TieredStore) else store
+    if type(back).__name__ == "RedisStore":  # SCAN over the whole key space: not at every open
+        return False
+    try:
+        return next(iter(back.iter_keys(namespace)), None) is not None
+    except StoreError:
+        return False
 
 
 @dataclass

@@ -59,8 +59,13 @@ def run(
     eval_sets = [load_eval_set(folder) for folder in datasets]  # a bad folder fails before the model loads
     store_dir = cache_dir / "eval"
     store_dir.mkdir(parents=True, exist_ok=True)
+    # exact vectors at base ratio 1: the evaluation measures the model at every ratio, not a storage codec
     rr = Reranker.from_pretrained(
-        model, store=f"sqlite:///{(store_dir / 'passages.db').resolve()}?memory_tier=2GB", show_progress_bar=True
+        model,
+        store=f"sqlite:///{(store_dir / 'passages.db').resolve()}?memory_tier=2GB",
+        show_progress_bar=True,
+        base_ratio=1,
+        storage="float32",
     )
     label = "kalm-mini" if model == "kalm-mini" else Path(model).name
     ratio_list = [int(r) for r in ratios.split(",") if r.strip()]

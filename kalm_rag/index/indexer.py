@@ -31,9 +31,9 @@ def index_corpus(
     text_field: str = "text",
     title_field: str | None = None,
     limit: int | None = None,
-    storage_dtype: str = "float32",
-    base_ratio: int = 1,
-    max_passage_tokens: int = 1024,
+    storage_dtype: str | None = None,
+    base_ratio: int | None = None,
+    max_passage_tokens: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
     cpus_per_worker: float = 1.0,
@@ -41,6 +41,7 @@ def index_corpus(
     ray_init: dict[str, Any] | None = None,
     show_progress_bar: bool | None = None,
     strict: bool = True,
+    storage: str | None = None,
 ) -> IndexReport:
     """Pre-encode every passage of a corpus into a passage store, skipping those already there.
 
@@ -64,10 +65,15 @@ def index_corpus(
         text_field: the field (column) holding the passage text; the passage is that text alone, unchanged.
         title_field: a field holding a title: the passage is then ``passage_text(title, text)``.
         limit: read only the first ``limit`` rows.
-        storage_dtype: ``"float32"`` or ``"bfloat16"``, as the query-side reranker's ``storage_dtype``.
-        base_ratio: the ratio passages are stored at, as the query-side reranker's ``base_ratio`` (1: every
-            ratio is derived exactly; 4: a quarter of the store size, call ratios multiples of 4).
-        max_passage_tokens: passage length cut, as the query-side reranker's ``max_passage_tokens``.
+        storage_dtype: the older name of ``storage`` (``"float32"`` or ``"bfloat16"``).
+        base_ratio: the ratio passages are stored at (1: every ratio is derived exactly; 4: a quarter of the
+            store size, call ratios multiples of 4).
+        max_passage_tokens: passage length cut.
+        storage: how vectors are kept: ``float32``, ``bfloat16``, ``int8``, ``res4``, ``res2`` or ``res1``
+            (``resN`` trains the store's codebook from the first 256 passages, docs/store.md).
+            ``base_ratio``, ``storage`` and ``max_passage_tokens`` left out are the store's recorded settings
+            for the model, else the model's defaults; they are recorded in the store, so a reranker opened on
+            it later adopts them.
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available.
         dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; default float32 on CPU, bfloat16 on CUDA.
         cpus_per_worker: CPUs each Ray actor reserves (and its torch threads).
@@ -110,13 +116,17 @@ def index_corpus(
         show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
     options: dict[str, Any] = {
         "batch_size": batch_size,
+        "device": device,
+        "dtype": dtype,
+    }
+    shaping = {
+        "storage": storage,
         "storage_dtype": storage_dtype,
         "base_ratio": base_ratio,
         "ratio": base_ratio,  # the call ratio must be a multiple of base_ratio; indexing never scores
         "max_passage_tokens": max_passage_tokens,
-        "device": device,
-        "dtype": dtype,
     }
+    options.update({k: v for k, v in shaping.items() if v is not None})  # left out: the store's, or defaults
     if engine == "local":
         local_store = store if isinstance(store, PassageStore) else os.fspath(store)
         if isinstance(local_store, str):

@@ -12,6 +12,7 @@ from kalm_rag.engine import Reranker
 from kalm_rag.errors import NotStoredError, StoreError
 from kalm_rag.index.corpus import Counts, check_corpus, unique_passages
 from kalm_rag.index.report import IndexReport, build_report
+from kalm_rag.store.quantize import residual_bits
 
 #: Passages read (and sorted by length) at a time, in encoder batches: similar lengths share a batch (less padding),
 #: each batch is its own ``Reranker.encode`` call, written to the store when done (an interruption loses one
@@ -60,7 +61,8 @@ def index_local(
             text_field=text_field,
             title_field=title_field,
             limit=limit,
-            chunk_size=reranker.batch_size * CHUNK_BATCHES,
+            # the first chunk holds the passages a resN codebook is trained from (Reranker.encode trains it)
+            chunk_size=max(reranker.batch_size * CHUNK_BATCHES, reranker.codebook_passages),
             counts=Counts(),
         )
         for chunk in chunks:
@@ -68,7 +70,7 @@ def index_local(
             if len(missing) < len(chunk):  # already stored: counted at once
                 present += len(chunk) - len(missing)
                 bar.update(len(chunk) - len(missing))
-            for batch in _length_sorted_batches(missing, reranker.batch_size):
+            for batch in _encoder_batches(reranker, missing):
                 try:
                     report = reranker.encode(batch, strict=True, show_progress_bar=False)
                 except NotStoredError as exc:  # the store refused a batch: stop, and say how many are missing
@@ -82,6 +84,7 @@ def index_local(
             else:
                 continue
             break  # a batch was not stored: stop the run
+        storage, per_passage = reranker.storage, _bytes_per_passage(reranker)
     finally:
         bar.close()
         reranker.close()
@@ -94,6 +97,8 @@ def index_local(
         engine="local",
         workers=1,
         errors=tuple(errors),
+        storage=storage,
+        bytes_per_passage=per_passage,
     )
 
 
@@ -111,3 +116,23 @@ def _length_sorted_batches(texts: list[str], size: int) -> Iterator[list[str]]:
     texts = sorted(texts, key=len)
     for i in range(0, len(texts), size):
         yield texts[i : i + size]
+
+
+def _encoder_batches(reranker: Reranker, texts: list[str]) -> Iterator[list[str]]:
+    """:func:`_length_sorted_batches`, except that while a ``resN`` store has no codebook the first batch holds
+    the ``codebook_passages`` passages it is trained from (``Reranker.encode`` trains it on what one call gets).
+    """
+    if texts and residual_bits(reranker.storage) and reranker.codebook is None:
+        head, texts = texts[: reranker.codebook_passages], texts[reranker.codebook_passages :]
+        yield head
+    yield from _length_sorted_batches(texts, reranker.batch_size)
+
+
+def _bytes_per_passage(reranker: Reranker) -> int | None:
+    """Mean bytes per entry of the whole store (``None`` when it cannot say)."""
+    try:
+        stats = reranker.store.stats()
+    except StoreError:
+        return None
+    entries, nbytes = stats.get("entries", -1), stats.get("bytes", -1)
+    return nbytes // entries if entries > 0 and nbytes >= 0 else None

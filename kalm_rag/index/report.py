@@ -18,6 +18,8 @@ REPORT_KEYS = (
     "passages_per_s",
     "engine",
     "workers",
+    "storage",
+    "bytes_per_passage",
 )
 
 
@@ -37,6 +39,9 @@ class IndexReport:
         passages_per_s: ``encoded / seconds``.
         engine: ``"local"`` or ``"ray"``.
         workers: encoder processes (1 for the local engine).
+        storage: how the vectors were stored (``float32``, ``res4``, ...; ``None`` when not known).
+        bytes_per_passage: mean bytes per stored passage of the whole store after the run (``None`` when not
+            known, e.g. with the Ray engine).
         errors: the distinct store or worker errors met (not part of :meth:`to_dict`).
 
     ``unique == already_present + encoded + failed`` always holds.
@@ -52,6 +57,8 @@ class IndexReport:
     engine: str
     workers: int
     errors: tuple[str, ...] = field(default=(), compare=False)
+    storage: str | None = None
+    bytes_per_passage: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -86,6 +93,8 @@ def build_report(
     engine: str,
     workers: int,
     errors: tuple[str, ...] = (),
+    storage: str | None = None,
+    bytes_per_passage: int | None = None,
 ) -> IndexReport:
     """An :class:`IndexReport` whose ``failed`` is what the other counts leave (``unique - present - encoded``)."""
     return IndexReport(
@@ -99,4 +108,6 @@ def build_report(
         engine=engine,
         workers=workers,
         errors=tuple(dict.fromkeys(errors)),
+        storage=storage,
+        bytes_per_passage=bytes_per_passage,
     )

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 
 from kalm_rag.engine import Reranker
 from kalm_rag.models import DEFAULT_MODEL
+from kalm_rag.store import redact_url
+
+logger = logging.getLogger("kalm_rag.serve")
 
 #: Environment variable through which ``kalm-rag serve`` hands its settings to uvicorn's worker processes.
 CONFIG_ENV = "KALM_RAG_SERVE_CONFIG"
@@ -37,6 +41,9 @@ class ServeConfig:
         batching: ``False`` runs each request alone.
         request_timeout_s: deadline of each piece of model work a request waits for.
         body_timeout_s: how long a client may take to send its whole request body.
+        storage: how passage vectors are stored (``float32``, ``res4``, ...); ``None``: the store's recorded
+            setting for the model (what ``kalm-rag index`` wrote), else the model's default. The base ratio and
+            passage length are always the store's recorded ones (else the defaults).
     """
 
     model: str = DEFAULT_MODEL
@@ -55,6 +62,7 @@ class ServeConfig:
     batching: bool = True
     request_timeout_s: float = 300.0
     body_timeout_s: float = 10.0
+    storage: str | None = None
 
     def to_json(self) -> str:
         """The settings as JSON (what the worker processes read from :data:`CONFIG_ENV`)."""
@@ -66,12 +74,21 @@ class ServeConfig:
         return cls(**json.loads(text))
 
     def load_reranker(self) -> Reranker:
-        """Load the model with these settings."""
-        return Reranker.from_pretrained(
+        """Load the model with these settings (warns when the store holds nothing for the model)."""
+        reranker = Reranker.from_pretrained(
             self.model,
             store=self.store,
             ratio=self.ratio,
             device=self.device,
             dtype=self.dtype,
             batch_size=self.batch_size,
+            storage=self.storage,
         )
+        if self.store is not None and reranker.settings_source == "defaults":
+            logger.warning(
+                "the store %s holds no passage vectors of this model (nothing was indexed into it with it): every "
+                "passage is encoded at request time until it is stored; index a corpus first with "
+                "kalm-rag index CORPUS --store ...",
+                redact_url(self.store),
+            )
+        return reranker

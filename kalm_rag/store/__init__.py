@@ -32,13 +32,27 @@ __all__ = [
 
 Parser = Callable[[object], Any]
 
+
+def _check_storage(value: object) -> str:
+    from kalm_rag.store.quantize import STORAGES
+
+    if not isinstance(value, str) or value not in STORAGES:
+        raise StoreConfigError(f"storage must be one of {', '.join(STORAGES)}, got {value!r:.80}")
+    return value
+
+
 #: The options each scheme takes (as URL parameters or keyword arguments), with their checks.
-_MEMORY_OPTIONS: dict[str, Parser] = {"max_bytes": lambda v: parse_bytes(v, "max_bytes")}
+_MEMORY_OPTIONS: dict[str, Parser] = {
+    "max_bytes": lambda v: parse_bytes(v, "max_bytes"),
+    "storage": _check_storage,
+}
 _SQLITE_OPTIONS: dict[str, Parser] = {
+    "storage": _check_storage,
     "timeout": lambda v: check_seconds(v, "timeout"),
     "memory_tier": lambda v: parse_bytes(v, "memory_tier"),
 }
 _REDIS_OPTIONS: dict[str, Parser] = {
+    "storage": _check_storage,
     "prefix": check_prefix,
     "ttl": lambda v: check_seconds(v, "ttl", allow_none=True),
     "socket_timeout": lambda v: check_seconds(v, "socket_timeout"),
@@ -63,7 +77,9 @@ def open_store(url: str | os.PathLike[str] | None = None, **options: Any) -> Pas
     memory ``max_bytes``; SQLite ``timeout``; Redis ``prefix``, ``ttl``, ``socket_timeout``,
     ``connect_timeout``, ``retry_after``, ``max_retry_after`` and the connection options listed in
     :class:`~kalm_rag.store.redis.RedisStore` (``db``, ``password``, ``health_check_interval``, ``ssl_*``, ...);
-    SQLite and Redis ``memory_tier=256MB`` (a bounded LRU in front of the file or server).
+    SQLite and Redis ``memory_tier=256MB`` (a bounded LRU in front of the file or server); every scheme
+    ``storage=float32|bfloat16|int8|res4|res2|res1``, how a reranker opened on the store keeps vectors when
+    it is not given ``storage=`` itself (``store.storage``; docs/store.md).
 
     Args:
         url: the store URL or a SQLite file path; ``None`` for the default in-memory store.
@@ -78,15 +94,20 @@ def open_store(url: str | os.PathLike[str] | None = None, **options: Any) -> Pas
         64000000
     """
     kind, target, opts, tier = _plan(url, options)
+    storage = opts.pop("storage", None)
+    store: PassageStore
     if kind == "memory":
-        return MemoryStore(**opts)
-    if kind == "sqlite":
+        store = MemoryStore(**opts)
+    elif kind == "sqlite":
         from kalm_rag.store.sqlite import SQLiteStore
 
-        return _with_tier(SQLiteStore(target, **opts), tier)
-    from kalm_rag.store.redis import RedisStore
+        store = _with_tier(SQLiteStore(target, **opts), tier)
+    else:
+        from kalm_rag.store.redis import RedisStore
 
-    return _with_tier(RedisStore(target, **opts), tier)
+        store = _with_tier(RedisStore(target, **opts), tier)
+    store.storage = storage
+    return store
 
 
 def check_store_url(url: str | os.PathLike[str] | None, **options: Any) -> None:

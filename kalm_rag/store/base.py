@@ -9,12 +9,19 @@ ratio that is a multiple of the base ratio can be derived exactly.
 from __future__ import annotations
 
 import hashlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from kalm_rag.store.quantize import Codebook
+
+
+_META_LOCK = threading.RLock()
 
 
 def passage_key(text: str) -> str:
@@ -34,11 +41,21 @@ class PooledPassage:
         vectors: window means, shape ``(W, d)``, in the storage dtype.
         counts: real-token count of each window, shape ``(W,)``, int32; every count is > 0.
         ratio: the pooling ratio the windows were made at (the store's base ratio).
+        storage: how a store keeps the vectors (``float32``, ``bfloat16``, ``int8``, ``res4``, ``res2``,
+            ``res1``; see :mod:`kalm_rag.store.quantize`); ``None`` keeps them exactly in their dtype.
+            An entry read back from a store has the storage it was written with and float32 ``vectors``
+            for the compact storages.
+        codebook: the residual codebook a ``resN`` entry is (or was) encoded with.
+        blob: the encoded bytes this entry was read from (so that a memory tier filled from a persistent
+            store keeps the same bytes instead of quantising decoded vectors again).
     """
 
     vectors: torch.Tensor
     counts: torch.Tensor
     ratio: int
+    storage: str | None = None
+    codebook: Codebook | None = field(default=None, repr=False, compare=False)
+    blob: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_windows(self) -> int:
@@ -52,7 +69,7 @@ class PooledPassage:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the tensors (the size a memory tier charges for the entry)."""
+        """Bytes held by the tensors (a memory store charges the encoded size, ``len(encode_entry(...))``)."""
         return self.vectors.numel() * self.vectors.element_size() + self.counts.numel() * self.counts.element_size()
 
 
@@ -61,6 +78,9 @@ class PassageStore(ABC):
 
     Open one from a URL with :meth:`PassageStore.open`; see :func:`kalm_rag.store.open_store`.
     """
+
+    #: The ``storage`` a reranker opened on this store uses when it is given none (the URL's ``?storage=``).
+    storage: str | None = None
 
     @staticmethod
     def open(url: str | None = None, **options: Any) -> PassageStore:
@@ -106,6 +126,41 @@ class PassageStore(ABC):
         """Counters: at least ``entries``, ``bytes``, ``hits``, ``misses`` (and ``corrupt``: values found
         damaged or misplaced, dropped and reported as misses).
         """
+
+    # ----- small records next to the entries: codebooks and the settings that shaped a namespace ------
+
+    def get_meta(self, scope: str, name: str) -> bytes | None:
+        """The record ``name`` of ``scope`` (a namespace or a model id), or ``None``.
+
+        The base implementation keeps records in this process only; the persistent backends keep them with
+        their entries. Reads of a store that is down return ``None``.
+        """
+        return self._process_meta().get((scope, name))
+
+    def put_meta_if_absent(self, scope: str, name: str, value: bytes) -> bytes:
+        """Write the record unless one exists; return the record that is there now (the first writer wins).
+
+        Raises:
+            StoreError: the record cannot be written or read back.
+        """
+        with _META_LOCK:
+            return self._process_meta().setdefault((scope, name), bytes(value))
+
+    def delete_meta(self, scope: str, name: str, value: bytes | None = None) -> None:
+        """Delete the record (only if it still holds ``value``, when given: a damaged record is dropped
+        without racing a writer that replaced it).
+        """
+        with _META_LOCK:
+            meta = self._process_meta()
+            if value is None or meta.get((scope, name)) == value:
+                meta.pop((scope, name), None)
+
+    def _process_meta(self) -> dict[tuple[str, str], bytes]:
+        meta: dict[tuple[str, str], bytes] | None = self.__dict__.get("_meta_records")
+        if meta is None:
+            with _META_LOCK:
+                meta = self.__dict__.setdefault("_meta_records", {})
+        return meta
 
     def healthy(self) -> bool:
         """Whether the backend is reachable right now (always true for embedded stores)."""

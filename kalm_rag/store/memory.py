@@ -1,4 +1,9 @@
-"""In-memory passage store: a bounded LRU, the default when no store is given."""
+"""In-memory passage store: a bounded LRU, the default when no store is given.
+
+It holds the same encoded bytes as the persistent stores (:mod:`kalm_rag.store.codec`), so a compact
+``storage`` shrinks RAM per passage too; reads decode them without the CRC and finiteness checks (the
+bytes never left this process's memory and were checked when written).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,15 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from kalm_rag.errors import StoreConfigError, StoreError
 from kalm_rag.store.base import PassageStore, PooledPassage
-from kalm_rag.store.codec import validate_entry
+from kalm_rag.store.codebooks import codebook_lookup
+from kalm_rag.store.codec import CorruptEntryError, decode_entry, encode_entry
 from kalm_rag.store.options import parse_bytes
 
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: about 400 Nano passages of 1024 tokens at ratio 1 in fp32
 
 
 class MemoryStore(PassageStore):
-    """A thread-safe LRU of pooled passages bounded by the bytes of its tensors.
+    """A thread-safe LRU of encoded passages bounded by their bytes.
 
     Args:
         max_bytes: the most tensor bytes held (an int or a size such as ``"2GB"``); least recently used
@@ -31,38 +37,51 @@ class MemoryStore(PassageStore):
         if size <= 0:
             raise StoreConfigError(f"max_bytes must be > 0, got {max_bytes!r}")
         self.max_bytes = size
-        self._entries: OrderedDict[tuple[str, str], PooledPassage] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._bytes = 0
         self._hits = 0
         self._misses = 0
         self._evictions = 0
+        self._corrupt = 0
         self._lock = threading.Lock()
 
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[PooledPassage | None]:
-        out: list[PooledPassage | None] = []
         with self._lock:
-            for key in keys:
-                entry = self._entries.get((namespace, key))
-                if entry is None:
-                    self._misses += 1
-                else:
-                    self._hits += 1
+            blobs = [self._entries.get((namespace, key)) for key in keys]
+            for key, blob in zip(keys, blobs):
+                if blob is not None:
                     self._entries.move_to_end((namespace, key))
-                out.append(entry)
+        out: list[PooledPassage | None] = []
+        lookup = codebook_lookup(self, namespace)
+        for key, blob in zip(keys, blobs):
+            entry = None
+            if blob is not None:
+                try:
+                    entry = decode_entry(blob, namespace=namespace, key=key, lookup=lookup, verify=False)
+                except CorruptEntryError:  # its codebook was dropped: recompute
+                    with self._lock:
+                        self._corrupt += 1
+                        if self._entries.get((namespace, key)) is blob:
+                            self._remove((namespace, key))
+            out.append(entry)
+        hits = sum(entry is not None for entry in out)
+        with self._lock:
+            self._hits += hits
+            self._misses += len(out) - hits
         return out
 
     def put_many(self, namespace: str, entries: Mapping[str, PooledPassage]) -> None:
-        for entry in entries.values():
-            validate_entry(entry)  # all or nothing: a malformed or non-finite entry stores none of the batch
+        # all or nothing: a malformed or non-finite entry stores none of the batch
+        blobs = {key: encode_entry(namespace, key, entry) for key, entry in entries.items()}
         too_big = 0
         with self._lock:
-            for key, entry in entries.items():
+            for key, blob in blobs.items():
                 self._remove((namespace, key))
-                if entry.nbytes > self.max_bytes:
+                if len(blob) > self.max_bytes:
                     too_big += 1
                     continue
-                self._entries[(namespace, key)] = entry
-                self._bytes += entry.nbytes
+                self._entries[(namespace, key)] = blob
+                self._bytes += len(blob)
             self._evict_to_budget()
         if too_big:
             raise StoreError(
@@ -82,6 +101,9 @@ class MemoryStore(PassageStore):
         with self._lock:
             for full_key in [k for k in self._entries if namespace is None or k[0] == namespace]:
                 self._remove(full_key)
+            meta = self._process_meta()
+            for scope_name in [k for k in meta if namespace is None or k[0] == namespace]:
+                del meta[scope_name]
 
     def iter_keys(self, namespace: str) -> Iterator[str]:
         with self._lock:
@@ -97,18 +119,19 @@ class MemoryStore(PassageStore):
                 "hits": self._hits,
                 "misses": self._misses,
                 "evictions": self._evictions,
-                "corrupt": 0,  # entries are kept as tensors, never decoded
+                "corrupt": self._corrupt,  # entries whose codebook was dropped
+                "bytes_per_passage": self._bytes // max(1, len(self._entries)),
             }
 
     def _remove(self, full_key: tuple[str, str]) -> bool:
-        entry = self._entries.pop(full_key, None)
-        if entry is None:
+        blob = self._entries.pop(full_key, None)
+        if blob is None:
             return False
-        self._bytes -= entry.nbytes
+        self._bytes -= len(blob)
         return True
 
     def _evict_to_budget(self) -> None:
         while self._bytes > self.max_bytes and self._entries:
-            _, entry = self._entries.popitem(last=False)
-            self._bytes -= entry.nbytes
+            _, blob = self._entries.popitem(last=False)
+            self._bytes -= len(blob)
             self._evictions += 1

@@ -62,11 +62,24 @@ def m004_drop_passage_ids(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE IF EXISTS passage_ids")
 
 
+def m005_create_meta(conn: sqlite3.Connection) -> None:
+    """Small records per scope (a namespace or a model id): a namespace's codebook, the settings of a model."""
+    conn.execute(
+        """CREATE TABLE meta (
+            scope TEXT NOT NULL,
+            name TEXT NOT NULL,
+            value BLOB NOT NULL,
+            PRIMARY KEY (scope, name)
+        )"""
+    )
+
+
 MIGRATIONS: list[Migration] = [
     m001_create_passages,
     m002_create_settings,
     m003_create_passage_ids,  # shipped, so kept: databases record its name; m004 undoes it
     m004_drop_passage_ids,
+    m005_create_meta,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -3,6 +3,8 @@
 Key layout (namespace and key are percent-encoded, so neither can contain ``:`` or a glob character)::
 
     {prefix}:{namespace}:p:{key}   -> codec bytes of one entry (a plain string value, optional TTL)
+    {prefix}:{scope}:m:{name}      -> a record of a namespace or model id (its codebook, its settings; no TTL),
+                                      written with ``SET NX`` so that the first writer wins
 
 (Versions before 0.2 also kept a hash ``{prefix}:{namespace}:ids`` of caller ids; nothing reads it any more,
 and ``clear`` removes it with the namespace.)
@@ -52,6 +54,7 @@ except ModuleNotFoundError as exc:  # redis-py is an optional dependency
     raise MissingDependencyError('redis:// passage stores need redis-py: pip install "kalm-rag[redis]"') from exc
 
 from kalm_rag.store.base import PassageStore, PooledPassage
+from kalm_rag.store.codebooks import codebook_lookup
 from kalm_rag.store.codec import CorruptEntryError, decode_entry, encode_entry
 from kalm_rag.store.options import (
     check_bool,
@@ -370,11 +373,12 @@ class RedisStore(PassageStore):
         blobs = self._degrade("get_many", lambda: cast(list[bytes | None], self._client.mget(names)), missing)
         out: list[PooledPassage | None] = []
         corrupt: list[str] = []
+        lookup = codebook_lookup(self, namespace)
         for key, name, blob in zip(keys, names, blobs):
             entry = None
             if blob is not None:
                 try:
-                    entry = decode_entry(blob, namespace=namespace, key=key)
+                    entry = decode_entry(blob, namespace=namespace, key=key, lookup=lookup)
                 except CorruptEntryError as exc:
                     self._warnings.warn(
                         "corrupt", "dropping a corrupt passage entry %s in Redis: %s", name[:80], exc.reason
@@ -406,6 +410,36 @@ class RedisStore(PassageStore):
         except StoreError:
             self._count("skipped_writes", len(blobs))
             raise
+
+    def _meta_key(self, scope: str, name: str) -> str:
+        return f"{self._ns(scope)}:m:{quote(name, safe='')}"
+
+    def get_meta(self, scope: str, name: str) -> bytes | None:
+        value = self._degrade("get_meta", lambda: self._client.get(self._meta_key(scope, name)), None)
+        return None if value is None else bytes(cast(bytes, value))
+
+    def put_meta_if_absent(self, scope: str, name: str, value: bytes) -> bytes:
+        record = self._meta_key(scope, name)
+
+        def set_nx_and_read() -> bytes | None:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(record, value, nx=True)
+            pipe.get(record)
+            return cast("bytes | None", pipe.execute()[1])
+
+        stored = self._attempt("put_meta", set_nx_and_read)
+        if stored is None:  # deleted between the two commands: only possible in a MULTI-less proxy
+            raise StoreError(f"Redis passage store {self.url} lost the record {name!r} of {scope}")
+        return bytes(stored)
+
+    def delete_meta(self, scope: str, name: str, value: bytes | None = None) -> None:
+        record = self._meta_key(scope, name)
+
+        def delete() -> None:
+            if value is None or self._client.get(record) == value:
+                self._client.delete(record)
+
+        self._degrade("delete_meta", delete, None)
 
     def contains_many(self, namespace: str, keys: Sequence[str]) -> list[bool]:
         if not keys:
@@ -464,7 +498,8 @@ class RedisStore(PassageStore):
         entries, nbytes = self._degrade("stats", sizes, (-1, -1))
         with self._lock:
             counters = dict(self._counters)
-        return {"entries": entries, "bytes": nbytes, **counters}
+        per_passage = nbytes // entries if entries > 0 else 0
+        return {"entries": entries, "bytes": nbytes, "bytes_per_passage": per_passage, **counters}
 
     def close(self) -> None:
         self._client.close()

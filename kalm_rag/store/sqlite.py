@@ -5,9 +5,10 @@ One database file holds every namespace. The database runs in WAL mode with ``sy
 file), and every write is one ``BEGIN IMMEDIATE`` transaction that rolls back on any exception,
 including ``KeyboardInterrupt``. A process killed mid-write therefore leaves only complete entries.
 
-Connections are per thread and are re-created in a forked child (a connection is never used, nor
-closed, across ``fork``). Values are :mod:`kalm_rag.store.codec` bytes; a value that fails its checks
-is counted in ``stats()["corrupt"]``, deleted, and reported as a miss.
+Connections are per thread, closed when their thread ends (so short-lived threads do not pile up open
+files), and re-created in a forked child (a connection is never used, nor closed, across ``fork``).
+Values are :mod:`kalm_rag.store.codec` bytes; a value that fails its checks is counted in
+``stats()["corrupt"]``, deleted, and reported as a miss.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kalm_rag.errors import StoreConfigError, StoreError
 from kalm_rag.store.base import PassageStore, PooledPassage
+from kalm_rag.store.codebooks import codebook_lookup
 from kalm_rag.store.codec import CorruptEntryError, decode_entry, encode_entry
 from kalm_rag.store.migrations import SCHEMA_VERSION, migrate
 from kalm_rag.store.options import check_seconds
@@ -37,6 +40,25 @@ _PAGE = 1000  # keys per page of iter_keys
 # Connections inherited through fork(): kept referenced so they are never closed in the child (closing
 # one there could act on the parent's locks and WAL), and never used again.
 _INHERITED: list[sqlite3.Connection] = []
+
+
+class _ThreadConnection:
+    """A thread's connection, held by its ``threading.local``: closed when the thread ends (the local's
+    data is dropped then), by :meth:`SQLiteStore.close`, never in a forked child.
+    """
+
+    __slots__ = ("__weakref__", "conn", "generation", "pid")
+
+    def __init__(self, conn: sqlite3.Connection, generation: int) -> None:
+        self.conn, self.pid, self.generation = conn, os.getpid(), generation
+
+    def close(self) -> None:
+        if self.pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class StoreTimeoutError(StoreError):
@@ -81,7 +103,7 @@ class SQLiteStore(PassageStore):
         self._local = threading.local()
         self._lock = threading.Lock()  # guards the counters and the connection list
         self._generation = 0  # bumped by close(): every thread reconnects on next use
-        self._connections: list[tuple[int, sqlite3.Connection]] = []
+        self._connections: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
         self._counters = {"hits": 0, "misses": 0, "corrupt": 0}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,16 +120,18 @@ class SQLiteStore(PassageStore):
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use, after ``close()`` and in a forked child."""
         local = self._local
-        pid = os.getpid()
-        conn = getattr(local, "conn", None)
-        if conn is not None and local.pid != pid:
-            _INHERITED.append(conn)
-            conn = None
-        if conn is None or local.generation != self._generation:
+        held: _ThreadConnection | None = getattr(local, "held", None)
+        if held is not None and held.pid != os.getpid():
+            _INHERITED.append(held.conn)
+            held = None
+        if held is None or held.generation != self._generation:
             with self._errors("connect"):
                 conn = self._connect()
-            local.conn, local.pid, local.generation = conn, pid, self._generation
-        return conn
+            held = _ThreadConnection(conn, self._generation)
+            with self._lock:
+                self._connections.add(held)
+            local.held = held
+        return held.conn
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: autocommit; transactions are explicit BEGIN IMMEDIATE ... COMMIT.
@@ -119,8 +143,6 @@ class SQLiteStore(PassageStore):
             conn.close()
             raise StoreError(f"SQLite refused WAL mode for {self.path} (got {mode!r}); use a local file system")
         conn.execute("PRAGMA synchronous = NORMAL")
-        with self._lock:
-            self._connections.append((os.getpid(), conn))
         return conn
 
     @contextlib.contextmanager
@@ -171,9 +193,10 @@ class SQLiteStore(PassageStore):
         sql = "SELECT key, CAST(value AS BLOB) FROM passages WHERE namespace = ? AND key IN ({marks})"
         blobs = dict(self._select(sql, namespace, unique))
         decoded: dict[str, PooledPassage] = {}
+        lookup = codebook_lookup(self, namespace)
         for key, blob in blobs.items():
             try:
-                decoded[key] = decode_entry(blob, namespace=namespace, key=key)
+                decoded[key] = decode_entry(blob, namespace=namespace, key=key, lookup=lookup)
             except CorruptEntryError as exc:
                 self._drop_corrupt(namespace, key, blob, exc)
         out = [decoded.get(key) for key in keys]
@@ -238,8 +261,36 @@ class SQLiteStore(PassageStore):
         with self._write() as conn:
             if namespace is None:
                 conn.execute("DELETE FROM passages")
+                conn.execute("DELETE FROM meta")
             else:
                 conn.execute("DELETE FROM passages WHERE namespace = ?", (namespace,))
+                conn.execute("DELETE FROM meta WHERE scope = ?", (namespace,))
+
+    def get_meta(self, scope: str, name: str) -> bytes | None:
+        with self._errors("read"):
+            row = (
+                self._conn()
+                .execute("SELECT CAST(value AS BLOB) FROM meta WHERE scope = ? AND name = ?", (scope, name))
+                .fetchone()
+            )
+        return None if row is None else bytes(row[0])
+
+    def put_meta_if_absent(self, scope: str, name: str, value: bytes) -> bytes:
+        with self._write() as conn:  # INSERT OR IGNORE then re-read, in one transaction: the first writer wins
+            conn.execute("INSERT OR IGNORE INTO meta (scope, name, value) VALUES (?, ?, ?)", (scope, name, value))
+            row = conn.execute(
+                "SELECT CAST(value AS BLOB) FROM meta WHERE scope = ? AND name = ?", (scope, name)
+            ).fetchone()
+        return bytes(row[0])
+
+    def delete_meta(self, scope: str, name: str, value: bytes | None = None) -> None:
+        with self._write() as conn:
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE scope = ? AND name = ?", (scope, name))
+            else:
+                conn.execute(
+                    "DELETE FROM meta WHERE scope = ? AND name = ? AND CAST(value AS BLOB) = ?", (scope, name, value)
+                )
 
     def iter_keys(self, namespace: str) -> Iterator[str]:
         """Keys of ``namespace`` in sorted order, read a page at a time (writes may go on meanwhile)."""
@@ -264,16 +315,19 @@ class SQLiteStore(PassageStore):
             entries, nbytes = self._conn().execute("SELECT count(*), coalesce(sum(nbytes), 0) FROM passages").fetchone()
         with self._lock:
             counters = dict(self._counters)
-        return {"entries": entries, "bytes": nbytes, **counters, "schema_version": SCHEMA_VERSION}
+        return {
+            "entries": entries,
+            "bytes": nbytes,
+            "bytes_per_passage": nbytes // max(1, entries),
+            **counters,
+            "schema_version": SCHEMA_VERSION,
+        }
 
     def close(self) -> None:
         """Close this process's connections (every thread's); the store reconnects if used again."""
-        pid = os.getpid()
         with self._lock:
-            mine = [conn for owner, conn in self._connections if owner == pid]
-            # connections inherited through fork stay referenced (see _INHERITED), never closed here
-            self._connections = [(owner, conn) for owner, conn in self._connections if owner != pid]
+            held = list(self._connections)
+            self._connections = weakref.WeakSet()
             self._generation += 1
-        for conn in mine:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+        for connection in held:  # connections inherited through fork are never closed (see _INHERITED)
+            connection.close()

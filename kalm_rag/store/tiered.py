@@ -8,11 +8,14 @@ another process or machine may still be served from this process's tier until it
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 
 from kalm_rag.errors import StoreError
 from kalm_rag.store.base import PassageStore, PooledPassage
 from kalm_rag.store.memory import MemoryStore
+
+logger = logging.getLogger(__name__)
 
 
 class TieredStore(PassageStore):
@@ -39,7 +42,12 @@ class TieredStore(PassageStore):
         missing = [k for k, e in zip(keys, out) if e is None]  # duplicates kept: hits + misses == len(keys)
         if not missing:
             return out
-        found = {k: e for k, e in zip(missing, self.back.get_many(namespace, missing)) if e is not None}
+        try:
+            back = self.back.get_many(namespace, missing)
+        except StoreError as exc:  # keep the front hits: only the misses are recomputed
+            logger.warning("the passage store behind the memory tier failed a read (%s); %d misses", exc, len(missing))
+            return out
+        found = {k: e for k, e in zip(missing, back) if e is not None}
         if found:
             with contextlib.suppress(StoreError):
                 self.front.put_many(namespace, found)
@@ -50,6 +58,15 @@ class TieredStore(PassageStore):
         self.back.put_many(namespace, entries)
         with contextlib.suppress(StoreError):  # an entry larger than the tier is simply not cached in it
             self.front.put_many(namespace, entries)
+
+    def get_meta(self, scope: str, name: str) -> bytes | None:
+        return self.back.get_meta(scope, name)
+
+    def put_meta_if_absent(self, scope: str, name: str, value: bytes) -> bytes:
+        return self.back.put_meta_if_absent(scope, name, value)
+
+    def delete_meta(self, scope: str, name: str, value: bytes | None = None) -> None:
+        self.back.delete_meta(scope, name, value)
 
     def contains_many(self, namespace: str, keys: Sequence[str]) -> list[bool]:
         here = self.front.contains_many(namespace, keys)

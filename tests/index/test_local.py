@@ -13,6 +13,7 @@ from kalm_rag.cli import app
 from kalm_rag.errors import InvalidInputError, KalmError
 from kalm_rag.index import REPORT_KEYS, IncompleteIndexError, index_corpus, passage_text
 from kalm_rag.store import MemoryStore, passage_key
+from kalm_rag.store.settings import StoreSettingsError
 from kalm_rag.store.sqlite import SQLiteStore
 from tests.index.helpers import ROWS, TEXTS, assert_same_entries, entries_of, write_jsonl
 from tests.store.helpers import full_sqlite
@@ -236,8 +237,14 @@ def test_passage_side_settings_match_the_query_side(tiny_checkpoint, tmp_path):
     rr = Reranker.from_pretrained(tiny_checkpoint, store=url, ratio=8, **settings)
     rr.score("which topic?", TEXTS)
     assert rr.counters["encoded_passages"] == 0  # same settings: every passage is a hit
-    other = Reranker.from_pretrained(tiny_checkpoint, store=url)  # other settings, other namespace: no hits
-    assert other.store.contains_many(other.namespace, [passage_key(t) for t in TEXTS]) == [False] * len(TEXTS)
+    # settings left out are adopted from the store's record: same namespace, every passage a hit (issue 24, item 2)
+    other = Reranker.from_pretrained(tiny_checkpoint, store=url)
+    assert (other.base_ratio, other.storage, other.max_passage_tokens) == (4, "bfloat16", 64)
+    assert other.settings_source == "store" and other.namespace == rr.namespace
+    assert other.store.contains_many(other.namespace, [passage_key(t) for t in TEXTS]) == [True] * len(TEXTS)
+    # a setting that contradicts the record is refused, naming it
+    with pytest.raises(StoreSettingsError, match="base_ratio=4 \\(asked: 1\\)"):
+        Reranker.from_pretrained(tiny_checkpoint, store=url, base_ratio=1)
     rr.close()
     other.close()
 

@@ -29,7 +29,8 @@ PASSAGES = [
 @pytest.fixture(scope="module")
 def rr() -> Reranker:
     torch.manual_seed(0)
-    return Reranker.from_pretrained(device="cpu", dtype="float32")
+    # exact storage: these tests compare with plain transformers/torch, which a storage codec would blur
+    return Reranker.from_pretrained(device="cpu", dtype="float32", base_ratio=1, storage="float32")
 
 
 def test_default_is_kalm_mini(rr: Reranker) -> None:
@@ -94,7 +95,7 @@ def test_shipped_score_is_the_decoder_head_plus_the_encoder_cosine_skip(rr: Rera
 
 
 def test_named_load_matches_default(rr: Reranker) -> None:
-    named = Reranker.from_pretrained("kalm-mini", device="cpu", dtype="float32")
+    named = Reranker.from_pretrained("kalm-mini", device="cpu", dtype="float32", base_ratio=1, storage="float32")
     assert named.backend.weights_id == rr.backend.weights_id
     q = "What is the capital of France?"
     assert named.score(q, PASSAGES) == pytest.approx(rr.score(q, PASSAGES), abs=1e-6)

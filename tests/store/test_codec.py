@@ -93,7 +93,7 @@ def _reseal(blob: bytearray) -> None:
 
 def test_a_future_format_version_is_refused_even_with_a_valid_checksum():
     blob = bytearray(encode_entry(NS, KEY, make_entry(5)))
-    blob[4] = codec.FORMAT_VERSION + 1
+    blob[4] = codec.COMPACT_FORMAT_VERSION + 1
     _reseal(blob)
     with pytest.raises(CorruptEntryError, match="version"):
         decode_entry(bytes(blob), namespace=NS, key=KEY)

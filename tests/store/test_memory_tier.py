@@ -6,13 +6,19 @@ import pytest
 
 from kalm_rag.errors import StoreError
 from kalm_rag.store import MemoryStore, open_store
+from kalm_rag.store.codec import encode_entry
 from tests.store.helpers import make_entry, same_entry
 
 NS = "ns"
 
 
+def _stored(entry):
+    """Bytes the memory store charges for ``entry``: its encoded size (the tier holds codec bytes)."""
+    return len(encode_entry(NS, "k", entry))
+
+
 def test_memory_store_respects_max_bytes_under_a_stream_larger_than_it():
-    entry_bytes = make_entry(0, n_tokens=64, ratio=1, dim=32).nbytes
+    entry_bytes = _stored(make_entry(0, n_tokens=64, ratio=1, dim=32))
     store = MemoryStore(max_bytes=10 * entry_bytes + entry_bytes // 2)
     for start in range(0, 300, 7):  # batches of 7, 300 entries: 30x the budget
         store.put_many(NS, {f"k{i}": make_entry(i, n_tokens=64, ratio=1, dim=32) for i in range(start, start + 7)})
@@ -24,7 +30,7 @@ def test_memory_store_respects_max_bytes_under_a_stream_larger_than_it():
 
 
 def test_least_recently_used_entries_go_first():
-    size = make_entry(0).nbytes
+    size = _stored(make_entry(0))
     store = MemoryStore(max_bytes=3 * size)
     store.put_many(NS, {"a": make_entry(0), "b": make_entry(1), "c": make_entry(2)})
     store.get_many(NS, ["a"])  # a is now the most recent
@@ -33,7 +39,7 @@ def test_least_recently_used_entries_go_first():
 
 
 def test_an_entry_larger_than_the_budget_is_not_kept_and_evicts_nothing():
-    store = MemoryStore(max_bytes=make_entry(0).nbytes)
+    store = MemoryStore(max_bytes=_stored(make_entry(0)))
     store.put_many(NS, {"small": make_entry(0)})
     with pytest.raises(StoreError, match="1 of 1 entries are larger than the memory store's max_bytes"):
         store.put_many(NS, {"huge": make_entry(1, n_tokens=400)})  # not kept, and the caller is told
@@ -41,7 +47,7 @@ def test_an_entry_larger_than_the_budget_is_not_kept_and_evicts_nothing():
 
 
 def test_a_tier_bounded_by_max_bytes_before_sqlite_keeps_everything_in_the_backend(tmp_path):
-    entry_bytes = make_entry(0, n_tokens=64, ratio=1, dim=32).nbytes
+    entry_bytes = _stored(make_entry(0, n_tokens=64, ratio=1, dim=32))
     store = open_store(f"sqlite:///{tmp_path}/p.db", memory_tier=5 * entry_bytes)
     for i in range(50):
         store.put_many(NS, {f"k{i}": make_entry(i, n_tokens=64, ratio=1, dim=32)})

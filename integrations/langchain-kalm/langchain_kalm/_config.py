@@ -38,6 +38,9 @@ class KaLMEngineConfig(BaseModel):
     """Torch device (``cpu``, ``cuda``); ``None``: CUDA when available."""
     batch_size: int = 32
     """Passages per encoder or decoder batch."""
+    storage: str | None = None
+    """How passage vectors are stored: ``float32``, ``bfloat16``, ``int8``, ``res4``, ``res2`` or ``res1``;
+    ``None``: the store's recorded setting for the model (as ``kalm-rag index`` wrote it), else the model's."""
     title_key: str | None = None
     """Metadata key of a title to put before ``page_content`` (``kalm_rag.index.passage_text``); ``None``: the
     text alone. Use the same setting as ``kalm-rag index --title-field`` so that indexed passages are hits."""

@@ -54,6 +54,11 @@ class KaLMEngineConfig(BaseModel):
     )
     device: str | None = Field(default=None, description="Torch device; None: CUDA when available.")
     batch_size: int = Field(default=32, description="Passages per encoder or decoder batch.")
+    storage: str | None = Field(
+        default=None,
+        description="How passage vectors are stored (float32, bfloat16, int8, res4, res2, res1); None: the "
+        "store's recorded setting for the model, else the model's default.",
+    )
     title_key: str | None = Field(
         default=None,
         description="Metadata key of a title put before the node text (kalm_rag.index.passage_text); None: the "

@@ -29,6 +29,7 @@ class KaLMComponentBase:
         device: ComponentDevice | str | None,
         batch_size: int,
         title_key: str | None = None,
+        storage: str | None = None,
     ) -> None:
         self.title_key = check_title_key(title_key)
         if isinstance(device, str):
@@ -44,12 +45,14 @@ class KaLMComponentBase:
         self.store = store  # a Secret stays one: to_dict writes where it comes from, never its value
         self.device = device
         self.batch_size = batch_size
+        self.storage = storage
         # cheap: validates the settings, loads nothing
         self._handle = RerankerHandle(
             model=self.model,
             store=_resolve_store(store),
             device=None if device is None else device.to_torch_str(),
             batch_size=batch_size,
+            storage=storage,
         )
 
     def warm_up(self) -> None:
@@ -98,6 +101,7 @@ class KaLMComponentBase:
             device=None if self.device is None else self.device.to_dict(),
             batch_size=self.batch_size,
             title_key=self.title_key,
+            storage=self.storage,
         )
 
 

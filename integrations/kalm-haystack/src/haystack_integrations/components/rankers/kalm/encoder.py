@@ -45,6 +45,7 @@ class KaLMPassageEncoder(KaLMComponentBase):
         batch_size: int = 32,
         strict: bool = True,
         title_key: str | None = None,
+        storage: str | None = None,
     ) -> None:
         """Create a KaLMPassageEncoder; the model is loaded by :meth:`warm_up` (or the first run), not here.
 
@@ -64,10 +65,14 @@ class KaLMPassageEncoder(KaLMComponentBase):
         :param title_key:
             Metadata key of a title put before ``content`` (``kalm_rag.index.passage_text``); ``None``: the text
             alone. Must match the ranker's, and ``kalm-rag index --title-field``.
+        :param storage:
+            How passage vectors are stored (``float32``, ``bfloat16``, ``int8``, ``res4``, ``res2``, ``res1``);
+            ``None``: the store's recorded setting for the model (as ``kalm-rag index`` wrote it), else the
+            model's default.
         """
         # explicit base call: @component rebuilds the class, which breaks zero-argument super()
         KaLMComponentBase.__init__(
-            self, model=model, store=store, device=device, batch_size=batch_size, title_key=title_key
+            self, model=model, store=store, device=device, batch_size=batch_size, title_key=title_key, storage=storage
         )
         if not isinstance(strict, bool):
             raise InvalidInputError(f"strict must be True or False, got {strict!r}")

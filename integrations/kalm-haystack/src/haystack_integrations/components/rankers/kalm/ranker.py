@@ -49,6 +49,7 @@ class KaLMRanker(KaLMComponentBase):
         title_key: str | None = None,
         evidence: bool = False,
         prune: float | None = None,
+        storage: str | None = None,
     ) -> None:
         """Create a KaLMRanker; the model is loaded by :meth:`warm_up` (or the first run), not here.
 
@@ -81,6 +82,10 @@ class KaLMRanker(KaLMComponentBase):
             Prune each returned document's ``content`` to its best sentences, about this fraction of its characters
             (0..1], in their original order; ``meta["evidence"]`` then lists the kept sentences (spans into the
             original content, kept in ``meta["unpruned_content"]``).
+        :param storage:
+            How passage vectors are stored (``float32``, ``bfloat16``, ``int8``, ``res4``, ``res2``, ``res1``);
+            ``None``: the store's recorded setting for the model (as ``kalm-rag index`` wrote it), else the
+            model's default.
         :raises ValueError:
             If ``top_k`` is not > 0 or another option is out of range.
         """
@@ -91,7 +96,7 @@ class KaLMRanker(KaLMComponentBase):
         self.evidence, self.prune = check_evidence_options(evidence, prune)
         # explicit base call: @component rebuilds the class, which breaks zero-argument super()
         KaLMComponentBase.__init__(
-            self, model=model, store=store, device=device, batch_size=batch_size, title_key=title_key
+            self, model=model, store=store, device=device, batch_size=batch_size, title_key=title_key, storage=storage
         )
 
     def to_dict(self) -> dict[str, Any]:
