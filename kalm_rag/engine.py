@@ -311,7 +311,7 @@ class Reranker:
             system_instruction: system instruction, the prompt's first line (default: the official one).
             base_ratio: ratio at which passages are stored; any call ratio must be a multiple of it.
             storage: how stored vectors are kept: ``float32``, ``bfloat16``, ``int8`` or ``res4``/``res2``/
-                ``res1`` (a residual codebook trained on the corpus; ``kalm-rag[compact]``). See docs/store.md.
+                ``res1`` (a residual codebook trained on the corpus with faiss). See docs/store.md.
             storage_dtype: the older name of ``storage`` (``float32`` or ``bfloat16``).
 
         ``base_ratio``, ``storage`` and ``max_passage_tokens`` shape the stored vectors: left out (``None``),
@@ -723,7 +723,7 @@ class Reranker:
         query: str,
         passages: Sequence[str],
         *,
-        stages: Sequence[tuple[int, int]] = DEFAULT_CASCADE,
+        stages: Sequence[tuple[int, int]] | None = None,
         top_k: int | None = None,
         instruction: str | None = None,
     ) -> list[RankedPassage]:
@@ -738,15 +738,16 @@ class Reranker:
         Args:
             query: the query text.
             passages: candidate passages, best first according to the first-stage retriever.
-            stages: ``(ratio, depth)`` pairs, coarse to fine; default ``((32, 100), (2, 20))``, the
-                paper's cascade (top-100 at r=32, then top-20 at r=2).
+            stages: ``(ratio, depth)`` pairs, coarse to fine; default (``None``) ``((32, 100), (2, 20))``, the
+                paper's cascade (top-100 at r=32, then top-20 at r=2), each ratio raised to the next multiple of
+                ``base_ratio`` (a compact kalm-mini store at base ratio 4 runs the fine stage at r=4).
             top_k: keep the best ``top_k`` of the final ranking.
             instruction: task instruction for this call.
         """
         if top_k is not None:
             top_k = check_positive_int(top_k, "top_k")
         texts = check_passages(passages)
-        stages = check_stages(stages)
+        stages = check_stages(self._default_cascade() if stages is None else stages)
         for r, _ in stages:
             self._call_ratio(r)
         ordered: list[int] = list(range(len(texts)))  # the first stage reads the retriever's order
@@ -1025,6 +1026,11 @@ class Reranker:
                     torch.cuda.empty_cache()
                 continue
             start += len(batch)
+
+    def _default_cascade(self) -> list[tuple[int, int]]:
+        """:data:`DEFAULT_CASCADE` with each ratio raised to the next multiple of ``base_ratio`` (stored windows)."""
+        b = self.base_ratio
+        return [(-(-r // b) * b, depth) for r, depth in DEFAULT_CASCADE]
 
     def _call_ratio(self, ratio: int | None) -> int:
         r = self.ratio if ratio is None else check_ratio(ratio)

@@ -98,7 +98,9 @@ def test_gemma_margins_many_mixes_prompts_in_one_call(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def mini() -> Reranker:
-    return Reranker.from_pretrained("kalm-mini", device="cpu", dtype="float32", batch_size=5)
+    return Reranker.from_pretrained(
+        "kalm-mini", device="cpu", dtype="float32", batch_size=5, base_ratio=1, storage="float32"
+    )  # exact store: ratio 1 is read
 
 
 def test_mini_score_many_equals_each_request_alone(mini: Reranker) -> None:

@@ -18,7 +18,7 @@ PASSAGES = ["Paris is the capital of France, on the Seine.", "Bananas are yellow
 
 @pytest.fixture(scope="module")
 def mini() -> Reranker:
-    return Reranker.from_pretrained("kalm-mini", device="cpu", dtype="float32")
+    return Reranker.from_pretrained("kalm-mini", device="cpu", dtype="float32", base_ratio=1, storage="float32")
 
 
 @pytest.fixture(scope="module")

@@ -274,7 +274,7 @@ def train_codebook(vectors: torch.Tensor | np.ndarray, *, bits: int, seed: int =
     the sample's residuals to their centroids.
 
     Raises:
-        MissingDependencyError: faiss-cpu is not installed (``pip install "kalm-rag[compact]"``).
+        MissingDependencyError: faiss-cpu is not installed (a kalm-rag dependency: ``pip install faiss-cpu``).
         CodebookError: no vectors, or ``bits`` not 1, 2 or 4.
     """
     if bits not in (1, 2, 4):
@@ -331,7 +331,7 @@ def _faiss() -> Any:
     try:
         import faiss
     except ModuleNotFoundError as exc:
-        raise MissingDependencyError('storage="resN" needs faiss-cpu: pip install "kalm-rag[compact]"') from exc
+        raise MissingDependencyError('storage="resN" needs faiss-cpu (a kalm-rag dependency): pip install faiss-cpu') from exc
     return faiss
 
 

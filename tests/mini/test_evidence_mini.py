@@ -22,7 +22,7 @@ PASSAGES = [
 
 @pytest.fixture(scope="module")
 def rr():
-    return Reranker.from_pretrained("kalm-mini", device="cpu", dtype="float32")
+    return Reranker.from_pretrained("kalm-mini", device="cpu", dtype="float32", base_ratio=1, storage="float32")
 
 
 @pytest.mark.parametrize("ratio", [1, 4, 16])

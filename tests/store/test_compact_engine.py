@@ -187,3 +187,19 @@ def test_serve_warns_at_start_up_when_the_store_holds_nothing_for_its_model(tiny
     assert "holds no passage vectors" not in caplog.text
     assert (rr.storage, rr.settings_source) == ("int8", "store")  # adopted from what was indexed
     rr.close()
+
+
+def test_the_default_cascade_runs_on_a_store_at_base_ratio_4(backend):
+    """The paper's cascade (r=32, then r=2) cannot read windows stored at base ratio 4: by default its fine stage
+    runs at the next multiple of the base ratio; asked for explicitly, r=2 is refused with the reason."""
+    rr = Reranker(backend, store=MemoryStore(), base_ratio=4, storage="int8")
+    ranked = rr.rerank_cascade(QUERY, PASSAGES)
+    assert sorted(r.index for r in ranked) == list(range(len(PASSAGES)))
+    assert {r.ratio for r in ranked} == {4}  # 6 passages: every one reaches the fine stage
+    assert [r.index for r in ranked] == [r.index for r in rr.rerank(QUERY, PASSAGES, ratio=4)]
+    with pytest.raises(InvalidInputError, match="base_ratio"):
+        rr.rerank_cascade(QUERY, PASSAGES, stages=[(32, 10), (2, 4)])
+    exact = Reranker(backend, store=MemoryStore())  # official checkpoints: base ratio 1, the paper's stages as given
+    assert {r.ratio for r in exact.rerank_cascade(QUERY, PASSAGES)} == {2}
+    rr.close()
+    exact.close()
