@@ -331,7 +331,7 @@ def _faiss() -> Any:
     try:
         import faiss
     except ModuleNotFoundError as exc:
-        raise MissingDependencyError('storage="resN" needs faiss-cpu (a kalm-rag dependency): pip install faiss-cpu') from exc
+        raise MissingDependencyError('storage="resN" needs faiss-cpu: pip install faiss-cpu') from exc
     return faiss
 
 
