@@ -306,7 +306,8 @@ def demo(
     from kalm_rag import Reranker
 
     try:
-        rr = Reranker.from_pretrained(model, store=store, ratio=ratio)
+        # a few passages: no progress bars, whatever the logger level (they would interleave with the output)
+        rr = Reranker.from_pretrained(model, store=store, ratio=ratio, show_progress_bar=False)
     except Exception as exc:  # no stand-in model: a demo on random weights would show meaningless scores
         if os.environ.get(DEBUG_ENV):
             raise

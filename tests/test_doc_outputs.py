@@ -6,6 +6,7 @@ The examples are run here (in process: the service returns ``Reranker.rerank``'s
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def json_scores(text: str, key: str) -> list[float]:
 def test_the_demo_output_in_getting_started_is_what_the_demo_prints():
     result = CliRunner().invoke(app, ["demo"])
     assert result.exit_code == 0, result.output
+    assert result.output.strip() in read("docs/getting-started.md")
+
+
+def test_the_demo_prints_no_progress_bars_even_when_kalm_rag_logs_at_info():
+    logger = logging.getLogger("kalm_rag")
+    before = logger.level
+    logger.setLevel(logging.INFO)  # what an earlier caller (or a verbose application) may have left behind
+    try:
+        result = CliRunner().invoke(app, ["demo"])
+    finally:
+        logger.setLevel(before)
+    assert result.exit_code == 0, result.output
+    assert "Encoding passages" not in result.output
     assert result.output.strip() in read("docs/getting-started.md")
 
 
