@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from kalm_rag.bench.suite import cpu_name
 from kalm_rag.engine import Reranker
 from kalm_rag.eval.run import load_eval_set, metrics
 from kalm_rag.pooling import repool
@@ -32,16 +32,6 @@ from kalm_rag.store.quantize import DEFAULT_TRAIN_PASSAGES, residual_bits, train
 NS = "bench"
 R4_CODECS = {1: ["float32", "bfloat16", "int8", "res4", "res2", "res1"], 4: ["int8", "res4", "res2", "res1"]}
 R1_CODECS = ["float32", "int8", "res4"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def compact(entries: dict[str, PooledPassage], storage: str, book) -> tuple[dict[str, bytes], float]:  # type: ignore[no-untyped-def]

@@ -30,11 +30,9 @@ from typing import Any
 import torch
 
 from kalm_rag.bench.checkpoints import copy_gemma_tokenizer, make_tiny_tokenizer, random_t5gemma2
-from kalm_rag.bench.suite import QUERY, make_passages
+from kalm_rag.bench.suite import QUERY, make_passages, official_recipe
 from kalm_rag.engine import DEFAULT_CASCADE, Reranker, ScoreRequest
 from kalm_rag.models.t5gemma2 import T5Gemma2Backend
-from kalm_rag.pooling import mep_pool
-from kalm_rag.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, format_passage, format_prompt
 from kalm_rag.serve.batching import DynamicBatcher
 from kalm_rag.store import MemoryStore
 
@@ -122,8 +120,10 @@ def run_gpu_check(cfg: GpuCheckConfig) -> dict[str, Any]:
 def _scoring(cfg: GpuCheckConfig, rr: Reranker, model: Any, tokenizer: Any, device: torch.device, tokens: int) -> dict:
     passages = make_passages(tokenizer, cfg.passages, tokens, seed=tokens)
     _reset_peak(device)
-    official = _official_margins(model, tokenizer, QUERY, passages, ratio=4, device=device)
-    official_s = _median(lambda: _official_margins(model, tokenizer, QUERY, passages, 4, device), cfg.repeats, device)
+    official = official_recipe(model, tokenizer, QUERY, passages, 4, device=device)
+    official_s = _median(
+        lambda: official_recipe(model, tokenizer, QUERY, passages, 4, device=device), cfg.repeats, device
+    )
     official_peak = _peak_mib(device)
     t = time.perf_counter()
     rr.encode(passages)
@@ -180,39 +180,6 @@ async def _batcher_rate(
     await batcher.stop()
     made = rr.counters["decoder_calls"] - calls
     return len(requests) / seconds, (rr.counters["decoder_rows"] - rows) / max(1, made)
-
-
-@torch.inference_mode()
-def _official_margins(
-    model: Any, tokenizer: Any, query: str, passages: list[str], ratio: int, device: torch.device
-) -> torch.Tensor:
-    """The official recipe on ``device``: one padded batch, the encoder every call, full-vocabulary logits."""
-    enc = tokenizer(
-        [format_passage(p) for p in passages],
-        add_special_tokens=False,
-        padding=True,
-        truncation=True,
-        max_length=1024,
-        return_tensors="pt",
-    ).to(device)
-    states = model.get_encoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-    pooled, counts = mep_pool(states, enc.attention_mask, ratio)
-    prompt = format_prompt(query, instruction=DEFAULT_INSTRUCTION, system_instruction=DEFAULT_SYSTEM_INSTRUCTION)
-    dec = tokenizer([prompt] * len(passages), add_special_tokens=False, return_tensors="pt").to(device)
-    logits = model(
-        encoder_outputs=_encoder_output(pooled),
-        attention_mask=(counts > 0).long(),
-        decoder_input_ids=dec.input_ids,
-        use_cache=False,
-    ).logits  # (N, T, V)
-    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    return (logits[:, -1, yes] - logits[:, -1, no]).float()
-
-
-def _encoder_output(pooled: torch.Tensor) -> Any:
-    from transformers.modeling_outputs import BaseModelOutput
-
-    return BaseModelOutput(last_hidden_state=pooled)
 
 
 # ----- helpers ---------------------------------------------------------------------------------------

@@ -168,8 +168,12 @@ def peak_rss_mib() -> float:
 
 
 @torch.inference_mode()
-def official_recipe(model: Any, tokenizer: Any, query: str, passages: list[str], ratio: int) -> torch.Tensor:
-    """The official recipe: one padded batch, the encoder every call, MEP, decoder with full logits."""
+def official_recipe(
+    model: Any, tokenizer: Any, query: str, passages: list[str], ratio: int, *, device: torch.device | None = None
+) -> torch.Tensor:
+    """The official recipe: one padded batch, the encoder every call, MEP, decoder with full logits (on ``device``
+    when given: the model's device; else the tensors stay on the CPU).
+    """
     enc = tokenizer(
         [format_passage(p) for p in passages],
         add_special_tokens=False,
@@ -178,10 +182,14 @@ def official_recipe(model: Any, tokenizer: Any, query: str, passages: list[str],
         max_length=1024,
         return_tensors="pt",
     )
+    if device is not None:
+        enc = enc.to(device)
     states = model.get_encoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
     pooled, counts = mep_pool(states, enc.attention_mask, ratio)
     prompt = format_prompt(query, instruction=DEFAULT_INSTRUCTION, system_instruction=DEFAULT_SYSTEM_INSTRUCTION)
     dec = tokenizer([prompt] * len(passages), add_special_tokens=False, return_tensors="pt")
+    if device is not None:
+        dec = dec.to(device)
     logits = model(
         encoder_outputs=BaseModelOutput(last_hidden_state=pooled),
         attention_mask=(counts > 0).long(),
