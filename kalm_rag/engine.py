@@ -881,6 +881,12 @@ class Reranker:
         prompt = self._prompt(query, instruction=instruction, system_instruction=system_instruction)
         return self._decode_rows([prompt], [(0, e, ratio) for e in entries])
 
+    def _check_finite(self, margins: torch.Tensor) -> None:
+        if not torch.isfinite(margins).all():
+            raise NumericalError(
+                f"non-finite scores in {self.backend.dtype}; the model overflows in this dtype, use float32 or bfloat16"
+            )
+
     def _prompt(self, query: str, *, instruction: str, system_instruction: str) -> Prompt:
         prompt = self.backend.prompt_ids(
             query,
@@ -915,10 +921,7 @@ class Reranker:
             self.counters["decoder_rows"] += len(batch)
 
         self._for_each_batch(order, score_batch)
-        if not torch.isfinite(margins).all():
-            raise NumericalError(
-                f"non-finite scores in {self.backend.dtype}; the model overflows in this dtype, use float32 or bfloat16"
-            )
+        self._check_finite(margins)
         self.counters["scored_pairs"] += len(rows)
         return margins
 
@@ -968,13 +971,7 @@ class Reranker:
         self, query: str, entries: list[PooledPassage], *, instruction: str, system_instruction: str, ratio: int
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`_decode` that also returns each passage's window weights ``(W_i,)`` (from the same pass)."""
-        prompt = self.backend.prompt_ids(
-            query,
-            instruction=instruction,
-            system_instruction=system_instruction,
-            max_query_tokens=self.max_query_tokens,
-        )
-        self._warn_if_cut(prompt)
+        prompt = self._prompt(query, instruction=instruction, system_instruction=system_instruction)
         pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in entries]
         order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
         margins = torch.empty(len(pooled), dtype=torch.float32)
@@ -988,10 +985,7 @@ class Reranker:
                 weights[i] = batch_weights[row, : pooled[i].shape[0]].float()
 
         self._for_each_batch(order, score_batch)
-        if not torch.isfinite(margins).all():
-            raise NumericalError(
-                f"non-finite scores in {self.backend.dtype}; the model overflows in this dtype, use float32 or bfloat16"
-            )
+        self._check_finite(margins)
         self.counters["scored_pairs"] += len(entries)
         return margins, weights
 
