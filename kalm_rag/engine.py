@@ -24,7 +24,18 @@ from tqdm.auto import tqdm
 
 from kalm_rag._logs import RateLimitedWarning
 from kalm_rag.errors import InvalidInputError, NotStoredError, NumericalError, ReadOnlyOptionError, StoreError
-from kalm_rag.evidence import EvidenceSpan, check_keep, evidence_spans, prune_passage, window_spans
+from kalm_rag.evidence import (
+    EvidenceSpan,
+    attention_columns,
+    check_keep,
+    check_mass,
+    evidence_spans,
+    prune_passage,
+    ranked_spans,
+    read_sentences,
+    sentence_windows,
+    window_spans,
+)
 from kalm_rag.models import DEFAULT_MODEL, load_backend
 from kalm_rag.models.base import FBNLBackend, Prompt
 from kalm_rag.padding import right_pad, right_pad_vectors
@@ -55,6 +66,20 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIN_TRAIN_VECTORS = 2048
 #: The paper's cascade: rerank the top-100 at ratio 32, then the top-20 of those at ratio 2.
 DEFAULT_CASCADE: tuple[tuple[int, int], ...] = ((32, 100), (2, 20))
+
+
+@dataclass(frozen=True)
+class _EvidencePass:
+    """One decoder pass with evidence: the prompt, the ratio, margins ``(N,)`` and, per passage, its window
+    weights ``(W_i,)``, pooled vectors ``(W_i, d)`` and real-token counts ``(W_i,)`` at that ratio.
+    """
+
+    prompt: Prompt
+    ratio: int
+    margins: torch.Tensor
+    weights: list[torch.Tensor]
+    vectors: list[torch.Tensor]
+    counts: list[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -694,6 +719,7 @@ class Reranker:
         ratio: int | None = None,
         evidence: bool = False,
         prune: float | None = None,
+        prune_mass: float | None = None,
     ) -> list[RankedPassage]:
         """Passages sorted best first by margin (ties keep input order), cut to ``top_k``; each with its P(yes).
 
@@ -705,15 +731,23 @@ class Reranker:
         same decoder pass as the score (no second encoder pass; the scores are unchanged). With ``prune`` (the
         fraction of each passage's characters to keep, in (0, 1]) each result also carries ``pruned_text``: its
         best sentences within that budget (at least one), in their original order; ``evidence`` then lists
-        the kept sentences.
+        the kept sentences. ``prune_mass`` (in (0, 1]) prunes by evidence instead of length: each passage keeps
+        its best sentences until their evidence scores hold that share of the passage's evidence (kalm-mini's
+        trained readout scores are shares that sum to 1, so ``prune_mass=0.9`` keeps one sentence where the model
+        is sure and more where it is not). At most one of ``prune`` and ``prune_mass``.
         """
         if top_k is not None:
             top_k = check_positive_int(top_k, "top_k")
         r = self._call_ratio(ratio)
         evidence = _check_bool(evidence, "evidence")
+        if prune is not None and prune_mass is not None:
+            raise InvalidInputError("give prune (a share of characters) or prune_mass (a share of evidence), not both")
         keep = None if prune is None else check_keep(prune)
-        if evidence or keep is not None:
-            return self._rerank_with_evidence(query, passages, top_k=top_k, instruction=instruction, ratio=r, keep=keep)
+        mass = None if prune_mass is None else check_mass(prune_mass)
+        if evidence or keep is not None or mass is not None:
+            return self._rerank_with_evidence(
+                query, passages, top_k=top_k, instruction=instruction, ratio=r, keep=keep, mass=mass
+            )
         margins = self.score(query, passages, instruction=instruction, ratio=r, return_margin=True)
         scores = probabilities(margins)
         return [RankedPassage(index=i, score=scores[i], text=passages[i], ratio=r) for i in rank_order(margins)[:top_k]]
@@ -934,6 +968,7 @@ class Reranker:
         instruction: str | None,
         ratio: int,
         keep: float | None,
+        mass: float | None = None,
     ) -> list[RankedPassage]:
         """:meth:`rerank` with evidence spans (and pruning): one decoder pass gives scores and window weights."""
         query = check_text(query, "query")
@@ -941,25 +976,19 @@ class Reranker:
         instr = self.instruction if instruction is None else check_text(instruction, "instruction")
         if not texts:
             return []
-        margins, weights = self._decode_with_evidence(
+        found = self._decode_with_evidence(
             query, self._pooled(texts), instruction=instr, system_instruction=self.system_instruction, ratio=ratio
         )
-        margins = self._with_lexical(query, texts, margins)
+        margins = self._with_lexical(query, texts, found.margins)
         scores = probabilities(margins.tolist())
         ranked = rank_order(margins.tolist())[:top_k]
         offsets = self.backend.passage_offsets([texts[i] for i in ranked], self.max_passage_tokens)
         out = []
         for i, token_offsets in zip(ranked, offsets):
-            windows = window_spans(token_offsets, ratio)
-            if len(windows) != weights[i].shape[0]:
-                raise NumericalError(
-                    f"passage {i}: {weights[i].shape[0]} stored windows but its text tokenises into {len(windows)} "
-                    f"at ratio {ratio}; the store holds vectors of another tokenisation"
-                )
-            spans = evidence_spans(texts[i], windows, weights[i].tolist())
+            spans = self._passage_evidence(found, i, texts[i], token_offsets)
             pruned = None
-            if keep is not None:
-                pruned, spans = prune_passage(texts[i], spans, keep=keep)
+            if keep is not None or mass is not None:
+                pruned, spans = prune_passage(texts[i], spans, keep=keep, mass=mass)
             out.append(
                 RankedPassage(
                     index=i, score=scores[i], text=texts[i], ratio=ratio, evidence=tuple(spans), pruned_text=pruned
@@ -967,27 +996,81 @@ class Reranker:
             )
         return out
 
+    def _passage_evidence(
+        self, found: _EvidencePass, i: int, text: str, token_offsets: Sequence[tuple[int, int] | None]
+    ) -> list[EvidenceSpan]:
+        """Passage ``i``'s sentences, best first: the backend's trained sentence readout when it has one (scores
+        are shares of the passage's evidence), else its window weights' training-free readout.
+        """
+        windows = self._evidence_windows(found, i, token_offsets)
+        readout = getattr(self.backend, "evidence_readout", None)
+        if readout is None:
+            return evidence_spans(text, windows, found.weights[i].tolist())
+        sentences, columns = self._sentence_columns(found, i, text, windows)
+        return ranked_spans(sentences, readout.probabilities(columns)) if sentences else []
+
+    def _evidence_windows(
+        self, found: _EvidencePass, i: int, token_offsets: Sequence[tuple[int, int] | None]
+    ) -> list[tuple[int, int] | None]:
+        """Passage ``i``'s window spans at the pass's ratio, checked against the windows it was scored with."""
+        windows = window_spans(token_offsets, found.ratio)
+        if len(windows) != found.weights[i].shape[0]:
+            raise NumericalError(
+                f"passage {i}: {found.weights[i].shape[0]} stored windows but its text tokenises into "
+                f"{len(windows)} at ratio {found.ratio}; the store holds vectors of another tokenisation"
+            )
+        return windows
+
+    def _sentence_columns(
+        self,
+        found: _EvidencePass,
+        i: int,
+        text: str,
+        windows: Sequence[tuple[int, int] | None],
+        *,
+        sentences: Sequence[tuple[int, int]] | None = None,
+    ) -> tuple[list[tuple[int, int]], dict[str, list[float]]]:
+        """Passage ``i``'s read sentences (default: its :func:`~kalm_rag.evidence.sentence_spans`) and their
+        readout features (feature name -> one value per sentence): the attention ones from the window weights,
+        the backend's own (``sentence_columns``) from each sentence's vector and text.
+        """
+        sentences = read_sentences(text, windows, sentences)
+        if not sentences:
+            return [], {}
+        groups = sentence_windows(sentences, windows)
+        columns = attention_columns(groups, found.weights[i].tolist())
+        sentence_columns = getattr(self.backend, "sentence_columns", None)
+        if sentence_columns is not None:
+            vectors, counts = found.vectors[i], found.counts[i].to(torch.float32)  # (W, d), (W,)
+            sentence_vectors = torch.stack(
+                [(vectors[g] * counts[g, None]).sum(0) / counts[g].sum().clamp(min=1.0) for g in groups]
+            )  # (S, d): each sentence's windows, count-weighted, as the encoder's own mean pooling would
+            columns.update(sentence_columns(found.prompt, [text[s:e] for s, e in sentences], sentence_vectors))
+        return sentences, columns
+
     def _decode_with_evidence(
         self, query: str, entries: list[PooledPassage], *, instruction: str, system_instruction: str, ratio: int
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """:meth:`_decode` that also returns each passage's window weights ``(W_i,)`` (from the same pass)."""
+    ) -> _EvidencePass:
+        """:meth:`_decode` that also keeps each passage's window weights ``(W_i,)`` (from the same pass) and its
+        pooled vectors at ``ratio`` (what a trained sentence readout reads).
+        """
         prompt = self._prompt(query, instruction=instruction, system_instruction=system_instruction)
-        pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio)[0] for e in entries]
-        order = sorted(range(len(pooled)), key=lambda i: -pooled[i].shape[0])
+        pooled = [repool(e.vectors, e.counts, ratio // self.base_ratio) for e in entries]  # [((W, d), (W,))]
+        order = sorted(range(len(pooled)), key=lambda i: -pooled[i][0].shape[0])
         margins = torch.empty(len(pooled), dtype=torch.float32)
         weights: list[torch.Tensor] = [torch.empty(0)] * len(pooled)
 
         def score_batch(batch: list[int]) -> None:
-            vectors, mask = right_pad_vectors([pooled[i] for i in batch], self.backend.dtype)  # (B, W, d), (B, W)
+            vectors, mask = right_pad_vectors([pooled[i][0] for i in batch], self.backend.dtype)  # (B, W, d), (B, W)
             batch_margins, batch_weights = self.backend.margins_and_window_weights(prompt, vectors, mask)
             margins[batch] = batch_margins
             for row, i in enumerate(batch):
-                weights[i] = batch_weights[row, : pooled[i].shape[0]].float()
+                weights[i] = batch_weights[row, : pooled[i][0].shape[0]].float()
 
         self._for_each_batch(order, score_batch)
         self._check_finite(margins)
         self.counters["scored_pairs"] += len(entries)
-        return margins, weights
+        return _EvidencePass(prompt, ratio, margins, weights, [p[0] for p in pooled], [p[1] for p in pooled])
 
     def _warn_if_cut(self, prompt: Prompt) -> None:
         if prompt.query_cut:  # rate-limited: a client sending long queries would otherwise log every call

@@ -6,6 +6,11 @@ the windows, or a trained head); this module maps the windows back to characters
 sentences (``sentencex``), scores each sentence from the windows that overlap it, and prunes a passage to its
 best sentences. Everything here is pure: no model, no store.
 
+Two readouts turn window signals into sentence scores: the training-free one (:func:`evidence_spans`: a
+sentence scores its best overlapping window's weight) and a trained :class:`SentenceReadout` (a few weights over
+z-scored sentence features, shipped as ``evidence.json`` next to a model's weights), whose scores are each
+sentence's share of the passage's evidence (they sum to 1).
+
 Example:
     >>> text = "Bananas are yellow. Paris is the capital of France."
     >>> sentence_spans(text)
@@ -24,12 +29,14 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from kalm_rag.errors import InvalidInputError
+from kalm_rag.errors import InvalidInputError, ModelLoadError
 
 #: A token's character span in the passage text, or ``None`` for a position that holds no passage text
 #: (the ``"<Document>: "`` prefix, ``[CLS]``/``[SEP]``).
@@ -40,6 +47,9 @@ Aggregate = Literal["max", "mean", "mass"]
 
 #: Separator between the kept sentences of a pruned passage.
 PRUNE_SEPARATOR = " "
+
+#: File of a trained :class:`SentenceReadout` inside a model folder.
+READOUT_FILE = "evidence.json"
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,135 @@ def read_extent(offsets: Sequence[Offset]) -> int:
     return max((o[1] for o in offsets if o is not None), default=0)
 
 
+def read_sentences(
+    text: str, windows: Sequence[tuple[int, int] | None], sentences: Sequence[tuple[int, int]] | None = None
+) -> list[tuple[int, int]]:
+    """The sentences the encoder read: those starting before the last window's end, cut at it (in order).
+
+    ``sentences`` defaults to :func:`sentence_spans` of ``text``; no window with text means nothing was read.
+    """
+    read_end = max((w[1] for w in windows if w is not None), default=0)
+    spans = sentence_spans(text) if sentences is None else [(int(s), int(e)) for s, e in sentences]
+    return [(s, min(e, read_end)) for s, e in spans if s < read_end]
+
+
+def sentence_windows(
+    sentences: Sequence[tuple[int, int]], windows: Sequence[tuple[int, int] | None]
+) -> list[list[int]]:
+    """For each sentence the indices of the windows overlapping it (else the nearest window with text)."""
+    real = [(i, w) for i, w in enumerate(windows) if w is not None]
+    if not real:
+        return [[] for _ in sentences]
+    out = []
+    for s, e in sentences:
+        hit = [i for i, (ws, we) in real if min(e, we) - max(s, ws) > 0]
+        if not hit:  # only whitespace or untokenised characters: the nearest window speaks for it
+            hit = [min(real, key=lambda item: min(abs(item[1][0] - e), abs(item[1][1] - s)))[0]]
+        out.append(hit)
+    return out
+
+
+def attention_columns(groups: Sequence[Sequence[int]], weights: Sequence[float]) -> dict[str, list[float]]:
+    """The readout's attention features per sentence: the log of the best and of the mean window weight among
+    the windows of each group (:func:`sentence_windows`).
+    """
+    best, mean = [], []
+    for group in groups:
+        ws = [float(weights[i]) for i in group]
+        best.append(math.log(max(max(ws), 1e-9)))
+        mean.append(math.log(max(sum(ws) / len(ws), 1e-9)))
+    return {"attention_max": best, "attention_mean": mean}
+
+
+# ----- a trained readout ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SentenceReadout:
+    """A trained sentence readout: a weighted sum of sentence features, each standardised within the passage.
+
+    ``logit_j = sum_k weight_k * (x_jk - mean_k) / std_k`` over the passage's read sentences ``j`` (a feature
+    that is constant over the passage contributes 0); the evidence score of a sentence is ``softmax(logit)_j``,
+    its share of the passage's evidence. Standardising within the passage makes the weights independent of
+    each feature's scale, ratio and passage length (few parameters: trained on SQuAD, it cannot memorise it).
+
+    Attributes:
+        features: the feature names, in the order of ``weights`` (the backend and :func:`attention_columns`
+            compute them).
+        weights: one weight per feature.
+        meta: how it was trained (data, ratios, counts), for the model card.
+    """
+
+    features: tuple[str, ...]
+    weights: tuple[float, ...]
+    meta: dict[str, object] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.features) != len(self.weights) or not self.features:
+            raise InvalidInputError(f"{len(self.features)} readout features but {len(self.weights)} weights")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise InvalidInputError("readout weights must be finite")
+
+    def logits(self, columns: Mapping[str, Sequence[float]]) -> list[float]:
+        """Each sentence's logit from ``columns`` (feature name -> one value per sentence)."""
+        missing = [f for f in self.features if f not in columns]
+        if missing:
+            raise InvalidInputError(f"sentence features {missing} missing (have {sorted(columns)})")
+        n = len(columns[self.features[0]])
+        out = [0.0] * n
+        for name, weight in zip(self.features, self.weights):
+            values = [float(v) for v in columns[name]]
+            if len(values) != n:
+                raise InvalidInputError(f"feature {name!r} has {len(values)} values for {n} sentences")
+            mean = sum(values) / n if n else 0.0
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / n) if n else 0.0
+            std = max(std, 1e-3)  # a constant feature says nothing about which sentence
+            for j, v in enumerate(values):
+                out[j] += weight * (v - mean) / std
+        return out
+
+    def probabilities(self, columns: Mapping[str, Sequence[float]]) -> list[float]:
+        """``softmax(logits)``: each sentence's share of the passage's evidence (sums to 1)."""
+        logits = self.logits(columns)
+        if not logits:
+            return []
+        top = max(logits)
+        exp = [math.exp(x - top) for x in logits]
+        total = sum(exp)
+        return [x / total for x in exp]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``evidence.json`` into ``folder``."""
+        path = Path(folder) / READOUT_FILE
+        body = {"features": list(self.features), "weights": list(self.weights), "meta": self.meta}
+        path.write_text(json.dumps(body, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SentenceReadout | None:
+        """The readout in ``folder`` (``evidence.json``), or ``None`` when it holds none."""
+        path = Path(folder) / READOUT_FILE
+        if not path.is_file():
+            return None
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+            return cls(
+                tuple(str(f) for f in body["features"]),
+                tuple(float(w) for w in body["weights"]),
+                dict(body.get("meta", {})),
+            )
+        except (ValueError, KeyError, TypeError, InvalidInputError) as exc:
+            raise ModelLoadError(f"{path}: not a usable evidence readout ({exc})") from exc
+
+
+def ranked_spans(sentences: Sequence[tuple[int, int]], scores: Sequence[float]) -> list[EvidenceSpan]:
+    """One span per sentence with its score, best first (ties: earlier first)."""
+    if len(sentences) != len(scores):
+        raise InvalidInputError(f"{len(sentences)} sentences but {len(scores)} scores")
+    order = sorted(range(len(sentences)), key=lambda j: (-float(scores[j]), j))
+    return [EvidenceSpan(sentences[j][0], sentences[j][1], float(scores[j])) for j in order]
+
+
 # ----- sentence scores and spans -------------------------------------------------------------------
 
 
@@ -230,12 +369,45 @@ def select_sentences(spans: Sequence[EvidenceSpan], keep: float) -> list[Evidenc
     return chosen
 
 
-def prune_passage(text: str, spans: Sequence[EvidenceSpan], *, keep: float) -> tuple[str, list[EvidenceSpan]]:
-    """``text`` cut to its best sentences (:func:`select_sentences`), joined in their original order.
+def check_mass(mass: object, name: str = "prune_mass") -> float:
+    """``mass`` as the share of a passage's evidence to keep, in ``(0, 1]``, else ``InvalidInputError``."""
+    if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0.0 < float(mass) <= 1.0:
+        raise InvalidInputError(f"{name} must be the share of each passage's evidence to keep, in (0, 1], got {mass!r}")
+    return float(mass)
+
+
+def select_by_mass(spans: Sequence[EvidenceSpan], mass: float) -> list[EvidenceSpan]:
+    """The best sentences until their scores add up to at least ``mass`` of all the scores (at least one).
+
+    With a trained readout the scores are shares that sum to 1, so ``mass=0.9`` keeps the fewest best
+    sentences that hold 90 % of the evidence: one when the model is sure, more when it is not. Scores below 0
+    count as 0. Returned best first.
+    """
+    mass = check_mass(mass, "mass")
+    total = sum(max(s.score, 0.0) for s in spans)
+    chosen: list[EvidenceSpan] = []
+    held = 0.0
+    for span in spans:
+        chosen.append(span)
+        held += max(span.score, 0.0)
+        if total <= 0.0 or held >= mass * total - 1e-12:
+            break
+    return chosen
+
+
+def prune_passage(
+    text: str, spans: Sequence[EvidenceSpan], *, keep: float | None = None, mass: float | None = None
+) -> tuple[str, list[EvidenceSpan]]:
+    """``text`` cut to its best sentences, joined in their original order.
+
+    Exactly one rule: ``keep``, a budget of characters (:func:`select_sentences`), or ``mass``, a share of the
+    evidence (:func:`select_by_mass`).
 
     Returns:
         ``(pruned text, kept spans best first)``; the spans index the original ``text``.
     """
-    kept = select_sentences(spans, keep)
+    if (keep is None) == (mass is None):
+        raise InvalidInputError("prune with exactly one of keep (a share of characters) or mass (of evidence)")
+    kept = select_sentences(spans, keep) if keep is not None else select_by_mass(spans, mass)  # type: ignore[arg-type]
     in_order = sorted(kept, key=lambda s: s.start)
     return PRUNE_SEPARATOR.join(text[s.start : s.end] for s in in_order), kept

@@ -137,11 +137,16 @@ def evidence(
                 "MiniLM cosine": ev.cosine_scores,
             }
         )
-    trained = getattr(rr.backend, "evidence_head", None) is not None
+    trained = getattr(rr.backend, "evidence_readout", None) is not None
+    exact = None  # a ratio the default store cannot give (kalm-mini keeps base-4 vectors) reads an exact store
     for r in (int(x) for x in ratios.split(",") if x.strip()):
-        scorers[f"{label} r={r}" + (" (trained head)" if trained else "")] = ev.model_scores(rr, ratio=r)
+        reader = rr
+        if r % rr.base_ratio:
+            exact = exact or Reranker.from_pretrained(model, base_ratio=1, storage="float32")
+            reader = exact
+        scorers[f"{label} r={r}" + (" (trained readout)" if trained else "")] = ev.model_scores(reader, ratio=r)
         if trained and training_free:
-            scorers[f"{label} r={r} (training-free)"] = ev.model_scores(rr, ratio=r, training_free=True)
+            scorers[f"{label} r={r} (training-free)"] = ev.model_scores(reader, ratio=r, training_free=True)
     results = {name: ev.evaluate(examples, scorers) for name, examples in sets.items()}
     report: dict = {
         "model": rr.backend.weights_id,

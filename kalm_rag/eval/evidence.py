@@ -28,10 +28,20 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kalm_rag.evidence import EvidenceSpan, evidence_spans, select_sentences, sentence_spans, window_spans
+from kalm_rag.evidence import (
+    EvidenceSpan,
+    evidence_spans,
+    ranked_spans,
+    read_sentences,
+    select_by_mass,
+    select_sentences,
+    sentence_spans,
+)
 
 #: The budgets scanned for the 95 % recall point (fractions of each passage's characters).
 BUDGETS = tuple(i / 100 for i in range(1, 101))
+#: The evidence masses scanned for the 95 % recall point of the ``prune_mass`` rule.
+MASSES = tuple(i / 200 for i in range(1, 200)) + (0.999, 1.0)
 
 
 @dataclass
@@ -175,14 +185,14 @@ def cosine_scores(examples: Sequence[EvidenceExample]) -> list[list[float]]:
 def model_scores(reranker: Any, *, ratio: int | None = None, training_free: bool = False) -> SentenceScorer:
     """Evidence scores of a :class:`~kalm_rag.Reranker` (the spans ``rerank(evidence=True)`` gives), mapped to
     the example's sentences; sentences it did not read score ``-inf``. With ``training_free``, a kalm-mini's
-    trained evidence head is set aside for the run (its relevance-attention readout is measured instead).
+    trained sentence readout is set aside for the run (its relevance-attention readout is measured instead).
     """
 
     def score(examples: Sequence[EvidenceExample]) -> list[list[float]]:
         backend = reranker.backend
-        head = getattr(backend, "evidence_head", None)
+        head = getattr(backend, "evidence_readout", None)
         if training_free and head is not None:
-            backend.evidence_head = None
+            backend.evidence_readout = None
         try:
             out = []
             for ex in tqdm(examples, desc="Evidence", unit="query", disable=len(examples) < 50):
@@ -191,7 +201,7 @@ def model_scores(reranker: Any, *, ratio: int | None = None, training_free: bool
                 out.append([by_start.get(s, float("-inf")) for s, _ in ex.sentences])
         finally:
             if head is not None:
-                backend.evidence_head = head
+                backend.evidence_readout = head
         return out
 
     return score
@@ -207,7 +217,7 @@ def passage_evidence(
 ) -> list[EvidenceSpan]:
     """The evidence spans of one passage for ``query``, over given sentences (the engine's own path)."""
     r = reranker._call_ratio(ratio)
-    _, weights = reranker._decode_with_evidence(
+    found = reranker._decode_with_evidence(
         query,
         reranker._pooled([text]),
         instruction=reranker.instruction,
@@ -215,7 +225,16 @@ def passage_evidence(
         ratio=r,
     )
     offsets = reranker.backend.passage_offsets([text], reranker.max_passage_tokens)[0]
-    return evidence_spans(text, window_spans(offsets, r), weights[0].tolist(), sentences=sentences)
+    if sentences is None:
+        return reranker._passage_evidence(found, 0, text, offsets)
+    # the example's own sentences (WikiQA's candidates), scored as the engine scores its split
+    windows = reranker._evidence_windows(found, 0, offsets)
+    readout = getattr(reranker.backend, "evidence_readout", None)
+    if readout is None:
+        return evidence_spans(text, windows, found.weights[0].tolist(), sentences=sentences)
+    read = read_sentences(text, windows, sentences)
+    columns = reranker._sentence_columns(found, 0, text, windows, sentences=read)[1]
+    return ranked_spans(read, readout.probabilities(columns)) if read else []
 
 
 # ----- metrics ---------------------------------------------------------------------------------------
@@ -226,8 +245,10 @@ def _ranked_spans(ex: EvidenceExample, scores: Sequence[float]) -> list[Evidence
     return [EvidenceSpan(ex.sentences[i][0], ex.sentences[i][1], float(scores[i])) for i in order]
 
 
-def _recall_and_kept(ex: EvidenceExample, ranked: list[EvidenceSpan], keep: float) -> tuple[float, float]:
-    kept = select_sentences(ranked, keep)
+def _recall_and_kept(
+    ex: EvidenceExample, ranked: list[EvidenceSpan], keep: float, *, by_mass: bool = False
+) -> tuple[float, float]:
+    kept = select_by_mass(ranked, keep) if by_mass else select_sentences(ranked, keep)
     starts = {s.start for s in kept}
     hits = sum(ex.sentences[g][0] in starts for g in ex.gold)
     recall = float(hits > 0) if ex.recall == "any" else hits / len(ex.gold)
@@ -235,9 +256,13 @@ def _recall_and_kept(ex: EvidenceExample, ranked: list[EvidenceSpan], keep: floa
     return recall, sum(s.end - s.start for s in kept) / max(total, 1)
 
 
-def evidence_metrics(examples: Sequence[EvidenceExample], scores: Sequence[Sequence[float]]) -> dict[str, float]:
+def evidence_metrics(examples: Sequence[EvidenceExample], scores: Sequence[Sequence[float]]) -> dict[str, float | None]:
     """``top1``, ``recall_at_50`` (recall with 50 % of the characters kept), ``kept_at_95`` (mean fraction of
     characters kept at the smallest budget whose mean recall is >= 0.95) and ``budget_at_95`` (that budget).
+
+    For scores that are shares of evidence (no negative score: the models' readouts), also ``mass_kept_at_95``
+    and ``mass_at_95``: the same with the ``prune_mass`` rule (:func:`~kalm_rag.evidence.select_by_mass`), the
+    smallest mass whose mean recall is >= 0.95 (``None`` for other scores).
     """
     ranked = [_ranked_spans(ex, s) for ex, s in zip(examples, scores)]
     top1 = statistics.fmean(
@@ -250,10 +275,27 @@ def evidence_metrics(examples: Sequence[EvidenceExample], scores: Sequence[Seque
         if statistics.fmean(p[0] for p in pairs) >= 0.95:
             kept_95, budget_95 = statistics.fmean(p[1] for p in pairs), budget
             break
-    return {"top1": top1, "recall_at_50": recall_50, "kept_at_95": kept_95, "budget_at_95": budget_95}
+    mass_kept: float | None = None
+    mass_95: float | None = None
+    if all(x >= 0.0 for row in scores for x in row):
+        for mass in MASSES:
+            pairs = [_recall_and_kept(ex, r, mass, by_mass=True) for ex, r in zip(examples, ranked)]
+            if statistics.fmean(p[0] for p in pairs) >= 0.95:
+                mass_kept, mass_95 = statistics.fmean(p[1] for p in pairs), mass
+                break
+    return {
+        "top1": top1,
+        "recall_at_50": recall_50,
+        "kept_at_95": kept_95,
+        "budget_at_95": budget_95,
+        "mass_kept_at_95": mass_kept,
+        "mass_at_95": mass_95,
+    }
 
 
-def evaluate(examples: Sequence[EvidenceExample], scorers: dict[str, SentenceScorer]) -> dict[str, dict[str, float]]:
+def evaluate(
+    examples: Sequence[EvidenceExample], scorers: dict[str, SentenceScorer]
+) -> dict[str, dict[str, float | None]]:
     """Metrics (and seconds taken) of every scorer on ``examples``."""
     results = {}
     for name, scorer in scorers.items():
@@ -283,20 +325,23 @@ def evidence_overhead(reranker: Any, query: str, passages: Sequence[str], *, rep
     return {"plain_ms": p, "evidence_ms": e, "overhead": e / p - 1.0, "passages": float(len(passages))}
 
 
-def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+def markdown_table(results: dict[str, dict[str, dict[str, float | None]]]) -> str:
     """One table per data set: a row per method."""
     lines = []
     for name, by_method in results.items():
         lines += [
             f"### {name}",
             "",
-            "| method | top-1 accuracy | recall at 50% kept | kept at 95% recall | seconds |",
-            "|---|---|---|---|---|",
+            "| method | top-1 accuracy | recall at 50% kept | kept at 95% recall | kept at 95% recall, prune_mass "
+            "| seconds |",
+            "|---|---|---|---|---|---|",
         ]
         for method, m in by_method.items():
+            mass = m.get("mass_at_95")
+            by_mass = "n/a" if mass is None else f"{m['mass_kept_at_95']:.3f} (mass {mass:.3f})"
             lines.append(
                 f"| {method} | {m['top1']:.3f} | {m['recall_at_50']:.3f} | {m['kept_at_95']:.3f} "
-                f"(budget {m['budget_at_95']:.2f}) | {m['seconds']:.1f} |"
+                f"(budget {m['budget_at_95']:.2f}) | {by_mass} | {m['seconds']:.1f} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -363,25 +363,29 @@ def export(
 @app.command()
 def evidence(
     data_dir: DataDir,
-    out: Annotated[Path, typer.Option(help="Folder for evidence_head.safetensors/.json and the training report.")],
-    questions: Annotated[int, typer.Option(min=10, help="SQuAD train questions to train on.")] = 6000,
-    held_out: Annotated[int, typer.Option(min=1, help="Further questions held out to pick the best epoch.")] = 500,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the questions.")] = 4,
-    max_minutes: MaxMinutes = 30.0,
+    out: Annotated[Path, typer.Option(help="Folder for evidence.json, lexical.safetensors and the report.")],
+    idf: Annotated[
+        Path, typer.Option(help="Folder holding the word-piece IDF statistics (lexical.safetensors).")
+    ] = Path(__file__).resolve().parents[1] / "weights" / "kalm-mini",
+    questions: Annotated[int, typer.Option(min=10, help="SQuAD train questions to fit on.")] = 3000,
+    held_out: Annotated[int, typer.Option(min=1, help="Further questions (other paragraphs) to report on.")] = 500,
+    ratios: Annotated[str, typer.Option(help="Comma-separated MEP ratios the features are read at.")] = "1,4",
     threads: Threads = None,
 ) -> None:
-    """Train kalm-mini's evidence head on SQuAD train (the answer's sentence is the label); the decoder is frozen.
+    """Fit kalm-mini's sentence readout on SQuAD train (the answer's sentence is the label); the model is frozen.
 
-    Copy OUT/evidence_head.safetensors and OUT/evidence_head.json next to kalm-mini's weights to ship it.
+    Copy OUT/evidence.json and OUT/lexical.safetensors next to kalm-mini's weights to ship it.
     """
     import torch
 
-    from kalm_rag.train.evidence import train_head
+    from kalm_rag.train.evidence import train_readout
 
     _logging()
     if threads:
         torch.set_num_threads(threads)
-    report = train_head(
-        data_dir, out, questions=questions, held_out=held_out, epochs=epochs, max_minutes=max_minutes or 30.0
-    )
+    try:
+        ratio_list = [int(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"not a comma-separated list of integers: {ratios!r}", param_hint="--ratios") from None
+    report = train_readout(data_dir, out, idf=idf, questions=questions, held_out=held_out, ratios=ratio_list)
     typer.echo(json.dumps(report, indent=2))

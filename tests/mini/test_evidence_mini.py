@@ -1,4 +1,5 @@
-"""kalm-mini's evidence readouts: scores unchanged, the training-free readout recomputed by hand, the head file."""
+"""kalm-mini's evidence readouts: scores unchanged, the training-free readout and the trained sentence readout's
+features recomputed by hand, the readout file, pruning by evidence mass, fitting."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kalm_rag import ModelLoadError, Reranker
+from kalm_rag import InvalidInputError, ModelLoadError, Reranker
 from kalm_rag.models.mini.backend import EMBEDDED_DIR
-from kalm_rag.models.mini.evidence_head import HEAD_FILE, EvidenceHead, load_evidence_head
+import json
+import math
+
+from kalm_rag.evidence import READOUT_FILE, SentenceReadout
+from kalm_rag.train.evidence import FEATURES, SentenceExample, fit_readout, top1
 from kalm_rag.padding import right_pad_vectors
 from kalm_rag.pooling import repool
 
@@ -49,55 +54,114 @@ def test_offsets_follow_the_windowed_framing(rr):
 
 def test_training_free_readout_is_the_relevance_attention_averaged(rr):
     backend = rr.backend
-    head, backend.evidence_head = backend.evidence_head, None
-    try:
-        entries = rr._pooled(PASSAGES[:2])
-        vectors, mask = right_pad_vectors([repool(e.vectors, e.counts, 2)[0] for e in entries], torch.float32)
-        prompt = backend.prompt_ids(QUERY, instruction=rr.instruction, system_instruction="", max_query_tokens=128)
-        _, weights = backend.margins_and_window_weights(prompt, vectors, mask)
-        _, query = backend.split_prompt(prompt)
-        h_query, _ = backend.encode_segments([query], prefix=[backend.cls_id])  # (1, Tq, d)
-        rel = backend.decoder.relevance
-        summary = (vectors * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
-        keys = F.normalize(rel.key(torch.cat([summary, vectors], 1)), dim=-1)  # (B, 1+W, d)
-        q = F.normalize(rel.query(h_query), dim=-1)  # (1, Tq, d)
-        logits = rel.temperature * (q @ keys.transpose(1, 2))  # (B, Tq, 1+W)
-        logits = logits.masked_fill(~torch.cat([torch.ones_like(mask[:, :1]), mask], 1).bool()[:, None], -torch.inf)
-        sink = rel.sink.expand(logits.shape[0], logits.shape[1], 1)
-        attn = torch.softmax(torch.cat([sink, logits], -1), -1)[..., 2:]  # sink and summary dropped
-        expected = attn.mean(dim=1).masked_fill(~mask.bool(), -torch.inf)
-        torch.testing.assert_close(weights, expected.detach(), rtol=1e-5, atol=1e-6)
-    finally:
-        backend.evidence_head = head
+    entries = rr._pooled(PASSAGES[:2])
+    vectors, mask = right_pad_vectors([repool(e.vectors, e.counts, 2)[0] for e in entries], torch.float32)
+    prompt = backend.prompt_ids(QUERY, instruction=rr.instruction, system_instruction="", max_query_tokens=128)
+    _, weights = backend.margins_and_window_weights(prompt, vectors, mask)
+    _, query = backend.split_prompt(prompt)
+    h_query, _ = backend.encode_segments([query], prefix=[backend.cls_id])  # (1, Tq, d)
+    rel = backend.decoder.relevance
+    summary = (vectors * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
+    keys = F.normalize(rel.key(torch.cat([summary, vectors], 1)), dim=-1)  # (B, 1+W, d)
+    q = F.normalize(rel.query(h_query), dim=-1)  # (1, Tq, d)
+    logits = rel.temperature * (q @ keys.transpose(1, 2))  # (B, Tq, 1+W)
+    logits = logits.masked_fill(~torch.cat([torch.ones_like(mask[:, :1]), mask], 1).bool()[:, None], -torch.inf)
+    sink = rel.sink.expand(logits.shape[0], logits.shape[1], 1)
+    attn = torch.softmax(torch.cat([sink, logits], -1), -1)[..., 2:]  # sink and summary dropped
+    expected = attn.mean(dim=1).masked_fill(~mask.bool(), -torch.inf)
+    torch.testing.assert_close(weights, expected.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_head_file_round_trip_and_damage(tmp_path):
-    head = EvidenceHead(hidden_size=384, rank=8, mlp_hidden=4, token_rank=4)
-    head.save(tmp_path)
-    loaded = load_evidence_head(tmp_path)
-    assert loaded is not None
-    for key, value in head.state_dict().items():
-        assert torch.equal(value, loaded.state_dict()[key])
-    assert load_evidence_head(tmp_path / "none") is None
-    (tmp_path / HEAD_FILE).write_bytes(b"not safetensors")
-    with pytest.raises(ModelLoadError, match="evidence head"):
-        load_evidence_head(tmp_path)
+def test_the_shipped_readout_and_its_idf_are_loaded(rr):
+    readout = rr.backend.evidence_readout
+    assert readout is not None and readout.features == FEATURES
+    assert rr.backend.evidence_idf is not None
+    assert readout == SentenceReadout.load(EMBEDDED_DIR)
 
 
-def test_shipped_head_is_loaded_when_present(rr):
-    assert (rr.backend.evidence_head is not None) == (EMBEDDED_DIR / HEAD_FILE).is_file()
+def test_readout_file_round_trip_and_damage(tmp_path):
+    readout = SentenceReadout(("a", "b"), (0.5, -1.25), {"data": "x"})
+    readout.save(tmp_path)
+    assert SentenceReadout.load(tmp_path) == readout
+    assert SentenceReadout.load(tmp_path / "none") is None
+    for body in ("{not json", json.dumps({"features": ["a"], "weights": [1.0, 2.0]}), json.dumps({"weights": []})):
+        (tmp_path / READOUT_FILE).write_text(body)
+        with pytest.raises(ModelLoadError):
+            SentenceReadout.load(tmp_path)
 
 
-def test_untrained_head_ranks_windows_as_the_training_free_readout():
-    """The head starts at the readout: log(readout) + a zero MLP correction + small bilinear terms."""
-    from kalm_rag.models.mini.evidence_head import relevance_readout, window_features
+def test_readout_logits_standardise_each_feature_within_the_passage():
+    readout = SentenceReadout(("a", "b", "c"), (2.0, -1.0, 3.0))
+    columns = {"a": [1.0, 2.0, 6.0], "b": [0.0, 4.0, 2.0], "c": [5.0, 5.0, 5.0]}  # c is constant: says nothing
+    expected = [0.0, 0.0, 0.0]
+    for name, w in (("a", 2.0), ("b", -1.0)):
+        xs = columns[name]
+        mean = sum(xs) / 3
+        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / 3)
+        expected = [e + w * (x - mean) / std for e, x in zip(expected, xs)]
+    assert readout.logits(columns) == pytest.approx(expected)
+    probs = readout.probabilities(columns)
+    assert sum(probs) == pytest.approx(1.0)
+    assert probs == pytest.approx([math.exp(x) / sum(math.exp(y) for y in expected) for x in expected])
+    with pytest.raises(InvalidInputError, match="missing"):
+        readout.logits({"a": [1.0], "b": [2.0]})
 
-    torch.manual_seed(0)
-    B, T, W, d = 2, 5, 7, 384
-    attn = torch.softmax(torch.randn(B, T, 1 + W + 1), dim=-1)[..., 1:]  # a sink dropped: rows sum below 1
-    probe = {"relevance_logits": torch.randn(B, T, 1 + W), "relevance_attention": attn}
-    mask = torch.ones(B, T)
-    head = EvidenceHead(hidden_size=d, token_rank=8)
-    with torch.no_grad():
-        logits = head(window_features(probe, mask), torch.randn(B, T, d), mask, torch.randn(B, W, d))
-    torch.testing.assert_close(logits, torch.log(relevance_readout(probe, mask)))
+
+def test_evidence_scores_are_shares_and_features_match_a_hand_computation(rr):
+    ranked = rr.rerank(QUERY, PASSAGES[:2], evidence=True, ratio=4)
+    for r in ranked:
+        assert sum(s.score for s in r.evidence) == pytest.approx(1.0)
+    top = next(r for r in ranked if r.index == 0)
+    best = top.evidence[0]
+    assert top.text[best.start : best.end] == "Paris is the capital of France."
+    # the coverage feature by hand: the share of the query's word-piece IDF found in each sentence
+    tok, idf = rr.backend.tokenizer, rr.backend.evidence_idf.idf
+    q = set(tok(QUERY, add_special_tokens=False)["input_ids"])
+    sentences = ["France is in Europe.", "Paris is the capital of France.", "It lies on the Seine."]
+    expected = [
+        sum(float(idf[t]) for t in q & set(tok(s, add_special_tokens=False)["input_ids"]))
+        / sum(float(idf[t]) for t in q)
+        for s in sentences
+    ]
+    prompt = rr.backend.prompt_ids(QUERY, instruction=rr.instruction, system_instruction="", max_query_tokens=128)
+    got = rr.backend.sentence_columns(prompt, sentences, torch.randn(3, rr.backend.hidden_size))
+    assert got["coverage"] == pytest.approx(expected, rel=1e-5)
+    assert expected[1] > expected[2]  # "capital" and "France" are in the second sentence only
+
+
+def test_cosine_feature_is_the_encoder_cosine_of_the_query_and_the_sentence_vector(rr):
+    backend = rr.backend
+    prompt = backend.prompt_ids(QUERY, instruction=rr.instruction, system_instruction="", max_query_tokens=128)
+    _, query = backend.split_prompt(prompt)
+    h, m = backend.encode_segments([query], prefix=[backend.cls_id])  # (1, Tq, d): computed afresh
+    q = (h[0] * m[0, :, None]).sum(0) / m.sum()
+    vectors = torch.randn(2, backend.hidden_size)
+    got = backend.sentence_columns(prompt, ["a b", "c"], vectors)["cosine"]
+    assert got == pytest.approx(F.cosine_similarity(vectors, q[None], dim=-1).tolist(), rel=1e-5, abs=1e-6)
+
+
+def test_prune_mass_keeps_the_fewest_best_sentences_holding_that_share(rr):
+    full = rr.rerank(QUERY, PASSAGES[:1], evidence=True)[0].evidence
+    for mass in (0.3, 0.9, 1.0):
+        r = rr.rerank(QUERY, PASSAGES[:1], prune_mass=mass)[0]
+        n = next(k for k in range(1, len(full) + 1) if sum(s.score for s in full[:k]) >= mass - 1e-9)
+        assert [(s.start, s.end) for s in r.evidence] == [(s.start, s.end) for s in full[:n]]
+        in_order = sorted(r.evidence, key=lambda s: s.start)
+        assert r.pruned_text == " ".join(r.text[s.start : s.end] for s in in_order)
+    with pytest.raises(ValueError, match="not both"):
+        rr.rerank(QUERY, PASSAGES[:1], prune=0.5, prune_mass=0.5)
+    for bad in (0, 1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="prune_mass"):
+            rr.rerank(QUERY, PASSAGES[:1], prune_mass=bad)
+
+
+def test_fit_readout_recovers_which_feature_carries_the_label():
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(300):  # the gold sentence is the one with the largest third feature, plus noise elsewhere
+        x = torch.randn(5, len(FEATURES), generator=gen, dtype=torch.float64)
+        examples.append(SentenceExample(x, [int(x[:, 2].argmax())], 4))
+    w = fit_readout(examples)
+    assert int(w.abs().argmax()) == 2 and w[2] > 0
+    assert top1(examples, w) > 0.95
+    assert top1(examples, torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)) < 0.5

@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kalm_rag.errors import ModelLoadError
-from kalm_rag.evidence import Offset
+from kalm_rag.evidence import Offset, SentenceReadout
 from kalm_rag.models.base import FBNLBackend, Prompt, cut_for_tokenizer
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
-from kalm_rag.models.mini.evidence_head import EvidenceHead, load_evidence_head, relevance_readout, window_features
+from kalm_rag.models.mini.readout import relevance_readout
 from kalm_rag.models.mini.lexical import LexicalStats, bm25_scores, continuation_mask, max_bm25, word_buckets
 from kalm_rag.models.mini.modeling import MiniDecoder
 from kalm_rag.padding import right_pad
@@ -178,8 +179,11 @@ class MiniBackend(FBNLBackend):
         #: Passages cut to the token limit so far (text past ``max_tokens`` is not read).
         self.passages_cut = 0
         self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        #: The trained evidence readout shipped with the checkpoint (``evidence_head.safetensors``), if any.
-        self.evidence_head: EvidenceHead | None = None
+        #: The trained sentence readout shipped with the checkpoint (``evidence.json``), if any; with none the
+        #: engine reads evidence from the relevance attention alone.
+        self.evidence_readout: SentenceReadout | None = None
+        #: Word-piece IDF (``lexical.safetensors``) for the readout's ``coverage`` feature.
+        self.evidence_idf: LexicalStats | None = None
         self._query_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._instruction_kv_cache: dict[tuple[int, ...], tuple[tuple, list]] = {}
         #: The most characters one token covers (WordPiece reads a longer word as one [UNK]): a huge query is
@@ -234,8 +238,10 @@ class MiniBackend(FBNLBackend):
             decoder,
             weights_id=f"kalm-mini-{digest[:16]}-{config_digest}+{spec.distribution}=={encoder_version(spec)}",
         )
-        backend.evidence_head = load_evidence_head(folder)
         backend.lexical = lexical
+        backend.evidence_readout = SentenceReadout.load(folder)
+        if backend.evidence_readout is not None and "coverage" in backend.evidence_readout.features:
+            backend.evidence_idf = lexical if lexical is not None else LexicalStats.load(folder)
         return backend
 
     @classmethod
@@ -595,13 +601,37 @@ class MiniBackend(FBNLBackend):
         out = self.decoder(
             h_instr, h_query.expand(B, -1, -1), query_mask, passages, mask, probe, instruction_kv=instruction_kv
         )
-        head = self.evidence_head
-        if head is None:
-            weights = relevance_readout(probe, query_mask)  # (B, W)
-        else:
-            feats = window_features(probe, query_mask)  # (B, W, 4)
-            weights = head.to(self.device)(feats, probe["query_states"], query_mask, passages)  # (B, W)
+        weights = relevance_readout(probe, query_mask)  # (B, W)
         return out.float().cpu(), weights.float().masked_fill(~mask.bool(), float("-inf")).cpu()
+
+    @torch.inference_mode()
+    def sentence_columns(
+        self, prompt: Prompt, sentences: Sequence[str], sentence_vectors: torch.Tensor
+    ) -> dict[str, list[float]]:
+        """The trained readout's model-side sentence features (the engine adds the attention ones).
+
+        - ``cosine``: the frozen encoder's cosine between the query (mean of its states, as the score's skip)
+          and each sentence's vector ``(S, d)`` (the count-weighted mean of its pooled windows: no encoder pass);
+        - ``coverage``: the share of the query's word-piece IDF (``lexical.safetensors``) that occurs in the
+          sentence's word pieces, in [0, 1].
+        """
+        _, query = self.split_prompt(prompt)
+        h_query, query_mask = self.query_states(query)  # (1, Tq, d), (1, Tq)
+        m = query_mask[0].to(torch.float32).unsqueeze(-1)  # (Tq, 1)
+        q = (h_query[0].float() * m).sum(dim=0) / m.sum().clamp(min=1.0)  # (d,)
+        cosine = F.cosine_similarity(sentence_vectors.float().to(q.device), q[None], dim=-1)  # (S,)
+        columns = {"cosine": cosine.cpu().tolist()}
+        if self.evidence_idf is not None:
+            idf = self.evidence_idf.idf
+            special = set(self.tokenizer.all_special_ids)
+            terms = {int(t) for t in query if int(t) not in special and 0 <= int(t) < idf.shape[0]}
+            total = float(idf[sorted(terms)].sum()) if terms else 0.0
+            pieces = self.tokenizer(list(sentences), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            columns["coverage"] = [
+                float(idf[sorted(terms & set(ids))].sum()) / total if total > 0 and terms & set(ids) else 0.0
+                for ids in pieces
+            ]
+        return columns
 
     @torch.inference_mode()
     def prepare_prompts(self, prompts: Sequence[Prompt]) -> None:
