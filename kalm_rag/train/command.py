@@ -365,8 +365,9 @@ def evidence(
     data_dir: DataDir,
     out: Annotated[Path, typer.Option(help="Folder for evidence.json, lexical.safetensors and the report.")],
     idf: Annotated[
-        Path, typer.Option(help="Folder holding the word-piece IDF statistics (lexical.safetensors).")
-    ] = Path(__file__).resolve().parents[1] / "weights" / "kalm-mini",
+        Path | None,
+        typer.Option(help="Folder holding the word-piece IDF statistics (default: kalm-mini's lexical.safetensors)."),
+    ] = None,
     questions: Annotated[int, typer.Option(min=10, help="SQuAD train questions to fit on.")] = 3000,
     held_out: Annotated[int, typer.Option(min=1, help="Further questions (other paragraphs) to report on.")] = 500,
     ratios: Annotated[str, typer.Option(help="Comma-separated MEP ratios the features are read at.")] = "1,4",
@@ -387,5 +388,9 @@ def evidence(
         ratio_list = [int(r) for r in ratios.split(",") if r.strip()]
     except ValueError:
         raise typer.BadParameter(f"not a comma-separated list of integers: {ratios!r}", param_hint="--ratios") from None
+    if idf is None:
+        from kalm_rag.models.mini.backend import EMBEDDED_DIR
+
+        idf = EMBEDDED_DIR
     report = train_readout(data_dir, out, idf=idf, questions=questions, held_out=held_out, ratios=ratio_list)
     typer.echo(json.dumps(report, indent=2))

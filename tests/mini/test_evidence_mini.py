@@ -3,19 +3,19 @@ features recomputed by hand, the readout file, pruning by evidence mass, fitting
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kalm_rag import InvalidInputError, ModelLoadError, Reranker
-from kalm_rag.models.mini.backend import EMBEDDED_DIR
-import json
-import math
-
 from kalm_rag.evidence import READOUT_FILE, SentenceReadout
-from kalm_rag.train.evidence import FEATURES, SentenceExample, fit_readout, top1
+from kalm_rag.models.mini.backend import EMBEDDED_DIR
 from kalm_rag.padding import right_pad_vectors
 from kalm_rag.pooling import repool
+from kalm_rag.train.evidence import FEATURES, SentenceExample, fit_readout, top1
 
 QUERY = "What is the capital of France?"
 PASSAGES = [

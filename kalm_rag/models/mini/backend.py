@@ -28,9 +28,9 @@ from kalm_rag.evidence import Offset, SentenceReadout
 from kalm_rag.models.base import FBNLBackend, Prompt, cut_for_tokenizer
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
-from kalm_rag.models.mini.readout import relevance_readout
 from kalm_rag.models.mini.lexical import LexicalStats, bm25_scores, continuation_mask, max_bm25, word_buckets
 from kalm_rag.models.mini.modeling import MiniDecoder
+from kalm_rag.models.mini.readout import relevance_readout
 from kalm_rag.padding import right_pad
 from kalm_rag.store.base import passage_key
 
