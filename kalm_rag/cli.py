@@ -201,7 +201,9 @@ def rerank(
     tmp: Path | None = None
     try:
         if prune is not None and prune_mass is not None:
-            raise InvalidInputError("give --prune (a share of characters) or --prune-mass (a share of evidence), not both")
+            raise InvalidInputError(
+                "give --prune (a share of characters) or --prune-mass (a share of evidence), not both"
+            )
         requests = _read_requests(input)
         rr = Reranker.from_pretrained(
             model, store=store, ratio=ratio, device=device, dtype=dtype, batch_size=batch_size
