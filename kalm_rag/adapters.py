@@ -39,7 +39,7 @@ from typing import Any
 from kalm_rag.data import passage_text
 from kalm_rag.engine import EncodeReport, RankedPassage, Reranker
 from kalm_rag.errors import InvalidInputError, KalmError
-from kalm_rag.evidence import EvidenceSpan, check_keep
+from kalm_rag.evidence import EvidenceSpan, check_keep, check_mass
 from kalm_rag.models import DEFAULT_MODEL
 from kalm_rag.store import PassageStore, check_store_url
 from kalm_rag.store.quantize import check_storage
@@ -296,8 +296,9 @@ def as_kalm_error(exc: Exception) -> KalmError:
 class Ranked:
     """One ranked document: its position in the caller's list and its score (P(yes)).
 
-    With ``evidence=True`` (or ``prune=``) in :func:`rank`, ``evidence`` holds the engine's sentence spans into
-    the passage text sent (``passage``), best first, and with ``prune=`` ``pruned_text`` the kept sentences.
+    With ``evidence=True`` (or ``prune=`` / ``prune_mass=``) in :func:`rank`, ``evidence`` holds the engine's
+    sentence spans into the passage text sent (``passage``), best first, and with ``prune=`` or ``prune_mass=``
+    ``pruned_text`` the kept sentences.
     """
 
     index: int
@@ -403,14 +404,17 @@ def rank(
     ratio: int | None = None,
     evidence: bool = False,
     prune: float | None = None,
+    prune_mass: float | None = None,
 ) -> list[Ranked]:
     """Rank ``texts`` against ``query`` best first (see the module docstring for the rule).
 
-    ``evidence`` and ``prune`` are :meth:`Reranker.rerank`'s: sentence spans (and pruned texts) per document.
+    ``evidence``, ``prune`` and ``prune_mass`` are :meth:`Reranker.rerank`'s: sentence spans (and pruned texts)
+    per document; ``prune`` keeps a share of each passage's characters, ``prune_mass`` a share of its evidence
+    (at most one of the two).
     """
     positions, scorable = _split(texts)
     ranked = reranker.rerank(
-        query, scorable, instruction=instruction, ratio=ratio, **_evidence_options(evidence, prune)
+        query, scorable, instruction=instruction, ratio=ratio, **_evidence_options(evidence, prune, prune_mass)
     )
     return _finish(positions, ranked, len(texts), top=top, score_threshold=score_threshold)
 
@@ -426,30 +430,47 @@ async def arank(
     ratio: int | None = None,
     evidence: bool = False,
     prune: float | None = None,
+    prune_mass: float | None = None,
 ) -> list[Ranked]:
     """:func:`rank` on the reranker's worker thread; the event loop keeps running meanwhile."""
     positions, scorable = _split(texts)
     ranked = await reranker.arerank(
-        query, scorable, instruction=instruction, ratio=ratio, **_evidence_options(evidence, prune)
+        query, scorable, instruction=instruction, ratio=ratio, **_evidence_options(evidence, prune, prune_mass)
     )
     return _finish(positions, ranked, len(texts), top=top, score_threshold=score_threshold)
 
 
-def _evidence_options(evidence: bool, prune: float | None) -> dict[str, Any]:
+def _evidence_options(evidence: bool, prune: float | None, prune_mass: float | None = None) -> dict[str, Any]:
     """Only the evidence options that are on: a plain rank stays the exact call it was."""
     options: dict[str, Any] = {}
     if evidence:
         options["evidence"] = evidence
     if prune is not None:
         options["prune"] = prune
+    if prune_mass is not None:
+        options["prune_mass"] = prune_mass
     return options
 
 
-def check_evidence_options(evidence: object, prune: object) -> tuple[bool, float | None]:
-    """An adapter's ``evidence`` and ``prune`` options, checked where the pipeline is built."""
+def check_evidence_options(
+    evidence: object, prune: object, prune_mass: object = None
+) -> tuple[bool, float | None, float | None]:
+    """An adapter's ``evidence``, ``prune`` and ``prune_mass`` options, checked where the pipeline is built.
+
+    Returns:
+        ``(evidence, prune, prune_mass)``; ``prune`` is a share of each passage's characters, ``prune_mass`` a
+        share of its evidence, both in (0, 1] or ``None``. Setting both raises ``InvalidInputError``.
+    """
     if not isinstance(evidence, bool):
         raise InvalidInputError(f"evidence must be True or False, got {evidence!r}")
-    return evidence, None if prune is None else check_keep(prune)
+    if prune is not None and prune_mass is not None:
+        raise InvalidInputError(
+            "give prune (a share of characters) or prune_mass (a share of evidence), not both: "
+            f"got prune={prune!r} and prune_mass={prune_mass!r}"
+        )
+    keep = None if prune is None else check_keep(prune)
+    mass = None if prune_mass is None else check_mass(prune_mass)
+    return evidence, keep, mass
 
 
 def encode(reranker: Reranker, texts: Sequence[str | None], *, strict: bool = True) -> EncodeReport:

@@ -175,6 +175,14 @@ def rerank(
             min=0.0, max=1.0, help='Add "pruned_text": each passage cut to its best sentences (this fraction).'
         ),
     ] = None,
+    prune_mass: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help='Add "pruned_text": each passage cut to its best sentences holding this share of its evidence.',
+        ),
+    ] = None,
 ) -> None:
     """Rerank passages from a JSONL file: one {"query", "passages", "top_k"?} request per line.
 
@@ -184,13 +192,18 @@ def rerank(
     (the passage's own id, else its position). With --output the file appears only when every line is done.
     With --evidence each result also has "evidence": [{"start", "end", "score"}] character spans of its sentences
     into "text", best first; with --prune FRACTION, "pruned_text" (the kept sentences in their order) and
-    "evidence" lists the kept sentences.
+    "evidence" lists the kept sentences. --prune-mass SHARE prunes by evidence instead of length: each passage
+    keeps its best sentences until they hold that share of its evidence (at most one of --prune, --prune-mass).
     """
     from kalm_rag import Reranker
-    from kalm_rag.errors import KalmError
+    from kalm_rag.errors import InvalidInputError, KalmError
 
     tmp: Path | None = None
     try:
+        if prune is not None and prune_mass is not None:
+            raise InvalidInputError(
+                "give --prune (a share of characters) or --prune-mass (a share of evidence), not both"
+            )
         requests = _read_requests(input)
         rr = Reranker.from_pretrained(
             model, store=store, ratio=ratio, device=device, dtype=dtype, batch_size=batch_size
@@ -205,9 +218,15 @@ def rerank(
             for req in requests:
                 try:
                     k = req.top_k if req.top_k is not None else top_k  # the line's own top_k wins
-                    if evidence or prune is not None:
+                    if evidence or prune is not None or prune_mass is not None:
                         ranked = rr.rerank(
-                            req.query, req.texts, top_k=k, instruction=instruction, evidence=True, prune=prune
+                            req.query,
+                            req.texts,
+                            top_k=k,
+                            instruction=instruction,
+                            evidence=True,
+                            prune=prune,
+                            prune_mass=prune_mass,
                         )
                     else:
                         ranked = rr.rerank(req.query, req.texts, top_k=k, instruction=instruction)

@@ -267,3 +267,30 @@ def test_cli_rerank_writes_evidence_and_pruned_text(tiny_checkpoint, tmp_path):
     assert [r["pruned_text"] for r in json.loads(out.read_text())["results"]] == [w.pruned_text for w in want]
     plain = CliRunner().invoke(app, args)
     assert plain.exit_code == 0 and "evidence" not in out.read_text()
+
+
+def test_cli_rerank_prune_mass(tiny_checkpoint, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kalm_rag.cli import app
+
+    requests = tmp_path / "in.jsonl"
+    requests.write_text(json.dumps({"query": QUERY, "passages": PASSAGES}) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["rerank", "-i", str(requests), "-m", str(tiny_checkpoint), "-o", str(out)]
+    result = CliRunner().invoke(app, [*args, "--prune-mass", "0.5"])
+    assert result.exit_code == 0, result.output
+    want = Reranker.from_pretrained(tiny_checkpoint).rerank(QUERY, PASSAGES, prune_mass=0.5)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["pruned_text"] for r in rows] == [w.pruned_text for w in want]
+    assert [r["evidence"] for r in rows] == [[s.to_dict() for s in w.evidence or ()] for w in want]
+    out.unlink()
+    both = CliRunner().invoke(app, [*args, "--prune", "0.5", "--prune-mass", "0.5"])
+    assert both.exit_code == 1 and not out.exists()
+    assert "Error: give --prune" in both.output and "--prune-mass" in both.output and "not both" in both.output
+    zero = CliRunner().invoke(app, [*args, "--prune-mass", "0"])
+    assert zero.exit_code == 1 and "prune_mass must be" in zero.output
+    above = CliRunner().invoke(app, [*args, "--prune-mass", "1.5"])
+    assert above.exit_code != 0 and not out.exists()

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from kalm_rag.engine import Reranker, ScoreRequest
 from kalm_rag.errors import InvalidInputError
+from kalm_rag.evidence import check_mass
 from kalm_rag.serve.errors import ApiError
 from kalm_rag.serve.schemas import CohereDocument, Extensions
 from kalm_rag.validation import check_ratio, check_unicode
@@ -86,6 +87,16 @@ class RequestChecks:
         if value < 1 or value > self.max_documents:
             raise ApiError(422, f"{field} must be in 1..{self.max_documents}, got {value}", field=field)
         return value
+
+    @staticmethod
+    def prune_mass(value: float | None, field: str = "prune_mass") -> float | None:
+        """``value`` if it is a share of evidence in (0, 1] (or ``None``: no pruning), else 422 naming ``field``."""
+        if value is None:
+            return None
+        try:
+            return check_mass(value, field)
+        except InvalidInputError as exc:
+            raise ApiError(422, str(exc), field=field) from None
 
     def prompt(self, query: str, ext: Extensions) -> None:
         """Query and instructions: bounded like documents (413), not empty (422)."""

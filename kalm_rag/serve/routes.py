@@ -50,35 +50,45 @@ def add_routes(app: FastAPI, service: Service, checks: RequestChecks) -> None:
         order = rank_order(margins)  # by margin: P(yes) ties at 1.0 in float32 from a margin of ~17
         return [(i, scores[i], margins[i]) for i in order], ratio
 
-    async def evidence(query: str, texts: list[str], ext: Extensions) -> list[list[dict[str, Any]]]:
-        """The evidence spans of each of ``texts`` (the results to return), computed on the model worker."""
+    async def evidence(
+        query: str, texts: list[str], ext: Extensions, *, prune_mass: float | None = None
+    ) -> list[tuple[list[dict[str, Any]], str | None]]:
+        """The evidence spans of each of ``texts`` (the results to return), computed on the model worker; with
+        ``prune_mass``, each text's kept spans and pruned text (else ``None``).
+        """
         reranker, batcher = await service.require()
         request = checks.score_request(reranker, query, texts, ext)
 
-        def spans() -> list[list[dict[str, Any]]]:
+        def spans() -> list[tuple[list[dict[str, Any]], str | None]]:
             found = reranker.rerank(
-                request.query, texts, instruction=request.instruction, ratio=request.ratio, evidence=True
+                request.query,
+                texts,
+                instruction=request.instruction,
+                ratio=request.ratio,
+                evidence=True,
+                prune_mass=prune_mass,
             )
-            by_index = {r.index: [s.to_dict() for s in r.evidence or ()] for r in found}
+            by_index = {r.index: ([s.to_dict() for s in r.evidence or ()], r.pruned_text) for r in found}
             return [by_index[i] for i in range(len(texts))]
 
         try:
-            result: list[list[dict[str, Any]]] = await batcher.call(spans)
+            result: list[tuple[list[dict[str, Any]], str | None]] = await batcher.call(spans)
         except EvidenceUnsupportedError as exc:
-            raise ApiError(422, str(exc), field="return_evidence") from None
+            raise ApiError(422, str(exc), field="return_evidence" if prune_mass is None else "prune_mass") from None
         return result
 
     async def cohere(http: Request, body: CohereRerankRequest, version: str) -> dict[str, Any]:
         refuse_surrogates(body)
         texts = checks.texts_of(body.documents, "documents", body.rank_fields)
         top_n = checks.top_n(body.top_n)
+        prune_mass = checks.prune_mass(body.prune_mass)
         await service.require()
         service.check_max_tokens(body.max_tokens_per_doc)
         results = []
         ranking, ratio = await ranked(http, body.query, texts, body)
         spans = (
-            await evidence(body.query, [texts[i] for i, _, _ in ranking[:top_n]], body)
-            if body.return_evidence
+            await evidence(body.query, [texts[i] for i, _, _ in ranking[:top_n]], body, prune_mass=prune_mass)
+            if body.return_evidence or prune_mass is not None
             else None
         )
         for rank_position, (i, score, _) in enumerate(ranking[:top_n]):
@@ -87,7 +97,9 @@ def add_routes(app: FastAPI, service: Service, checks: RequestChecks) -> None:
                 doc = body.documents[i]
                 result["document"] = {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_none=True)
             if spans is not None:
-                result["evidence"] = spans[rank_position]
+                result["evidence"], pruned_text = spans[rank_position]
+                if pruned_text is not None:
+                    result["pruned_text"] = pruned_text
             results.append(result)
         meta = {"api_version": {"version": version}, "model": service.model_name, "ratio": ratio}
         return {"id": str(uuid.uuid4()), "results": results, "meta": meta}

@@ -62,6 +62,12 @@ class CohereRerankRequest(Extensions):
         description="kalm-rag extension: add to each result the sentences that made the document relevant "
         "(character spans into its text, best first).",
     )
+    prune_mass: float | None = Field(
+        default=None,
+        description="kalm-rag extension, in (0, 1]: add to each result pruned_text, the document's text cut to its "
+        "best sentences holding this share of its evidence (in their original order), and evidence, the kept "
+        "sentences as spans into its text, best first.",
+    )
 
 
 class CohereDocumentOut(BaseModel):
@@ -87,7 +93,12 @@ class CohereResult(BaseModel):
     relevance_score: float = Field(description="P(yes) in [0, 1].")
     document: CohereDocumentOut | None = None
     evidence: list[EvidenceSpanOut] | None = Field(
-        default=None, description="With return_evidence: the document's sentences as spans, best first."
+        default=None,
+        description="With return_evidence: the document's sentences as spans, best first; with prune_mass: the "
+        "kept sentences.",
+    )
+    pruned_text: str | None = Field(
+        default=None, description="With prune_mass: the document's best sentences, in their original order."
     )
 
 

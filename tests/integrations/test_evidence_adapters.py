@@ -21,9 +21,9 @@ DOCS = [
 TEXTS = [t for _, t in DOCS]
 
 
-def engine_evidence(reranker, prune=None):
+def engine_evidence(reranker, prune=None, prune_mass=None):
     """text -> (spans as dicts, pruned text) according to the engine."""
-    ranked = reranker.rerank(QUERY, TEXTS, evidence=True, prune=prune)
+    ranked = reranker.rerank(QUERY, TEXTS, evidence=True, prune=prune, prune_mass=prune_mass)
     return {r.text: ([s.to_dict() for s in r.evidence or ()], r.pruned_text) for r in ranked}
 
 
@@ -112,3 +112,114 @@ def test_title_key_spans_are_shifted_onto_the_document_text(reranker):
     check_spans_index_text(spans, text)
     # the sentence that began in the title is cut at the title's end; the title's own sentence is left out
     assert {text[s["start"] : s["end"]] for s in spans} == {"Paris is the capital of France.", "It lies on the Seine."}
+
+
+# ----- prune_mass: pruning by evidence share, exactly as the engine does it ----------------------------------
+
+MASS = 0.5
+
+
+def test_rank_and_arank_forward_prune_mass(reranker):
+    import asyncio
+
+    from kalm_rag.adapters import arank, rank
+
+    pruned = engine_evidence(reranker, prune_mass=MASS)
+    for ranked in (
+        rank(reranker, QUERY, TEXTS, prune_mass=MASS),
+        asyncio.run(arank(reranker, QUERY, TEXTS, prune_mass=MASS)),
+    ):
+        assert len(ranked) == len(TEXTS)
+        for r in ranked:
+            assert r.pruned_text == pruned[TEXTS[r.index]][1]
+            assert [s.to_dict() for s in r.evidence or ()] == pruned[TEXTS[r.index]][0]
+
+
+def test_check_evidence_options_prune_mass():
+    from kalm_rag.adapters import check_evidence_options
+
+    assert check_evidence_options(False, None) == (False, None, None)
+    assert check_evidence_options(True, None, 1) == (True, None, 1.0)
+    assert check_evidence_options(False, 0.4, None) == (False, 0.4, None)
+    with pytest.raises(InvalidInputError, match="prune.*prune_mass.*not both"):
+        check_evidence_options(False, 0.4, 0.5)
+    for bad in (0, 0.0, 1.5, -0.1, True, "0.5", float("nan")):
+        with pytest.raises(InvalidInputError, match="prune_mass"):
+            check_evidence_options(False, None, bad)
+
+
+def test_langchain_prune_mass(reranker):
+    from langchain_core.documents import Document
+
+    from langchain_kalm import KaLMRerank
+
+    docs = [Document(page_content=t, id=i) for i, t in DOCS]
+    before = copy.deepcopy(docs)
+    pruned = engine_evidence(reranker, prune_mass=MASS)
+    out = KaLMRerank(reranker=reranker, top_n=3, prune_mass=MASS).compress_documents(docs, QUERY)
+    assert len(out) == 3
+    for doc in out:
+        original = doc.metadata["unpruned_content"]
+        assert doc.page_content == pruned[original][1]
+        assert doc.metadata["evidence"] == pruned[original][0]
+        assert len(doc.page_content) < len(original)
+    out = asyncio_run(KaLMRerank(reranker=reranker, top_n=3, prune_mass=MASS).acompress_documents(docs, QUERY))
+    assert [d.page_content for d in out] == [pruned[d.metadata["unpruned_content"]][1] for d in out]
+    assert docs == before
+    with pytest.raises(InvalidInputError, match="prune_mass"):
+        KaLMRerank(reranker=reranker, prune_mass=0.0)
+    with pytest.raises(InvalidInputError, match="not both"):
+        KaLMRerank(reranker=reranker, prune=0.4, prune_mass=0.5)
+
+
+def test_llama_index_prune_mass(reranker):
+    from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+
+    from llama_index.postprocessor.kalm_rerank import KaLMRerank
+
+    nodes = [NodeWithScore(node=TextNode(text=t, id_=i), score=0.5) for i, t in DOCS]
+    pruned = engine_evidence(reranker, prune_mass=MASS)
+    out = KaLMRerank(reranker=reranker, top_n=3, prune_mass=MASS).postprocess_nodes(nodes, QueryBundle(QUERY))
+    assert len(out) == 3
+    for n in out:
+        original = n.node.metadata["unpruned_text"]
+        assert n.node.get_content(MetadataMode.NONE) == pruned[original][1]
+        assert n.node.metadata["evidence"] == pruned[original][0]
+    assert [n.node.get_content(MetadataMode.NONE) for n in nodes] == TEXTS
+    with pytest.raises(InvalidInputError, match="prune_mass"):
+        KaLMRerank(reranker=reranker, prune_mass=1.5)
+    with pytest.raises(InvalidInputError, match="not both"):
+        KaLMRerank(reranker=reranker, prune=0.4, prune_mass=0.5)
+
+
+def test_haystack_prune_mass_and_serialisation(reranker):
+    from haystack import Document
+
+    from haystack_integrations.components.rankers.kalm import KaLMRanker
+
+    docs = [Document(content=t, id=i) for i, t in DOCS]
+    pruned = engine_evidence(reranker, prune_mass=MASS)
+    ranker = KaLMRanker(top_k=3, prune_mass=MASS)
+    ranker._handle._reranker = reranker
+    out = ranker.run(query=QUERY, documents=docs)["documents"]
+    assert len(out) == 3
+    for doc in out:
+        assert doc.content == pruned[doc.meta["unpruned_content"]][1]
+        assert doc.meta["evidence"] == pruned[doc.meta["unpruned_content"]][0]
+    out = asyncio_run(ranker.run_async(query=QUERY, documents=docs))["documents"]
+    assert [d.content for d in out] == [pruned[d.meta["unpruned_content"]][1] for d in out]
+    data = ranker.to_dict()
+    assert data["init_parameters"]["prune_mass"] == MASS and data["init_parameters"]["prune"] is None
+    restored = KaLMRanker.from_dict(data)
+    assert (restored.prune, restored.prune_mass) == (None, MASS)
+    assert [d.content for d in docs] == TEXTS
+    with pytest.raises(InvalidInputError, match="prune_mass"):
+        KaLMRanker(prune_mass=-1)
+    with pytest.raises(InvalidInputError, match="not both"):
+        KaLMRanker(prune=0.4, prune_mass=0.5)
+
+
+def asyncio_run(coro):
+    import asyncio
+
+    return asyncio.run(coro)

@@ -45,6 +45,10 @@ class KaLMRerank(KaLMEngineConfig, BaseDocumentCompressor):
     """Prune each returned document to its best sentences, about this fraction of its characters (0..1]:
     ``page_content`` becomes the kept sentences in their original order; ``metadata["evidence"]`` lists them
     (spans into the original text, which is kept in ``metadata["unpruned_content"]``)."""
+    prune_mass: float | None = None
+    """Prune each returned document by evidence instead of length: keep its best sentences until they hold this
+    share (0..1] of the document's evidence; the content and metadata change as with ``prune``. At most one of
+    ``prune`` and ``prune_mass``."""
 
     def model_post_init(self, context: Any, /) -> None:
         """Check the ranking options at construction, before any document arrives."""
@@ -54,7 +58,7 @@ class KaLMRerank(KaLMEngineConfig, BaseDocumentCompressor):
         check_instruction(self.instruction)
         if self.ratio is not None:
             check_ratio(self.ratio)
-        check_evidence_options(self.evidence, self.prune)
+        check_evidence_options(self.evidence, self.prune, self.prune_mass)
         super().model_post_init(context)
 
     def compress_documents(
@@ -101,6 +105,7 @@ class KaLMRerank(KaLMEngineConfig, BaseDocumentCompressor):
             ratio=self.ratio,
             evidence=self.evidence,
             prune=self.prune,
+            prune_mass=self.prune_mass,
         )
 
 

@@ -51,6 +51,11 @@ class KaLMRerank(KaLMEngineConfig, BaseNodePostprocessor):
         description="Prune each returned node's text to its best sentences, about this fraction of its characters "
         "(0..1], kept in their original order (a node copy; metadata['evidence'] lists the kept sentences).",
     )
+    prune_mass: float | None = Field(
+        default=None,
+        description="Prune each returned node's text by evidence instead of length: keep its best sentences until "
+        "they hold this share (0..1] of the node's evidence (as with prune otherwise; at most one of the two).",
+    )
 
     def model_post_init(self, context: Any, /) -> None:
         """Check the ranking options at construction, before any node arrives."""
@@ -58,7 +63,7 @@ class KaLMRerank(KaLMEngineConfig, BaseNodePostprocessor):
         check_instruction(self.instruction)
         if self.ratio is not None:
             check_ratio(self.ratio)
-        check_evidence_options(self.evidence, self.prune)
+        check_evidence_options(self.evidence, self.prune, self.prune_mass)
         super().model_post_init(context)
 
     @classmethod
@@ -116,7 +121,12 @@ class KaLMRerank(KaLMEngineConfig, BaseNodePostprocessor):
 
     def _options(self) -> dict[str, Any]:
         return dict(
-            top=self.top_n, instruction=self.instruction, ratio=self.ratio, evidence=self.evidence, prune=self.prune
+            top=self.top_n,
+            instruction=self.instruction,
+            ratio=self.ratio,
+            evidence=self.evidence,
+            prune=self.prune,
+            prune_mass=self.prune_mass,
         )
 
     def _texts(self, nodes: list[NodeWithScore]) -> list[str | None]:

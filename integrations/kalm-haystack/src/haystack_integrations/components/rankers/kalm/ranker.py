@@ -49,6 +49,7 @@ class KaLMRanker(KaLMComponentBase):
         title_key: str | None = None,
         evidence: bool = False,
         prune: float | None = None,
+        prune_mass: float | None = None,
         storage: str | None = None,
     ) -> None:
         """Create a KaLMRanker; the model is loaded by :meth:`warm_up` (or the first run), not here.
@@ -82,18 +83,22 @@ class KaLMRanker(KaLMComponentBase):
             Prune each returned document's ``content`` to its best sentences, about this fraction of its characters
             (0..1], in their original order; ``meta["evidence"]`` then lists the kept sentences (spans into the
             original content, kept in ``meta["unpruned_content"]``).
+        :param prune_mass:
+            Prune by evidence instead of length: keep each returned document's best sentences until they hold this
+            share (0..1] of its evidence; ``content`` and ``meta`` change as with ``prune``. At most one of
+            ``prune`` and ``prune_mass``.
         :param storage:
             How passage vectors are stored (``float32``, ``bfloat16``, ``int8``, ``res4``, ``res2``, ``res1``);
             ``None``: the store's recorded setting for the model (as ``kalm-rag index`` wrote it), else the
             model's default.
         :raises ValueError:
-            If ``top_k`` is not > 0 or another option is out of range.
+            If ``top_k`` is not > 0, another option is out of range, or both ``prune`` and ``prune_mass`` are set.
         """
         self.top_k = check_positive_int(top_k, "top_k")
         self.score_threshold = check_score_threshold(score_threshold)
         self.instruction = check_instruction(instruction)
         self.ratio = None if ratio is None else check_ratio(ratio)
-        self.evidence, self.prune = check_evidence_options(evidence, prune)
+        self.evidence, self.prune, self.prune_mass = check_evidence_options(evidence, prune, prune_mass)
         # explicit base call: @component rebuilds the class, which breaks zero-argument super()
         KaLMComponentBase.__init__(
             self, model=model, store=store, device=device, batch_size=batch_size, title_key=title_key, storage=storage
@@ -110,6 +115,7 @@ class KaLMRanker(KaLMComponentBase):
             ratio=self.ratio,
             evidence=self.evidence,
             prune=self.prune,
+            prune_mass=self.prune_mass,
         )
 
     @classmethod
@@ -174,6 +180,7 @@ class KaLMRanker(KaLMComponentBase):
             ratio=self.ratio,
             evidence=self.evidence,
             prune=self.prune,
+            prune_mass=self.prune_mass,
         )
         return options, _deduplicate(documents)
 
