@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -33,6 +35,7 @@ from kalm_rag.evidence import (
     prune_passage,
     ranked_spans,
     read_sentences,
+    sentence_spans,
     sentence_windows,
     window_spans,
 )
@@ -62,6 +65,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Passages whose token offsets ``rerank(..., evidence=True)`` keeps (most recently used), per reranker.
+OFFSETS_CACHE_SIZE = 4096
 #: A codebook is trained from fewer than ``DEFAULT_TRAIN_PASSAGES`` passages only when they give this many vectors.
 MIN_TRAIN_VECTORS = 2048
 #: The paper's cascade: rerank the top-100 at ratio 32, then the top-20 of those at ratio 2.
@@ -297,6 +302,9 @@ class Reranker:
             "store_misses": 0,
         }
         self._executor: ThreadPoolExecutor | None = None
+        # passage key -> token offsets (T, 2) and sentence spans (S, 2), int32
+        self._offsets_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._offsets_lock = threading.Lock()
         self._namespace: tuple[tuple[Any, ...], str] | None = None
         self._warnings = RateLimitedWarning(logger)
 
@@ -982,10 +990,9 @@ class Reranker:
         margins = self._with_lexical(query, texts, found.margins)
         scores = probabilities(margins.tolist())
         ranked = rank_order(margins.tolist())[:top_k]
-        offsets = self.backend.passage_offsets([texts[i] for i in ranked], self.max_passage_tokens)
+        evidence = self._passages_evidence(found, ranked, [texts[i] for i in ranked])
         out = []
-        for i, token_offsets in zip(ranked, offsets):
-            spans = self._passage_evidence(found, i, texts[i], token_offsets)
+        for i, spans in zip(ranked, evidence):
             pruned = None
             if keep is not None or mass is not None:
                 pruned, spans = prune_passage(texts[i], spans, keep=keep, mass=mass)
@@ -996,18 +1003,65 @@ class Reranker:
             )
         return out
 
-    def _passage_evidence(
-        self, found: _EvidencePass, i: int, text: str, token_offsets: Sequence[tuple[int, int] | None]
-    ) -> list[EvidenceSpan]:
-        """Passage ``i``'s sentences, best first: the backend's trained sentence readout when it has one (scores
-        are shares of the passage's evidence), else its window weights' training-free readout.
+    def _passages_evidence(
+        self, found: _EvidencePass, indices: Sequence[int], texts: Sequence[str]
+    ) -> list[list[EvidenceSpan]]:
+        """The sentences of passages ``indices`` of ``found`` (their ``texts``), best first: the backend's trained
+        sentence readout when it has one (scores are shares of the passage's evidence), else its window weights'
+        training-free readout (a sentence scores its best window).
         """
-        windows = self._evidence_windows(found, i, token_offsets)
+        layouts = self._passage_layouts(texts)
+        windows = [self._evidence_windows(found, i, offsets) for i, (offsets, _) in zip(indices, layouts)]
+        sentences = [spans for _, spans in layouts]
         readout = getattr(self.backend, "evidence_readout", None)
         if readout is None:
-            return evidence_spans(text, windows, found.weights[i].tolist())
-        sentences, columns = self._sentence_columns(found, i, text, windows)
-        return ranked_spans(sentences, readout.probabilities(columns)) if sentences else []
+            return [
+                evidence_spans(t, w, found.weights[i].tolist(), sentences=spans)
+                for i, t, w, spans in zip(indices, texts, windows, sentences)
+            ]
+        read = self._sentence_columns(found, indices, texts, windows, sentences=sentences)
+        return [
+            ranked_spans(sentences, readout.probabilities(columns)) if sentences else [] for sentences, columns in read
+        ]
+
+    def _token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int] | None]]:
+        """The backend's ``passage_offsets`` of ``texts`` (see :meth:`_passage_layouts`)."""
+        return [offsets for offsets, _ in self._passage_layouts(texts)]
+
+    def _passage_layouts(
+        self, texts: Sequence[str]
+    ) -> list[tuple[list[tuple[int, int] | None], list[tuple[int, int]]]]:
+        """Each passage's token offsets (the backend's ``passage_offsets``) and sentence spans, kept for the most
+        recent passages: a RAG corpus's passages come back, as their stored vectors do, and the tokenizer and
+        the sentence splitter are most of what evidence costs.
+        """
+        keys = [passage_key(t) for t in texts]
+        with self._offsets_lock:
+            known = {k: self._offsets_cache[k] for k in keys if k in self._offsets_cache}
+        missing = list(dict.fromkeys(k for k in keys if k not in known))
+        if missing:
+            by_key = dict(zip(keys, texts))
+            fresh = self.backend.passage_offsets([by_key[k] for k in missing], self.max_passage_tokens)
+            for k, row in zip(missing, fresh):  # int32 tensors, -1 for positions without text: small to keep
+                offsets = torch.tensor([o if o is not None else (-1, -1) for o in row], dtype=torch.int32)
+                spans = torch.tensor(sentence_spans(by_key[k]), dtype=torch.int32).reshape(-1, 2)
+                known[k] = (offsets, spans)
+        with self._offsets_lock:
+            for k in keys:
+                self._offsets_cache[k] = known[k]
+                self._offsets_cache.move_to_end(k)
+            while len(self._offsets_cache) > OFFSETS_CACHE_SIZE:
+                self._offsets_cache.popitem(last=False)
+        out = []
+        for k in keys:
+            offsets, spans = known[k]
+            out.append(
+                (
+                    [(s, e) if s >= 0 else None for s, e in offsets.tolist()],
+                    [(s, e) for s, e in spans.tolist()],
+                )
+            )
+        return out
 
     def _evidence_windows(
         self, found: _EvidencePass, i: int, token_offsets: Sequence[tuple[int, int] | None]
@@ -1024,29 +1078,43 @@ class Reranker:
     def _sentence_columns(
         self,
         found: _EvidencePass,
-        i: int,
-        text: str,
-        windows: Sequence[tuple[int, int] | None],
+        indices: Sequence[int],
+        texts: Sequence[str],
+        windows: Sequence[Sequence[tuple[int, int] | None]],
         *,
-        sentences: Sequence[tuple[int, int]] | None = None,
-    ) -> tuple[list[tuple[int, int]], dict[str, list[float]]]:
-        """Passage ``i``'s read sentences (default: its :func:`~kalm_rag.evidence.sentence_spans`) and their
-        readout features (feature name -> one value per sentence): the attention ones from the window weights,
-        the backend's own (``sentence_columns``) from each sentence's vector and text.
+        sentences: Sequence[Sequence[tuple[int, int]] | None] | None = None,
+    ) -> list[tuple[list[tuple[int, int]], dict[str, list[float]]]]:
+        """Each passage's read sentences (default: its :func:`~kalm_rag.evidence.sentence_spans`) and their readout
+        features (feature name -> one value per sentence): the attention ones from the window weights, the
+        backend's own (``sentence_columns``, one call for every sentence) from each sentence's vector and text.
         """
-        sentences = read_sentences(text, windows, sentences)
-        if not sentences:
-            return [], {}
-        groups = sentence_windows(sentences, windows)
-        columns = attention_columns(groups, found.weights[i].tolist())
+        given = sentences if sentences is not None else [None] * len(indices)
+        out: list[tuple[list[tuple[int, int]], dict[str, list[float]]]] = []
+        texts_all: list[str] = []
+        vectors_all: list[torch.Tensor] = []
+        for i, text, w, spans in zip(indices, texts, windows, given, strict=True):
+            read = read_sentences(text, w, spans)
+            groups = sentence_windows(read, w)
+            out.append((read, attention_columns(groups, found.weights[i].tolist()) if read else {}))
+            if not read:
+                continue
+            texts_all += [text[s:e] for s, e in read]
+            # each sentence's windows, count-weighted, as the encoder's own mean pooling would
+            member = torch.zeros((len(read), found.counts[i].shape[0]), dtype=torch.float32)  # (S, W)
+            for row, g in enumerate(groups):
+                member[row, g] = 1.0
+            weights = member * found.counts[i].to(torch.float32)[None, :]  # (S, W)
+            vectors_all.append(weights @ found.vectors[i] / weights.sum(1, keepdim=True).clamp(min=1.0))  # (S, d)
         sentence_columns = getattr(self.backend, "sentence_columns", None)
-        if sentence_columns is not None:
-            vectors, counts = found.vectors[i], found.counts[i].to(torch.float32)  # (W, d), (W,)
-            sentence_vectors = torch.stack(
-                [(vectors[g] * counts[g, None]).sum(0) / counts[g].sum().clamp(min=1.0) for g in groups]
-            )  # (S, d): each sentence's windows, count-weighted, as the encoder's own mean pooling would
-            columns.update(sentence_columns(found.prompt, [text[s:e] for s, e in sentences], sentence_vectors))
-        return sentences, columns
+        if sentence_columns is None or not texts_all:
+            return out
+        model_columns = sentence_columns(found.prompt, texts_all, torch.cat(vectors_all))  # name -> (sum S,)
+        start = 0
+        for read, columns in out:
+            for name, values in model_columns.items():
+                columns[name] = list(values[start : start + len(read)])
+            start += len(read)
+        return out
 
     def _decode_with_evidence(
         self, query: str, entries: list[PooledPassage], *, instruction: str, system_instruction: str, ratio: int

@@ -32,7 +32,6 @@ from kalm_rag.evidence import (
     EvidenceSpan,
     evidence_spans,
     ranked_spans,
-    read_sentences,
     select_by_mass,
     select_sentences,
     sentence_spans,
@@ -224,16 +223,14 @@ def passage_evidence(
         system_instruction=reranker.system_instruction,
         ratio=r,
     )
-    offsets = reranker.backend.passage_offsets([text], reranker.max_passage_tokens)[0]
     if sentences is None:
-        return reranker._passage_evidence(found, 0, text, offsets)
+        return reranker._passages_evidence(found, [0], [text])[0]
     # the example's own sentences (WikiQA's candidates), scored as the engine scores its split
-    windows = reranker._evidence_windows(found, 0, offsets)
+    windows = reranker._evidence_windows(found, 0, reranker._token_offsets([text])[0])
     readout = getattr(reranker.backend, "evidence_readout", None)
     if readout is None:
         return evidence_spans(text, windows, found.weights[0].tolist(), sentences=sentences)
-    read = read_sentences(text, windows, sentences)
-    columns = reranker._sentence_columns(found, 0, text, windows, sentences=read)[1]
+    read, columns = reranker._sentence_columns(found, [0], [text], [windows], sentences=[sentences])[0]
     return ranked_spans(read, readout.probabilities(columns)) if read else []
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kalm_rag import InvalidInputError, ModelLoadError, Reranker
-from kalm_rag.evidence import READOUT_FILE, SentenceReadout
+from kalm_rag.evidence import READOUT_FILE, SentenceReadout, sentence_spans
 from kalm_rag.models.mini.backend import EMBEDDED_DIR
 from kalm_rag.padding import right_pad_vectors
 from kalm_rag.pooling import repool
@@ -165,3 +165,20 @@ def test_fit_readout_recovers_which_feature_carries_the_label():
     assert int(w.abs().argmax()) == 2 and w[2] > 0
     assert top1(examples, w) > 0.95
     assert top1(examples, torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)) < 0.5
+
+
+def test_kept_passage_layouts_give_the_same_evidence_and_stay_bounded(rr, monkeypatch):
+    import kalm_rag.engine as engine
+
+    def spans(results):
+        return [(r.index, [(s.start, s.end, s.score) for s in r.evidence]) for r in results]
+
+    rr._offsets_cache.clear()
+    cold = spans(rr.rerank(QUERY, PASSAGES, evidence=True))
+    monkeypatch.setattr(engine, "OFFSETS_CACHE_SIZE", 2)
+    warm = spans(rr.rerank(QUERY, PASSAGES, evidence=True))
+    assert warm == cold
+    assert len(rr._offsets_cache) == 2  # the least recently used passage was dropped
+    offsets, sentences = rr._passage_layouts(PASSAGES[:1])[0]
+    assert offsets == rr.backend.passage_offsets(PASSAGES[:1], rr.max_passage_tokens)[0]
+    assert sentences == sentence_spans(PASSAGES[0])

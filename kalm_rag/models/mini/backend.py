@@ -138,6 +138,8 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
 #: Queries whose encoder states are kept (about 8 KB per query token: 256 queries of 20 tokens take 8 MB).
 QUERY_CACHE_SIZE = 256
 
+#: Sentences whose word pieces a backend keeps for the evidence readout (the oldest are dropped first).
+PIECES_CACHE_SIZE = 32768
 #: Passages whose lexical units a backend keeps (most recently used), so a reranked passage is tokenised once.
 LEXICAL_CACHE_SIZE = 8192
 
@@ -196,6 +198,7 @@ class MiniBackend(FBNLBackend):
         self.lexical: LexicalStats | None = None
         self._continuation: list[bool] | None = None
         self._lexical_cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()  # LRU of passage units
+        self._pieces_cache: dict[str, list[int]] = {}  # sentence -> word pieces, oldest first (evidence)
 
     @property
     def passage_encoder_id(self) -> str:
@@ -532,6 +535,22 @@ class MiniBackend(FBNLBackend):
         scale = self.config.score_scale * self.config.lexical_weight
         return scale * bm25_scores(q, self.passage_lexical_units(passages, max_passage_tokens), self.lexical) / top
 
+    def sentence_pieces(self, sentences: Sequence[str]) -> list[list[int]]:
+        """Word-piece ids of each sentence (no special tokens): the recent sentences' from a cache, the others
+        tokenised together.
+        """
+        cache = self._pieces_cache
+        known = {s: cache[s] for s in dict.fromkeys(sentences) if s in cache}  # a snapshot: other threads evict
+        missing = [s for s in dict.fromkeys(sentences) if s not in known]
+        if missing:
+            ids = self.tokenizer(missing, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            known.update(zip(missing, ids))
+            for s in missing:
+                cache[s] = known[s]
+            while len(cache) > PIECES_CACHE_SIZE:
+                cache.pop(next(iter(cache)), None)
+        return [known[s] for s in sentences]
+
     def lexical_units(self, ids: Sequence[int]) -> list[int]:
         """The units the lexical statistics count: word pieces (special tokens dropped) or hashed whole words."""
         special = set(self.tokenizer.all_special_ids)
@@ -626,7 +645,7 @@ class MiniBackend(FBNLBackend):
             special = set(self.tokenizer.all_special_ids)
             terms = {int(t) for t in query if int(t) not in special and 0 <= int(t) < idf.shape[0]}
             total = float(idf[sorted(terms)].sum()) if terms else 0.0
-            pieces = self.tokenizer(list(sentences), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            pieces = self.sentence_pieces(sentences)
             columns["coverage"] = [
                 float(idf[sorted(terms & set(ids))].sum()) / total if total > 0 and terms & set(ids) else 0.0
                 for ids in pieces
