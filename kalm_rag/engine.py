@@ -35,7 +35,6 @@ from kalm_rag.evidence import (
     prune_passage,
     ranked_spans,
     read_sentences,
-    sentence_spans,
     sentence_windows,
     window_spans,
 )
@@ -65,12 +64,43 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-#: Passages whose token offsets ``rerank(..., evidence=True)`` keeps (most recently used), per reranker.
-OFFSETS_CACHE_SIZE = 4096
+#: Passage layouts (windows, sentences) ``rerank(..., evidence=True)`` keeps (most recently used), per reranker.
+LAYOUT_CACHE_SIZE = 4096
 #: A codebook is trained from fewer than ``DEFAULT_TRAIN_PASSAGES`` passages only when they give this many vectors.
 MIN_TRAIN_VECTORS = 2048
 #: The paper's cascade: rerank the top-100 at ratio 32, then the top-20 of those at ratio 2.
 DEFAULT_CASCADE: tuple[tuple[int, int], ...] = ((32, 100), (2, 20))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A passage at one ratio, as evidence reads it: its windows' character spans (``None``: no text), the
+    sentences the encoder read, for each the windows overlapping it, and that as a 0/1 matrix ``(S, W)``.
+    """
+
+    windows: list[tuple[int, int] | None]
+    sentences: list[tuple[int, int]]
+    groups: list[list[int]]
+    member: torch.Tensor
+    #: Each sentence's token ids as the passage was tokenised (``None`` when the backend does not give them).
+    pieces: list[list[int]] | None = None
+
+
+def _sentence_pieces(
+    sentences: Sequence[tuple[int, int]], offsets: Sequence[tuple[int, int] | None], ids: Sequence[int]
+) -> list[list[int]]:
+    """The ids of the tokens that start inside each sentence (positions without text hold none)."""
+    out: list[list[int]] = [[] for _ in sentences]
+    starts = [s for s, _ in sentences]
+    j = 0
+    for offset, token in zip(offsets, ids):
+        if offset is None:
+            continue
+        while j + 1 < len(sentences) and offset[0] >= starts[j + 1]:
+            j += 1
+        if sentences and sentences[j][0] <= offset[0] < sentences[j][1]:
+            out[j].append(int(token))
+    return out
 
 
 @dataclass(frozen=True)
@@ -302,9 +332,8 @@ class Reranker:
             "store_misses": 0,
         }
         self._executor: ThreadPoolExecutor | None = None
-        # passage key -> token offsets (T, 2) and sentence spans (S, 2), int32
-        self._offsets_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._offsets_lock = threading.Lock()
+        self._layouts: OrderedDict[tuple[str, int], _Layout] = OrderedDict()  # (passage key, ratio) -> layout
+        self._layouts_lock = threading.Lock()
         self._namespace: tuple[tuple[Any, ...], str] | None = None
         self._warnings = RateLimitedWarning(logger)
 
@@ -1004,116 +1033,111 @@ class Reranker:
         return out
 
     def _passages_evidence(
-        self, found: _EvidencePass, indices: Sequence[int], texts: Sequence[str]
-    ) -> list[list[EvidenceSpan]]:
-        """The sentences of passages ``indices`` of ``found`` (their ``texts``), best first: the backend's trained
-        sentence readout when it has one (scores are shares of the passage's evidence), else its window weights'
-        training-free readout (a sentence scores its best window).
-        """
-        layouts = self._passage_layouts(texts)
-        windows = [self._evidence_windows(found, i, offsets) for i, (offsets, _) in zip(indices, layouts)]
-        sentences = [spans for _, spans in layouts]
-        readout = getattr(self.backend, "evidence_readout", None)
-        if readout is None:
-            return [
-                evidence_spans(t, w, found.weights[i].tolist(), sentences=spans)
-                for i, t, w, spans in zip(indices, texts, windows, sentences)
-            ]
-        read = self._sentence_columns(found, indices, texts, windows, sentences=sentences)
-        return [
-            ranked_spans(sentences, readout.probabilities(columns)) if sentences else [] for sentences, columns in read
-        ]
-
-    def _token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int] | None]]:
-        """The backend's ``passage_offsets`` of ``texts`` (see :meth:`_passage_layouts`)."""
-        return [offsets for offsets, _ in self._passage_layouts(texts)]
-
-    def _passage_layouts(
-        self, texts: Sequence[str]
-    ) -> list[tuple[list[tuple[int, int] | None], list[tuple[int, int]]]]:
-        """Each passage's token offsets (the backend's ``passage_offsets``) and sentence spans, kept for the most
-        recent passages: a RAG corpus's passages come back, as their stored vectors do, and the tokenizer and
-        the sentence splitter are most of what evidence costs.
-        """
-        keys = [passage_key(t) for t in texts]
-        with self._offsets_lock:
-            known = {k: self._offsets_cache[k] for k in keys if k in self._offsets_cache}
-        missing = list(dict.fromkeys(k for k in keys if k not in known))
-        if missing:
-            by_key = dict(zip(keys, texts))
-            fresh = self.backend.passage_offsets([by_key[k] for k in missing], self.max_passage_tokens)
-            for k, row in zip(missing, fresh):  # int32 tensors, -1 for positions without text: small to keep
-                offsets = torch.tensor([o if o is not None else (-1, -1) for o in row], dtype=torch.int32)
-                spans = torch.tensor(sentence_spans(by_key[k]), dtype=torch.int32).reshape(-1, 2)
-                known[k] = (offsets, spans)
-        with self._offsets_lock:
-            for k in keys:
-                self._offsets_cache[k] = known[k]
-                self._offsets_cache.move_to_end(k)
-            while len(self._offsets_cache) > OFFSETS_CACHE_SIZE:
-                self._offsets_cache.popitem(last=False)
-        out = []
-        for k in keys:
-            offsets, spans = known[k]
-            out.append(
-                (
-                    [(s, e) if s >= 0 else None for s, e in offsets.tolist()],
-                    [(s, e) for s, e in spans.tolist()],
-                )
-            )
-        return out
-
-    def _evidence_windows(
-        self, found: _EvidencePass, i: int, token_offsets: Sequence[tuple[int, int] | None]
-    ) -> list[tuple[int, int] | None]:
-        """Passage ``i``'s window spans at the pass's ratio, checked against the windows it was scored with."""
-        windows = window_spans(token_offsets, found.ratio)
-        if len(windows) != found.weights[i].shape[0]:
-            raise NumericalError(
-                f"passage {i}: {found.weights[i].shape[0]} stored windows but its text tokenises into "
-                f"{len(windows)} at ratio {found.ratio}; the store holds vectors of another tokenisation"
-            )
-        return windows
-
-    def _sentence_columns(
         self,
         found: _EvidencePass,
         indices: Sequence[int],
         texts: Sequence[str],
-        windows: Sequence[Sequence[tuple[int, int] | None]],
         *,
-        sentences: Sequence[Sequence[tuple[int, int]] | None] | None = None,
-    ) -> list[tuple[list[tuple[int, int]], dict[str, list[float]]]]:
-        """Each passage's read sentences (default: its :func:`~kalm_rag.evidence.sentence_spans`) and their readout
-        features (feature name -> one value per sentence): the attention ones from the window weights, the
-        backend's own (``sentence_columns``, one call for every sentence) from each sentence's vector and text.
+        sentences: Sequence[Sequence[tuple[int, int]]] | None = None,
+    ) -> list[list[EvidenceSpan]]:
+        """The sentences of passages ``indices`` of ``found`` (their ``texts``; default sentences: their
+        :func:`~kalm_rag.evidence.sentence_spans`), best first: the backend's trained sentence readout when it has
+        one (scores are shares of the passage's evidence), else the window weights' training-free readout (a
+        sentence scores its best window).
         """
-        given = sentences if sentences is not None else [None] * len(indices)
-        out: list[tuple[list[tuple[int, int]], dict[str, list[float]]]] = []
+        layouts = self._passage_layouts(found, indices, texts, sentences=sentences)
+        readout = getattr(self.backend, "evidence_readout", None)
+        if readout is None:
+            return [
+                evidence_spans(t, layout.windows, found.weights[i].tolist(), sentences=layout.sentences)
+                for i, t, layout in zip(indices, texts, layouts)
+            ]
+        columns = self._sentence_columns(found, indices, texts, layouts)
+        return [
+            ranked_spans(layout.sentences, readout.probabilities(c)) if layout.sentences else []
+            for layout, c in zip(layouts, columns)
+        ]
+
+    def _passage_layouts(
+        self,
+        found: _EvidencePass,
+        indices: Sequence[int],
+        texts: Sequence[str],
+        *,
+        sentences: Sequence[Sequence[tuple[int, int]]] | None = None,
+    ) -> list[_Layout]:
+        """Each passage's windows at the pass's ratio, read sentences and which windows each overlaps, checked
+        against the windows it was scored with. Kept for the most recent passages and ratios (a RAG corpus's
+        passages come back, as their stored vectors do, and the tokenizer and the sentence splitter are most of
+        what evidence costs); layouts over given ``sentences`` are not kept.
+        """
+        keys = [(passage_key(t), found.ratio) for t in texts]
+        known: dict[tuple[str, int], _Layout] = {}
+        if sentences is None:
+            with self._layouts_lock:
+                known = {k: self._layouts[k] for k in keys if k in self._layouts}
+        missing = [j for j, k in enumerate(keys) if k not in known]
+        if missing:
+            with_ids = getattr(self.backend, "passage_offsets_and_ids", None)
+            if with_ids is not None:
+                offsets, ids = with_ids([texts[j] for j in missing], self.max_passage_tokens)
+            else:
+                offsets, ids = self.backend.passage_offsets([texts[j] for j in missing], self.max_passage_tokens), None
+            for n, (j, row) in enumerate(zip(missing, offsets)):
+                windows = window_spans(row, found.ratio)
+                read = read_sentences(texts[j], windows, None if sentences is None else sentences[j])
+                groups = sentence_windows(read, windows)
+                member = torch.zeros((len(read), len(windows)), dtype=torch.float32)  # (S, W)
+                for sentence, group in enumerate(groups):
+                    member[sentence, group] = 1.0
+                pieces = None if ids is None else _sentence_pieces(read, row, ids[n])
+                known[keys[j]] = _Layout(windows, read, groups, member, pieces)
+        if sentences is None:
+            with self._layouts_lock:
+                for k in keys:
+                    self._layouts[k] = known[k]
+                    self._layouts.move_to_end(k)
+                while len(self._layouts) > LAYOUT_CACHE_SIZE:
+                    self._layouts.popitem(last=False)
+        layouts = [known[k] for k in keys]
+        for i, layout in zip(indices, layouts):
+            if len(layout.windows) != found.weights[i].shape[0]:
+                raise NumericalError(
+                    f"passage {i}: {found.weights[i].shape[0]} stored windows but its text tokenises into "
+                    f"{len(layout.windows)} at ratio {found.ratio}; the store holds vectors of another tokenisation"
+                )
+        return layouts
+
+    def _sentence_columns(
+        self, found: _EvidencePass, indices: Sequence[int], texts: Sequence[str], layouts: Sequence[_Layout]
+    ) -> list[dict[str, list[float]]]:
+        """Each passage's readout features (feature name -> one value per read sentence): the attention ones from
+        the window weights, the backend's own (``sentence_columns``, one call for every sentence) from each
+        sentence's vector (its windows' count-weighted mean, as the encoder's own mean pooling) and text.
+        """
+        out: list[dict[str, list[float]]] = []
         texts_all: list[str] = []
         vectors_all: list[torch.Tensor] = []
-        for i, text, w, spans in zip(indices, texts, windows, given, strict=True):
-            read = read_sentences(text, w, spans)
-            groups = sentence_windows(read, w)
-            out.append((read, attention_columns(groups, found.weights[i].tolist()) if read else {}))
-            if not read:
+        for i, text, layout in zip(indices, texts, layouts, strict=True):
+            out.append(attention_columns(layout.groups, found.weights[i].tolist()) if layout.sentences else {})
+            if not layout.sentences:
                 continue
-            texts_all += [text[s:e] for s, e in read]
-            # each sentence's windows, count-weighted, as the encoder's own mean pooling would
-            member = torch.zeros((len(read), found.counts[i].shape[0]), dtype=torch.float32)  # (S, W)
-            for row, g in enumerate(groups):
-                member[row, g] = 1.0
-            weights = member * found.counts[i].to(torch.float32)[None, :]  # (S, W)
+            texts_all += [text[s:e] for s, e in layout.sentences]
+            weights = layout.member * found.counts[i].to(torch.float32)[None, :]  # (S, W)
             vectors_all.append(weights @ found.vectors[i] / weights.sum(1, keepdim=True).clamp(min=1.0))  # (S, d)
         sentence_columns = getattr(self.backend, "sentence_columns", None)
         if sentence_columns is None or not texts_all:
             return out
-        model_columns = sentence_columns(found.prompt, texts_all, torch.cat(vectors_all))  # name -> (sum S,)
+        extra: dict[str, Any] = {}
+        if all(layout.pieces is not None for layout in layouts):
+            extra["pieces"] = [p for layout in layouts for p in layout.pieces or []]
+        model_columns = sentence_columns(found.prompt, texts_all, torch.cat(vectors_all), **extra)  # name -> (sum S,)
         start = 0
-        for read, columns in out:
+        for layout, columns in zip(layouts, out):
+            n = len(layout.sentences)
             for name, values in model_columns.items():
-                columns[name] = list(values[start : start + len(read)])
-            start += len(read)
+                columns[name] = list(values[start : start + n])
+            start += n
         return out
 
     def _decode_with_evidence(

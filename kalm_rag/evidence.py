@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -162,13 +163,20 @@ def read_sentences(
 def sentence_windows(
     sentences: Sequence[tuple[int, int]], windows: Sequence[tuple[int, int] | None]
 ) -> list[list[int]]:
-    """For each sentence the indices of the windows overlapping it (else the nearest window with text)."""
+    """For each sentence the indices of the windows overlapping it (else the nearest window with text).
+
+    Windows follow the text (their starts and ends never decrease), so the overlapping ones of a sentence are a
+    run found by two binary searches.
+    """
     real = [(i, w) for i, w in enumerate(windows) if w is not None]
     if not real:
         return [[] for _ in sentences]
+    starts = [w[0] for _, w in real]
+    ends = [w[1] for _, w in real]
     out = []
     for s, e in sentences:
-        hit = [i for i, (ws, we) in real if min(e, we) - max(s, ws) > 0]
+        first, last = bisect.bisect_right(ends, s), bisect.bisect_left(starts, e)  # ends > s, starts < e
+        hit = [real[k][0] for k in range(first, last) if min(e, ends[k]) - max(s, starts[k]) > 0]
         if not hit:  # only whitespace or untokenised characters: the nearest window speaks for it
             hit = [min(real, key=lambda item: min(abs(item[1][0] - e), abs(item[1][1] - s)))[0]]
         out.append(hit)

@@ -18,8 +18,10 @@ from kalm_rag.evidence import (
     passage_offsets_from_prefixed,
     prune_passage,
     read_extent,
+    read_sentences,
     select_sentences,
     sentence_spans,
+    sentence_windows,
     window_spans,
 )
 from kalm_rag.models.base import FBNLBackend
@@ -294,3 +296,26 @@ def test_cli_rerank_prune_mass(tiny_checkpoint, tmp_path):
     assert zero.exit_code == 1 and "prune_mass must be" in zero.output
     above = CliRunner().invoke(app, [*args, "--prune-mass", "1.5"])
     assert above.exit_code != 0 and not out.exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet="ab .!?\n", max_size=120),
+    cuts=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=40),
+    ratio=st.integers(min_value=1, max_value=5),
+)
+def test_sentence_windows_equal_the_brute_force_overlap(text, cuts, ratio):
+    offsets, pos = [], 0
+    for n in cuts:  # tokens in text order, some positions without text (a frame's [CLS]/[SEP])
+        if pos >= len(text):
+            break
+        offsets.append(None if n == 6 else (pos, min(pos + n, len(text))))
+        pos += n if n != 6 else 0
+    windows = window_spans(offsets, ratio)
+    sentences = read_sentences(text, windows)
+    real = [(i, w) for i, w in enumerate(windows) if w is not None]
+    expected = []
+    for s, e in sentences:
+        hit = [i for i, (ws, we) in real if min(e, we) - max(s, ws) > 0]
+        expected.append(hit or [min(real, key=lambda item: min(abs(item[1][0] - e), abs(item[1][1] - s)))[0]])
+    assert sentence_windows(sentences, windows) == expected

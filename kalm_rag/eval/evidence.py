@@ -30,8 +30,6 @@ from tqdm.auto import tqdm
 
 from kalm_rag.evidence import (
     EvidenceSpan,
-    evidence_spans,
-    ranked_spans,
     select_by_mass,
     select_sentences,
     sentence_spans,
@@ -223,15 +221,8 @@ def passage_evidence(
         system_instruction=reranker.system_instruction,
         ratio=r,
     )
-    if sentences is None:
-        return reranker._passages_evidence(found, [0], [text])[0]
-    # the example's own sentences (WikiQA's candidates), scored as the engine scores its split
-    windows = reranker._evidence_windows(found, 0, reranker._token_offsets([text])[0])
-    readout = getattr(reranker.backend, "evidence_readout", None)
-    if readout is None:
-        return evidence_spans(text, windows, found.weights[0].tolist(), sentences=sentences)
-    read, columns = reranker._sentence_columns(found, [0], [text], [windows], sentences=[sentences])[0]
-    return ranked_spans(read, readout.probabilities(columns)) if read else []
+    given = None if sentences is None else [list(sentences)]
+    return reranker._passages_evidence(found, [0], [text], sentences=given)[0]
 
 
 # ----- metrics ---------------------------------------------------------------------------------------
@@ -340,8 +331,8 @@ def evidence_overhead(reranker: Any, query: str, passages: Sequence[str], *, rep
 
 
 def _forget_layouts(reranker: Any) -> None:
-    """Empty what evidence keeps per passage (offsets, sentences) and per sentence (word pieces)."""
-    reranker._offsets_cache.clear()
+    """Empty what evidence keeps per passage (windows, sentences) and per sentence (word pieces)."""
+    reranker._layouts.clear()
     pieces = getattr(reranker.backend, "_pieces_cache", None)
     if pieces is not None:
         pieces.clear()

@@ -92,14 +92,13 @@ def sentence_examples(
     examples = []
     paragraphs = list(dict.fromkeys(p for _, p, _ in questions))
     entries = dict(zip(paragraphs, rr._pooled(paragraphs)))  # encoded once into the reranker's store
-    offsets = dict(zip(paragraphs, rr._token_offsets(paragraphs)))
     for query, text, gold in tqdm(questions, desc=desc, unit="question"):
         found = rr._decode_with_evidence(
             query, [entries[text]], instruction=rr.instruction, system_instruction=rr.system_instruction, ratio=ratio
         )
-        sentences, columns = rr._sentence_columns(found, [0], [text], [rr._evidence_windows(found, 0, offsets[text])])[
-            0
-        ]
+        layout = rr._passage_layouts(found, [0], [text])[0]
+        sentences = layout.sentences
+        columns = rr._sentence_columns(found, [0], [text], [layout])[0]
         read_gold = [g for g in gold if g < len(sentences)]
         if len(sentences) < 2 or not read_gold:
             continue

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kalm_rag import InvalidInputError, ModelLoadError, Reranker
-from kalm_rag.evidence import READOUT_FILE, SentenceReadout, sentence_spans
+from kalm_rag.evidence import READOUT_FILE, SentenceReadout, read_sentences
 from kalm_rag.models.mini.backend import EMBEDDED_DIR
 from kalm_rag.padding import right_pad_vectors
 from kalm_rag.pooling import repool
@@ -173,12 +173,33 @@ def test_kept_passage_layouts_give_the_same_evidence_and_stay_bounded(rr, monkey
     def spans(results):
         return [(r.index, [(s.start, s.end, s.score) for s in r.evidence]) for r in results]
 
-    rr._offsets_cache.clear()
-    cold = spans(rr.rerank(QUERY, PASSAGES, evidence=True))
-    monkeypatch.setattr(engine, "OFFSETS_CACHE_SIZE", 2)
-    warm = spans(rr.rerank(QUERY, PASSAGES, evidence=True))
+    rr._layouts.clear()
+    cold = spans(rr.rerank(QUERY, PASSAGES, evidence=True, ratio=2))
+    monkeypatch.setattr(engine, "LAYOUT_CACHE_SIZE", 2)
+    warm = spans(rr.rerank(QUERY, PASSAGES, evidence=True, ratio=2))
     assert warm == cold
-    assert len(rr._offsets_cache) == 2  # the least recently used passage was dropped
-    offsets, sentences = rr._passage_layouts(PASSAGES[:1])[0]
-    assert offsets == rr.backend.passage_offsets(PASSAGES[:1], rr.max_passage_tokens)[0]
-    assert sentences == sentence_spans(PASSAGES[0])
+    assert len(rr._layouts) == 2  # the least recently used passage was dropped
+    layout = next(iter(rr._layouts.values()))
+    assert layout.member.shape == (len(layout.sentences), len(layout.windows))
+    # what was kept equals what the tokenizer and the splitter give afresh
+    text = PASSAGES[1]
+    kept = rr._layouts[(engine.passage_key(text), 2)]
+    windows = engine.window_spans(rr.backend.passage_offsets([text], rr.max_passage_tokens)[0], 2)
+    assert kept.windows == windows
+    assert kept.sentences == read_sentences(text, windows)
+
+
+def test_sentence_pieces_come_from_the_passage_tokenisation(rr):
+    found = rr._decode_with_evidence(
+        QUERY, rr._pooled(PASSAGES[:1]), instruction=rr.instruction, system_instruction="", ratio=1
+    )
+    rr._layouts.clear()
+    layout = rr._passage_layouts(found, [0], PASSAGES[:1])[0]
+    tok = rr.backend.tokenizer
+    expected = [tok(PASSAGES[0][s:e], add_special_tokens=False)["input_ids"] for s, e in layout.sentences]
+    assert layout.pieces == expected
+    texts = [PASSAGES[0][s:e] for s, e in layout.sentences]
+    vectors = torch.randn(len(texts), rr.backend.hidden_size)
+    from_passage = rr.backend.sentence_columns(found.prompt, texts, vectors, pieces=layout.pieces)
+    from_text = rr.backend.sentence_columns(found.prompt, texts, vectors)
+    assert from_passage == from_text

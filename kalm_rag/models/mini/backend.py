@@ -334,6 +334,14 @@ class MiniBackend(FBNLBackend):
         """Character spans of the positions :meth:`tokenize_passages` gives (``None`` for ``[CLS]``/``[SEP]``),
         framed and cut the same way.
         """
+        return self.passage_offsets_and_ids(passages, max_tokens)[0]
+
+    def passage_offsets_and_ids(
+        self, passages: Sequence[str], max_tokens: int
+    ) -> tuple[list[list[Offset]], list[list[int]]]:
+        """:meth:`passage_offsets` and, from the same tokenizer call, the ids at those positions (the evidence
+        readout reads each sentence's word pieces from them instead of tokenising the sentences again).
+        """
         limit = int(max_tokens)
         body = self.config.encoder_window - 2
         enc = self.tokenizer(
@@ -344,16 +352,20 @@ class MiniBackend(FBNLBackend):
             return_offsets_mapping=True,
             split_special_tokens=True,  # as tokenize_passages
         )
-        out = []
-        for spans in enc["offset_mapping"]:
+        offsets, ids = [], []
+        for spans, tokens in zip(enc["offset_mapping"], enc["input_ids"]):
             framed: list[Offset] = []
+            framed_ids: list[int] = []
             for start in range(0, max(len(spans), 1), body):
                 room = limit - len(framed) - 2
                 if room < 1 and framed:
                     break
-                framed += [None, *((int(a), int(b)) for a, b in spans[start : start + min(body, room)]), None]
-            out.append(framed)
-        return out
+                end = start + min(body, room)
+                framed += [None, *((int(a), int(b)) for a, b in spans[start:end]), None]
+                framed_ids += [self.cls_id, *tokens[start:end], self.sep_id]
+            offsets.append(framed)
+            ids.append(framed_ids)
+        return offsets, ids
 
     @torch.inference_mode()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -625,7 +637,12 @@ class MiniBackend(FBNLBackend):
 
     @torch.inference_mode()
     def sentence_columns(
-        self, prompt: Prompt, sentences: Sequence[str], sentence_vectors: torch.Tensor
+        self,
+        prompt: Prompt,
+        sentences: Sequence[str],
+        sentence_vectors: torch.Tensor,
+        *,
+        pieces: Sequence[Sequence[int]] | None = None,
     ) -> dict[str, list[float]]:
         """The trained readout's model-side sentence features (the engine adds the attention ones).
 
@@ -645,7 +662,8 @@ class MiniBackend(FBNLBackend):
             special = set(self.tokenizer.all_special_ids)
             terms = {int(t) for t in query if int(t) not in special and 0 <= int(t) < idf.shape[0]}
             total = float(idf[sorted(terms)].sum()) if terms else 0.0
-            pieces = self.sentence_pieces(sentences)
+            if pieces is None:  # the caller may have them from the passage's own tokenisation
+                pieces = self.sentence_pieces(sentences)
             columns["coverage"] = [
                 float(idf[sorted(terms & set(ids))].sum()) / total if total > 0 and terms & set(ids) else 0.0
                 for ids in pieces
