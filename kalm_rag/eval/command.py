@@ -161,7 +161,8 @@ def evidence(
         table += (
             f"\nrerank of {int(t['passages'])} cached passages: {t['plain_ms']:.1f} ms, with evidence "
             f"{t['evidence_ms']:.1f} ms (+{100 * t['overhead']:.1f}%; passages not seen before: "
-            f"{t['cold_evidence_ms']:.1f} ms, +{100 * t['cold_overhead']:.1f}%)\n"
+            f"{t['cold_evidence_ms']:.1f} ms, +{100 * t['cold_overhead']:.1f}%; the best 10 of them: "
+            f"{t['cold_top10_ms']:.1f} ms, +{100 * t['cold_top10_overhead']:.1f}%)\n"
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "evidence.json").write_text(json.dumps(report, indent=2) + "\n")
