@@ -45,7 +45,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mini2_fusion import decoder_alone, ece, encode_passages, is_question, load_signals, ndcg  # noqa: E402
+from mini2_fusion import (  # noqa: E402
+    QUESTION_WORDS,
+    decoder_alone,
+    ece,
+    encode_passages,
+    is_question,
+    load_signals,
+    ndcg,
+)
 
 logger = logging.getLogger("mini2_learned")
 
@@ -53,6 +61,13 @@ logger = logging.getLogger("mini2_learned")
 # ----- echo features -----------------------------------------------------------------------------------
 
 _WORDY = re.compile(r"[0-9a-z]")
+
+
+def wh_fronted(query: str) -> bool:
+    """The query opens with a question word or auxiliary ("who wrote ...", "is there ..."): a restatement of
+    it from its first word is an echo, not an answer (an answer drops the question word)."""
+    words = re.findall(r"[a-z]+", query.lower())
+    return bool(words) and words[0] in QUESTION_WORDS
 
 
 class EchoFeatures:
@@ -73,7 +88,7 @@ class EchoFeatures:
         p_ids = self.lex.ids(passages, self.lex.max_tokens)
         q = self._seq(q_ids)
         qset = set(q)
-        run, share, plen = [], [], []
+        run, prun, share, plen = [], [], [], []
         for ids in p_ids:
             p = self._seq(ids)
             best = 0
@@ -83,16 +98,22 @@ class EchoFeatures:
                     best = j - i
                     j += 1
             run.append(best / max(len(q), 1))
+            j = 0  # the longest prefix of q (from the question word on) that occurs in p
+            while j < len(q) and q[: j + 1] in p:
+                j += 1
+            prun.append(j / max(len(q), 1))
             share.append(sum(c in qset for c in p) / max(len(p), 1))
             plen.append(math.log1p(len(p)) / 6.0)
         lexn = self.lex.scores(query, passages, normalised=True)
         n = len(passages)
         return {
             "run": np.asarray(run),
+            "prun": np.asarray(prun),
             "qshare": np.asarray(share),
             "plen": np.asarray(plen),
             "lexn": np.asarray(lexn),
             "question": np.full(n, float(is_question(query))),
+            "whq": np.full(n, float(wh_fronted(query))),
             "qlen": np.full(n, math.log1p(len(q)) / 3.0),
         }
 
@@ -244,6 +265,7 @@ def check_signals(args: argparse.Namespace) -> None:
 
 BASE = ["kalm", "dec", "cos", "lexn"]
 ECHO = ["run", "qshare", "plen"]
+L4 = BASE + ECHO + ["lexn*question", "cos*question", "run*question", "qshare*question", "lexn*run"]
 
 
 def design_matrix(sig: dict[str, np.ndarray], inputs: list[str]) -> np.ndarray:
@@ -262,17 +284,39 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "L1 linear kalm, lexn (learned kalm+a*lexn)": {"inputs": ["kalm", "lexn"]},
     "L2 linear kalm, dec, cos, lexn": {"inputs": BASE},
     "L3 L2 + echo (run, qshare, plen)": {"inputs": BASE + ECHO},
-    "L4 L3 + products with question, lexn*run": {
-        "inputs": BASE + ECHO + ["lexn*question", "cos*question", "run*question", "qshare*question", "lexn*run"]
-    },
+    "L4 L3 + products with question, lexn*run": {"inputs": L4},
     "L4 without echo negatives": {
-        "inputs": BASE + ECHO + ["lexn*question", "cos*question", "run*question", "qshare*question", "lexn*run"],
+        "inputs": L4,
         "no_echo": True,
     },
     "L4 without SQuAD train (kalm was trained on it)": {
-        "inputs": BASE + ECHO + ["lexn*question", "cos*question", "run*question", "qshare*question", "lexn*run"],
+        "inputs": L4,
         "no_squad": True,
     },
+    "L5 kalm, dec, cos, lexn + prefix echo (prun, plen, lexn*prun), echo negatives in 30% of lists": {
+        "inputs": BASE + ["prun", "plen", "lexn*prun"],
+        "echo_share": 0.3,
+    },
+    "L5, echo negatives in every question list": {"inputs": BASE + ["prun", "plen", "lexn*prun"]},
+    "L5 without SQuAD train": {"inputs": BASE + ["prun", "plen", "lexn*prun"], "echo_share": 0.3, "no_squad": True},
+    "L6 L5 + run, qshare (30% echo)": {
+        "inputs": BASE + ["prun", "plen", "lexn*prun", "run", "qshare"],
+        "echo_share": 0.3,
+    },
+    "L1 without echo negatives": {"inputs": ["kalm", "lexn"], "no_echo": True},
+    "L7 L4 + prun*question (30% echo)": {"inputs": L4 + ["prun*question"], "echo_share": 0.3},
+    "L7, echo negatives in every question list": {"inputs": L4 + ["prun*question"]},
+    "L7 without echo negatives": {"inputs": L4 + ["prun*question"], "no_echo": True},
+    "S1 staged: L1 (kalm, lexn) without echo negatives, then an echo penalty on prun*question": {
+        "inputs": ["kalm", "lexn"],
+        "staged": "prun*question",
+    },
+    "S2 staged: L2 (kalm, dec, cos, lexn), then prun*question": {"inputs": BASE, "staged": "prun*question"},
+    "S4 staged: L4, then prun*question": {"inputs": L4, "staged": "prun*question"},
+    "S1w staged: L1, then prun*whq (wh-fronted queries only)": {"inputs": ["kalm", "lexn"], "staged": "prun*whq"},
+    "S2w staged: L2, then prun*whq": {"inputs": BASE, "staged": "prun*whq"},
+    "S4w staged: L4, then prun*whq": {"inputs": L4, "staged": "prun*whq"},
+    "L7w L4 + prun*whq (30% echo)": {"inputs": L4 + ["prun*whq"], "echo_share": 0.3},
     "M1 MLP 16 hidden on L3's inputs + question, qlen": {"inputs": BASE + ECHO + ["question", "qlen"], "hidden": 16},
 }
 
@@ -280,8 +324,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 class Fusion(torch.nn.Module):
     def __init__(self, n_in: int, hidden: int, mean: np.ndarray, std: np.ndarray) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean))
-        self.register_buffer("std", torch.tensor(std))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
         if hidden:
             self.net: torch.nn.Module = torch.nn.Sequential(
                 torch.nn.Linear(n_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
@@ -324,6 +368,43 @@ def train_variant(
     return model
 
 
+def train_staged(rows: list[dict[str, Any]], spec: dict[str, Any], l2: float) -> Fusion:
+    """A linear fusion of ``spec["inputs"]`` fitted WITHOUT echo negatives, then one more weight, on the echo
+    feature ``spec["staged"]`` only, fitted on the lists that hold an echo negative with the first fit frozen
+    (the echo penalty cannot move the ranking weights). Returned as one linear :class:`Fusion` over
+    ``inputs + [staged]``.
+    """
+    first = train_variant(variant_data(rows, {**spec, "no_echo": True}), 0, l2)
+    name = spec["staged"]
+    echo_rows = [r for r in rows if "echo" in r]
+    X = [design_matrix(r["sig"], spec["inputs"]) for r in echo_rows]
+    with torch.no_grad():
+        base = [first(torch.from_numpy(x)) for x in X]
+    extra = [torch.from_numpy(design_matrix(r["sig"], [name])[:, 0]) for r in echo_rows]
+    targets = [torch.from_numpy(r["y"] / r["y"].sum()).float() for r in echo_rows]
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (
+            torch.stack([-(t * torch.log_softmax(b + w * e, 0)).sum() for b, e, t in zip(base, extra, targets)]).mean()
+            + l2 * (w**2).sum()
+        )
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    n = len(spec["inputs"])
+    model = Fusion(n + 1, 0, np.append(first.mean.numpy(), 0.0), np.append(first.std.numpy(), 1.0))
+    linear = first.net
+    assert isinstance(linear, torch.nn.Linear)
+    with torch.no_grad():
+        model.net.weight.copy_(torch.cat([linear.weight, w.detach().view(1, 1)], dim=1))
+        model.net.bias.copy_(linear.bias)
+    return model
+
+
 def training_lists(folder: Path, lexical: Any) -> list[dict[str, Any]]:
     """Training lists with every signal (model signals cached by ``score``, echo features computed here)."""
     lists = json.loads((folder / "train_lists.json").read_text())
@@ -341,11 +422,11 @@ def training_lists(folder: Path, lexical: Any) -> list[dict[str, Any]]:
 
 def variant_data(rows: list[dict[str, Any]], spec: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
     data = []
-    for r in rows:
+    for i, r in enumerate(rows):
         if spec.get("no_squad") and r["source"] == "squad":
             continue
         keep = np.ones(len(r["y"]), dtype=bool)
-        if spec.get("no_echo") and "echo" in r:
+        if "echo" in r and (spec.get("no_echo") or i % 10 >= round(10 * spec.get("echo_share", 1.0))):
             keep[r["echo"]] = False
         x = design_matrix(r["sig"], spec["inputs"])[keep]
         data.append((x, r["y"][keep]))
@@ -354,8 +435,14 @@ def variant_data(rows: list[dict[str, Any]], spec: dict[str, Any]) -> list[tuple
 
 def eval_signals(args: argparse.Namespace, lexical: Any) -> dict[str, dict[str, Any]]:
     """``mini2_fusion.load_signals`` plus the echo features (texts from the evaluation sets)."""
+    import pickle
+
     from kalm_rag.eval.run import load_eval_set
 
+    cache = Path(args.train) / f"eval_signals_{args.max_queries}.pkl"
+    if cache.is_file():
+        cached: dict[str, dict[str, Any]] = pickle.loads(cache.read_bytes())
+        return cached
     data = load_signals(args)
     feats = EchoFeatures(lexical)
     for folder in args.datasets:
@@ -367,6 +454,7 @@ def eval_signals(args: argparse.Namespace, lexical: Any) -> dict[str, dict[str, 
             assert np.allclose(f["lexn"], v["sig"]["lexn"], atol=1e-5)  # the same lexn as mini2_fusion's
             v["sig"].update({k: x for k, x in f.items() if k != "lexn"})
             v["sig"]["kalm"], v["sig"]["dec"] = v["sig"]["kalm_r4"], v["sig"]["dec_r4"]
+    cache.write_bytes(pickle.dumps(data))
     return data
 
 
@@ -415,12 +503,18 @@ def fit(args: argparse.Namespace) -> None:
         results["variants"].append(evaluate(name, None, data, logits, select, 0.0))
     models: dict[str, Any] = {}
     for name, spec in VARIANTS.items():
+        lists = variant_data(rows, spec)
+        if not lists:
+            continue
+        inputs = spec["inputs"] + ([spec["staged"]] if "staged" in spec else [])
         for l2 in args.l2:
             t1 = time.time()
-            model = train_variant(variant_data(rows, spec), spec.get("hidden", 0), l2)
-            logits = {
-                n: {q: apply(model, v["sig"], spec["inputs"]) for q, v in data[n]["queries"].items()} for n in sets
-            }
+            if "staged" in spec:
+                model = train_staged(rows, spec, l2)
+            else:
+                model = train_variant(lists, spec.get("hidden", 0), l2)
+            spec = {**spec, "all_inputs": inputs}
+            logits = {n: {q: apply(model, v["sig"], inputs) for q, v in data[n]["queries"].items()} for n in sets}
             label = f"{name}, l2={l2:g}"
             res = evaluate(label, spec, data, logits, select, time.time() - t1)
             res["params"] = {k: v.tolist() for k, v in model.state_dict().items()}
@@ -446,7 +540,7 @@ def fit(args: argparse.Namespace) -> None:
     (out / "learned_r4.json").write_text(json.dumps(results, indent=2) + "\n")
     torch.save(
         {
-            k: {"state": m.state_dict(), "inputs": s["inputs"], "hidden": s.get("hidden", 0)}
+            k: {"state": m.state_dict(), "inputs": s["all_inputs"], "hidden": s.get("hidden", 0)}
             for k, (m, s) in models.items()
         },
         out / "learned_models.pt",
@@ -510,7 +604,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def check_cases(args: argparse.Namespace) -> None:
-    from kalm_rag.cli import DEMO_QUERIES
+    from kalm_rag.cli import DEMO_EXAMPLES
     from kalm_rag.engine import Reranker
     from kalm_rag.eval.rerankers import CosineScorer
     from kalm_rag.models.mini.lexical import LexicalScorer
@@ -522,7 +616,7 @@ def check_cases(args: argparse.Namespace) -> None:
     groups: dict[str, list[tuple[str, list[str], int]]] = {
         "echo (20)": [(q, [a, e], 0) for q, a, e in ECHO_CASES],
         "ranking cases": [(q, [*d, a], len(d)) for q, a, d in CASES],
-        "demo": [(q, p, 1) for q, p in DEMO_QUERIES],
+        f"demo ({len(DEMO_EXAMPLES)})": [(d.query, list(d.passages), d.answer) for d in DEMO_EXAMPLES],
     }
     saved = torch.load(Path(args.train) / "learned_models.pt", weights_only=False)
     models = {}
@@ -562,6 +656,36 @@ def check_cases(args: argparse.Namespace) -> None:
         print(f"| {name} | " + " | ".join(w[g] for g in groups) + " |")
 
 
+def make_candidate(args: argparse.Namespace) -> None:
+    """A candidate folder (not a drop-in checkpoint: the engine does not apply the fusion): kalm-mini's shipped
+    checkpoint, the lexical statistics and ``fusion.json`` (the variant's inputs, standardisation, weights,
+    and its Platt fit on SQuAD dev), with the commands that reproduce it.
+    """
+    import shutil
+
+    from kalm_rag.models.mini.backend import EMBEDDED_DIR
+
+    saved = torch.load(Path(args.train) / "learned_models.pt", weights_only=False)
+    results = json.loads((Path(args.train) / "learned_r4.json").read_text())
+    variant = next(v for v in results["variants"] if v["name"] == args.variant)
+    m = saved[args.variant]
+    target = Path(args.target)
+    shutil.copytree(EMBEDDED_DIR, target, dirs_exist_ok=True)
+    shutil.copyfile(Path(args.lexical_stats) / "lexical.safetensors", target / "lexical.safetensors")
+    fusion = {
+        "variant": args.variant,
+        "inputs": m["inputs"],
+        "hidden": m["hidden"],
+        "state": {k: v.tolist() for k, v in m["state"].items()},
+        "platt_on_squad_dev": variant["platt_squad"],
+        "ndcg@10 (60 queries per set, r=4)": variant["ndcg"],
+        "training_lists": results["train_lists"],
+        "reproduce": " && ".join(args.reproduce) if args.reproduce else "see docs/benchmarks/mini2-experiments.md",
+    }
+    (target / "fusion.json").write_text(json.dumps(fusion, indent=2) + "\n")
+    logger.info("%s: %s", target, args.variant)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True)
@@ -598,10 +722,18 @@ def main() -> None:
     p.add_argument("--model", default="kalm-mini")
     p.add_argument("--lexical-stats", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("candidate", help="Write a candidate folder for one learned variant (not committed).")
+    p.add_argument("--train", required=True)
+    p.add_argument("--variant", required=True, help="A variant label of learned_r4.json (with its l2).")
+    p.add_argument("--target", required=True)
+    p.add_argument("--lexical-stats", required=True)
+    p.add_argument("--reproduce", nargs="*", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)
-    {"score": score_training, "check": check_signals, "fit": fit, "cases": check_cases}[args.step](args)
+    {"score": score_training, "check": check_signals, "fit": fit, "cases": check_cases, "candidate": make_candidate}[
+        args.step
+    ](args)
 
 
 if __name__ == "__main__":
