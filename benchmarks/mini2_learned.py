@@ -686,6 +686,32 @@ def make_candidate(args: argparse.Namespace) -> None:
     logger.info("%s: %s", target, args.variant)
 
 
+def table(args: argparse.Namespace) -> None:
+    """The documentation's table: every variant's nDCG@10, its echo/ranking/demo counts and mean ECE."""
+    results = json.loads((Path(args.train) / "learned_r4.json").read_text())
+    cases = json.loads((Path(args.train) / "cases.json").read_text())
+    sets = results["sets"]
+    groups = list(next(iter(cases.values())))
+    print(
+        "| variant | l2 | selection mean | "
+        + " | ".join(sets)
+        + " | mean (7) | held-out mean | "
+        + " | ".join(groups)
+        + " | ECE mean (max) |"
+    )
+    print("|---|---|---|" + "---|" * len(sets) + "---|---|" + "---|" * len(groups) + "---|")
+    for v in results["variants"]:
+        name, _, l2 = v["name"].partition(", l2=")
+        e = [v["ece"][n] for n in sets]
+        print(
+            f"| {name} | {l2 or '-'} | {v['select_mean']:.4f} | "
+            + " | ".join(f"{v['ndcg'][n]:.4f}" for n in sets)
+            + f" | {v['mean']:.4f} | {v['heldout_mean']:.4f} | "
+            + " | ".join(cases.get(v["name"], {}).get(g, "-") for g in groups)
+            + f" | {np.mean(e):.3f} ({max(e):.3f}) |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True)
@@ -722,6 +748,8 @@ def main() -> None:
     p.add_argument("--model", default="kalm-mini")
     p.add_argument("--lexical-stats", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("table", help="The documentation's table (learned_r4.json and cases.json).")
+    p.add_argument("--train", required=True)
     p = sub.add_parser("candidate", help="Write a candidate folder for one learned variant (not committed).")
     p.add_argument("--train", required=True)
     p.add_argument("--variant", required=True, help="A variant label of learned_r4.json (with its l2).")
@@ -731,9 +759,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)
-    {"score": score_training, "check": check_signals, "fit": fit, "cases": check_cases, "candidate": make_candidate}[
-        args.step
-    ](args)
+    {
+        "score": score_training,
+        "check": check_signals,
+        "fit": fit,
+        "cases": check_cases,
+        "candidate": make_candidate,
+        "table": table,
+    }[args.step](args)
 
 
 if __name__ == "__main__":
