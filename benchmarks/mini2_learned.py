@@ -710,6 +710,24 @@ def table(args: argparse.Namespace) -> None:
             + " | ".join(cases.get(v["name"], {}).get(g, "-") for g in groups)
             + f" | {np.mean(e):.3f} ({max(e):.3f}) |"
         )
+    select = results["select"]
+    learned = [v for v in results["variants"] if v["spec"] is not None]
+    echo_group = groups[0]
+    keeps = [v for v in learned if int(cases.get(v["name"], {}).get(echo_group, "0/0").split("/")[0]) >= args.min_echo]
+    for title, pool in (("every learned variant", learned), (f"variants with >= {args.min_echo} echo wins", keeps)):
+        if not pool:
+            continue
+        folds = {}
+        for held in select:
+            others = [n for n in select if n != held]
+            best = max(pool, key=lambda v: float(np.mean([v["ndcg"][n] for n in others])))
+            folds[held] = (best["name"], best["ndcg"][held])
+        final = max(pool, key=lambda v: float(np.mean([v["ndcg"][n] for n in select])))
+        print(
+            f"\nLODO among {title}: mean {np.mean([x for _, x in folds.values()]):.4f}; "
+            + "; ".join(f"{n} held out -> {name} ({x:.4f})" for n, (name, x) in folds.items())
+            + f"; chosen on all four: {final['name']} (held-out mean {final['heldout_mean']:.4f})"
+        )
 
 
 def main() -> None:
@@ -750,6 +768,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("table", help="The documentation's table (learned_r4.json and cases.json).")
     p.add_argument("--train", required=True)
+    p.add_argument("--min-echo", type=int, default=14, help="Echo wins a variant needs (1.1's 14/20).")
     p = sub.add_parser("candidate", help="Write a candidate folder for one learned variant (not committed).")
     p.add_argument("--train", required=True)
     p.add_argument("--variant", required=True, help="A variant label of learned_r4.json (with its l2).")
