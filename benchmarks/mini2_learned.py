@@ -313,6 +313,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "S2 staged: L2 (kalm, dec, cos, lexn), then prun*question": {"inputs": BASE, "staged": "prun*question"},
     "S4 staged: L4, then prun*question": {"inputs": L4, "staged": "prun*question"},
+    "S0w mini2_fusion's kalm+10*lexn (its LODO choice), then a learned prun*whq penalty": {
+        "inputs": ["kalm", "lexn"],
+        "fixed": [1.0, 10.0],
+        "staged": "prun*whq",
+    },
     "S1w staged: L1, then prun*whq (wh-fronted queries only)": {"inputs": ["kalm", "lexn"], "staged": "prun*whq"},
     "S2w staged: L2, then prun*whq": {"inputs": BASE, "staged": "prun*whq"},
     "S4w staged: L4, then prun*whq": {"inputs": L4, "staged": "prun*whq"},
@@ -374,7 +379,14 @@ def train_staged(rows: list[dict[str, Any]], spec: dict[str, Any], l2: float) ->
     (the echo penalty cannot move the ranking weights). Returned as one linear :class:`Fusion` over
     ``inputs + [staged]``.
     """
-    first = train_variant(variant_data(rows, {**spec, "no_echo": True}), 0, l2)
+    if "fixed" in spec:  # a hand-weighted first stage (its weights chosen elsewhere), only the penalty learned
+        n = len(spec["inputs"])
+        first = Fusion(n, 0, np.zeros(n), np.ones(n))
+        with torch.no_grad():
+            first.net.weight.copy_(torch.tensor([spec["fixed"]], dtype=torch.float32))
+            first.net.bias.zero_()
+    else:
+        first = train_variant(variant_data(rows, {**spec, "no_echo": True}), 0, l2)
     name = spec["staged"]
     echo_rows = [r for r in rows if "echo" in r]
     X = [design_matrix(r["sig"], spec["inputs"]) for r in echo_rows]
