@@ -321,6 +321,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "S1w staged: L1, then prun*whq (wh-fronted queries only)": {"inputs": ["kalm", "lexn"], "staged": "prun*whq"},
     "S2w staged: L2, then prun*whq": {"inputs": BASE, "staged": "prun*whq"},
     "S4w staged: L4, then prun*whq": {"inputs": L4, "staged": "prun*whq"},
+    "S0r kalm+10*lexn, then a learned run*whq penalty (any verbatim run, not only from the question word)": {
+        "inputs": ["kalm", "lexn"],
+        "fixed": [1.0, 10.0],
+        "staged": "run*whq",
+    },
+    "S2r staged: L2, then run*whq": {"inputs": BASE, "staged": "run*whq"},
+    "S4r staged: L4, then run*whq": {"inputs": L4, "staged": "run*whq"},
     "L7w L4 + prun*whq (30% echo)": {"inputs": L4 + ["prun*whq"], "echo_share": 0.3},
     "M1 MLP 16 hidden on L3's inputs + question, qlen": {"inputs": BASE + ECHO + ["question", "qlen"], "hidden": 16},
 }
@@ -615,6 +622,12 @@ def markdown(results: dict[str, Any]) -> str:
 # ----- step 3: echo, ranking and demo cases -----------------------------------------------------------------
 
 
+def drop_first_word(echo: str, query: str) -> str:
+    """``echo`` with the restated query's first word removed (the rest capitalised)."""
+    rest = query.split(maxsplit=1)[1]
+    return echo.replace(query, rest[0].upper() + rest[1:], 1)
+
+
 def check_cases(args: argparse.Namespace) -> None:
     from kalm_rag.cli import DEMO_EXAMPLES
     from kalm_rag.engine import Reranker
@@ -627,6 +640,9 @@ def check_cases(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     groups: dict[str, list[tuple[str, list[str], int]]] = {
         "echo (20)": [(q, [a, e], 0) for q, a, e in ECHO_CASES],
+        # the same echoes with the question's first word dropped ("The capital of France? ..."): what a
+        # verbatim-restatement feature cannot see
+        "echo, question word dropped (20)": [(q, [a, drop_first_word(e, q)], 0) for q, a, e in ECHO_CASES],
         "ranking cases": [(q, [*d, a], len(d)) for q, a, d in CASES],
         f"demo ({len(DEMO_EXAMPLES)})": [(d.query, list(d.passages), d.answer) for d in DEMO_EXAMPLES],
     }
