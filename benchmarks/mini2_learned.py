@@ -24,8 +24,11 @@ Steps:
     python benchmarks/mini2_learned.py cases --train runs/mini2-learned --lexical-stats runs/mini2/pieces
 
 ``score`` builds the training lists (seeded) and caches the model signals of every (query, passage) pair;
-``fit`` trains every variant on them and evaluates it on the evaluation sets' cached signals (those of
-``mini2_fusion.py score``), choosing among variants only by leave-one-domain-out on the selection sets.
+``check`` compares that scoring with ``mini2_fusion.py score``'s cache on a few evaluation queries; ``fit`` trains
+every variant on the training lists and evaluates it on the evaluation sets' cached signals (those of
+``mini2_fusion.py score``); ``cases`` runs the echo/ranking/demo cases; ``table`` prints the documentation's table
+and the leave-one-domain-out choice among variants (selection sets only); ``candidate`` writes one variant's
+folder. Results: docs/benchmarks/mini2-experiments.md, "Learned fusion with an echo signal".
 """
 
 from __future__ import annotations
