@@ -412,7 +412,7 @@ def check_cases(args: argparse.Namespace) -> None:
     """
     import sys
 
-    from kalm_rag.cli import DEMO_QUERIES
+    from kalm_rag.cli import DEMO_EXAMPLES
     from kalm_rag.engine import Reranker
     from kalm_rag.eval.rerankers import CosineScorer
     from kalm_rag.models.mini.lexical import LexicalScorer
@@ -423,7 +423,7 @@ def check_cases(args: argparse.Namespace) -> None:
     groups: dict[str, list[tuple[str, list[str], int]]] = {
         "echo (20)": [(q, [a, e], 0) for q, a, e in ECHO_CASES],
         "ranking cases": [(q, [*d, a], len(d)) for q, a, d in CASES],
-        "demo": [(q, p, 1) for q, p in DEMO_QUERIES],  # the answer is the second passage of both examples
+        f"demo ({len(DEMO_EXAMPLES)})": [(d.query, list(d.passages), d.answer) for d in DEMO_EXAMPLES],
     }
     results = json.loads((Path(args.out) / f"fusion_r{args.ratio}.json").read_text())
     rr = Reranker.from_pretrained(args.model)
