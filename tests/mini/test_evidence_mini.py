@@ -203,3 +203,38 @@ def test_sentence_pieces_come_from_the_passage_tokenisation(rr):
     from_passage = rr.backend.sentence_columns(found.prompt, texts, vectors, pieces=layout.pieces)
     from_text = rr.backend.sentence_columns(found.prompt, texts, vectors)
     assert from_passage == from_text
+
+
+def test_evidence_from_many_threads_with_tiny_caches_equals_one_thread(rr, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import kalm_rag.engine as engine
+
+    texts = [f"Sentence {i} is about topic {i}. Paris is the capital of France number {i}." for i in range(12)]
+
+    def evidence(i):
+        r = rr.rerank(QUERY, texts[i : i + 3], evidence=True, ratio=2)
+        return [(x.index, [(s.start, s.end, round(s.score, 6)) for s in x.evidence]) for x in r]
+
+    expected = [evidence(i) for i in range(10)]
+    monkeypatch.setattr(engine, "LAYOUT_CACHE_SIZE", 2)  # entries come and go under every thread
+    rr._layouts.clear()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(evidence, [i % 10 for i in range(60)]))
+    assert got == [expected[i % 10] for i in range(60)]
+    assert len(rr._layouts) <= 2
+
+
+def test_sentence_pieces_from_many_threads_with_a_tiny_cache(rr, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import kalm_rag.models.mini.backend as backend
+
+    sentences = [f"Sentence number {i} is here." for i in range(20)]
+    tok = rr.backend.tokenizer
+    expected = [tok(s, add_special_tokens=False)["input_ids"] for s in sentences]
+    monkeypatch.setattr(backend, "PIECES_CACHE_SIZE", 3)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda i: rr.backend.sentence_pieces(sentences[i % 20 : i % 20 + 4]), range(200)))
+    assert got == [expected[i % 20 : i % 20 + 4] for i in range(200)]
+    assert len(rr.backend._pieces_cache) <= 3

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -199,6 +200,7 @@ class MiniBackend(FBNLBackend):
         self._continuation: list[bool] | None = None
         self._lexical_cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()  # LRU of passage units
         self._pieces_cache: dict[str, list[int]] = {}  # sentence -> word pieces, oldest first (evidence)
+        self._pieces_lock = threading.Lock()
 
     @property
     def passage_encoder_id(self) -> str:
@@ -551,16 +553,18 @@ class MiniBackend(FBNLBackend):
         """Word-piece ids of each sentence (no special tokens): the recent sentences' from a cache, the others
         tokenised together.
         """
-        cache = self._pieces_cache
-        known = {s: cache[s] for s in dict.fromkeys(sentences) if s in cache}  # a snapshot: other threads evict
-        missing = [s for s in dict.fromkeys(sentences) if s not in known]
+        unique = list(dict.fromkeys(sentences))
+        with self._pieces_lock:  # the serving threads share one backend
+            known = {s: self._pieces_cache[s] for s in unique if s in self._pieces_cache}
+        missing = [s for s in unique if s not in known]
         if missing:
             ids = self.tokenizer(missing, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             known.update(zip(missing, ids))
-            for s in missing:
-                cache[s] = known[s]
-            while len(cache) > PIECES_CACHE_SIZE:
-                cache.pop(next(iter(cache)), None)
+            with self._pieces_lock:
+                for s in missing:
+                    self._pieces_cache[s] = known[s]
+                while len(self._pieces_cache) > PIECES_CACHE_SIZE:
+                    self._pieces_cache.pop(next(iter(self._pieces_cache)))
         return [known[s] for s in sentences]
 
     def lexical_units(self, ids: Sequence[int]) -> list[int]:
