@@ -238,3 +238,15 @@ def test_sentence_pieces_from_many_threads_with_a_tiny_cache(rr, monkeypatch):
         got = list(pool.map(lambda i: rr.backend.sentence_pieces(sentences[i % 20 : i % 20 + 4]), range(200)))
     assert got == [expected[i % 20 : i % 20 + 4] for i in range(200)]
     assert len(rr.backend._pieces_cache) <= 3
+
+
+def test_training_standardises_features_as_the_shipped_readout_does():
+    from kalm_rag.train.evidence import _standardised
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, len(FEATURES), generator=gen, dtype=torch.float64)
+    x[:, 3] = 0.25  # a constant feature
+    w = torch.tensor([0.5, -1.0, 2.0, 3.0], dtype=torch.float64)
+    readout = SentenceReadout(FEATURES, tuple(w.tolist()))
+    columns = {name: x[:, k].tolist() for k, name in enumerate(FEATURES)}
+    assert readout.logits(columns) == pytest.approx((_standardised(x) @ w).tolist(), abs=1e-9)
