@@ -337,11 +337,8 @@ def evidence_overhead(reranker: Any, query: str, passages: Sequence[str], *, rep
 
 
 def _forget_layouts(reranker: Any) -> None:
-    """Empty what evidence keeps per passage (windows, sentences) and per sentence (word pieces)."""
+    """Empty what evidence keeps per passage (windows, sentences, word pieces)."""
     reranker._layouts.clear()
-    pieces = getattr(reranker.backend, "_pieces_cache", None)
-    if pieces is not None:
-        pieces.clear()
 
 
 def markdown_table(results: dict[str, dict[str, dict[str, float | None]]]) -> str:

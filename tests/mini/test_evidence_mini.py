@@ -225,21 +225,6 @@ def test_evidence_from_many_threads_with_tiny_caches_equals_one_thread(rr, monke
     assert len(rr._layouts) <= 2
 
 
-def test_sentence_pieces_from_many_threads_with_a_tiny_cache(rr, monkeypatch):
-    from concurrent.futures import ThreadPoolExecutor
-
-    import kalm_rag.models.mini.backend as backend
-
-    sentences = [f"Sentence number {i} is here." for i in range(20)]
-    tok = rr.backend.tokenizer
-    expected = [tok(s, add_special_tokens=False)["input_ids"] for s in sentences]
-    monkeypatch.setattr(backend, "PIECES_CACHE_SIZE", 3)
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        got = list(pool.map(lambda i: rr.backend.sentence_pieces(sentences[i % 20 : i % 20 + 4]), range(200)))
-    assert got == [expected[i % 20 : i % 20 + 4] for i in range(200)]
-    assert len(rr.backend._pieces_cache) <= 3
-
-
 def test_training_standardises_features_as_the_shipped_readout_does():
     from kalm_rag.train.evidence import _standardised
 

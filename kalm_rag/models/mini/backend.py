@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,8 +138,6 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
 #: Queries whose encoder states are kept (about 8 KB per query token: 256 queries of 20 tokens take 8 MB).
 QUERY_CACHE_SIZE = 256
 
-#: Sentences whose word pieces a backend keeps for the evidence readout (the oldest are dropped first).
-PIECES_CACHE_SIZE = 32768
 #: Passages whose lexical units a backend keeps (most recently used), so a reranked passage is tokenised once.
 LEXICAL_CACHE_SIZE = 8192
 
@@ -199,8 +196,6 @@ class MiniBackend(FBNLBackend):
         self.lexical: LexicalStats | None = None
         self._continuation: list[bool] | None = None
         self._lexical_cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()  # LRU of passage units
-        self._pieces_cache: dict[str, list[int]] = {}  # sentence -> word pieces, oldest first (evidence)
-        self._pieces_lock = threading.Lock()
 
     @property
     def passage_encoder_id(self) -> str:
@@ -549,24 +544,6 @@ class MiniBackend(FBNLBackend):
         scale = self.config.score_scale * self.config.lexical_weight
         return scale * bm25_scores(q, self.passage_lexical_units(passages, max_passage_tokens), self.lexical) / top
 
-    def sentence_pieces(self, sentences: Sequence[str]) -> list[list[int]]:
-        """Word-piece ids of each sentence (no special tokens): the recent sentences' from a cache, the others
-        tokenised together.
-        """
-        unique = list(dict.fromkeys(sentences))
-        with self._pieces_lock:  # the serving threads share one backend
-            known = {s: self._pieces_cache[s] for s in unique if s in self._pieces_cache}
-        missing = [s for s in unique if s not in known]
-        if missing:
-            ids = self.tokenizer(missing, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            known.update(zip(missing, ids))
-            with self._pieces_lock:
-                for s in missing:
-                    self._pieces_cache[s] = known[s]
-                while len(self._pieces_cache) > PIECES_CACHE_SIZE:
-                    self._pieces_cache.pop(next(iter(self._pieces_cache)))
-        return [known[s] for s in sentences]
-
     def lexical_units(self, ids: Sequence[int]) -> list[int]:
         """The units the lexical statistics count: word pieces (special tokens dropped) or hashed whole words."""
         special = set(self.tokenizer.all_special_ids)
@@ -666,8 +643,10 @@ class MiniBackend(FBNLBackend):
             special = set(self.tokenizer.all_special_ids)
             terms = {int(t) for t in query if int(t) not in special and 0 <= int(t) < idf.shape[0]}
             total = float(idf[sorted(terms)].sum()) if terms else 0.0
-            if pieces is None:  # the caller may have them from the passage's own tokenisation
-                pieces = self.sentence_pieces(sentences)
+            if pieces is None:  # the engine gives them from the passage's own tokenisation
+                pieces = self.tokenizer(list(sentences), add_special_tokens=False, split_special_tokens=True)[
+                    "input_ids"
+                ]
             columns["coverage"] = [
                 float(idf[sorted(terms & set(ids))].sum()) / total if total > 0 and terms & set(ids) else 0.0
                 for ids in pieces
