@@ -1046,7 +1046,7 @@ class Reranker:
         sentence scores its best window).
         """
         layouts = self._passage_layouts(found, indices, texts, sentences=sentences)
-        readout = getattr(self.backend, "evidence_readout", None)
+        readout = self.backend.evidence_readout
         if readout is None:
             return [
                 evidence_spans(t, layout.windows, found.weights[i].tolist(), sentences=layout.sentences)
@@ -1078,11 +1078,7 @@ class Reranker:
                 known = {k: self._layouts[k] for k in keys if k in self._layouts}
         missing = [j for j, k in enumerate(keys) if k not in known]
         if missing:
-            with_ids = getattr(self.backend, "passage_offsets_and_ids", None)
-            if with_ids is not None:
-                offsets, ids = with_ids([texts[j] for j in missing], self.max_passage_tokens)
-            else:
-                offsets, ids = self.backend.passage_offsets([texts[j] for j in missing], self.max_passage_tokens), None
+            offsets, ids = self.backend.passage_offsets_and_ids([texts[j] for j in missing], self.max_passage_tokens)
             for n, (j, row) in enumerate(zip(missing, offsets)):
                 windows = window_spans(row, found.ratio)
                 read = read_sentences(texts[j], windows, None if sentences is None else sentences[j])
@@ -1125,13 +1121,14 @@ class Reranker:
             texts_all += [text[s:e] for s, e in layout.sentences]
             weights = layout.member * found.counts[i].to(torch.float32)[None, :]  # (S, W)
             vectors_all.append(weights @ found.vectors[i] / weights.sum(1, keepdim=True).clamp(min=1.0))  # (S, d)
-        sentence_columns = getattr(self.backend, "sentence_columns", None)
-        if sentence_columns is None or not texts_all:
+        if not texts_all:
             return out
-        extra: dict[str, Any] = {}
+        pieces = None
         if all(layout.pieces is not None for layout in layouts):
-            extra["pieces"] = [p for layout in layouts for p in layout.pieces or []]
-        model_columns = sentence_columns(found.prompt, texts_all, torch.cat(vectors_all), **extra)  # name -> (sum S,)
+            pieces = [p for layout in layouts for p in layout.pieces or []]
+        model_columns = self.backend.sentence_columns(
+            found.prompt, texts_all, torch.cat(vectors_all), pieces=pieces
+        )  # name -> one value per sentence of every passage
         start = 0
         for layout, columns in zip(layouts, out):
             n = len(layout.sentences)

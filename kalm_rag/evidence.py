@@ -316,18 +316,13 @@ def evidence_spans(
         raise InvalidInputError(f"{len(windows)} windows but {len(weights)} weights")
     if aggregate not in ("max", "mean", "mass"):
         raise InvalidInputError(f"aggregate must be 'max', 'mean' or 'mass', got {aggregate!r}")
-    spans = sentence_spans(text) if sentences is None else [(int(s), int(e)) for s, e in sentences]
     real = [(span, float(w)) for span, w in zip(windows, weights) if span is not None]
     if not real:
         return []
-    read_end = max(e for (_, e), _ in real)
-    out: list[tuple[int, EvidenceSpan]] = []
-    for i, (start, end) in enumerate(spans):
-        if start >= read_end:
-            break
-        end = min(end, read_end)
-        score = _sentence_score(start, end, real, aggregate)
-        out.append((i, EvidenceSpan(start, end, score)))
+    out = [
+        (i, EvidenceSpan(start, end, _sentence_score(start, end, real, aggregate)))
+        for i, (start, end) in enumerate(read_sentences(text, windows, sentences))
+    ]
     out.sort(key=lambda item: (-item[1].score, item[0]))
     return [span for _, span in out]
 

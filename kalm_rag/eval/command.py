@@ -137,7 +137,7 @@ def evidence(
                 "MiniLM cosine": ev.cosine_scores,
             }
         )
-    trained = getattr(rr.backend, "evidence_readout", None) is not None
+    trained = rr.backend.evidence_readout is not None
     exact = None  # a ratio the default store cannot give (kalm-mini keeps base-4 vectors) reads an exact store
     for r in (int(x) for x in ratios.split(",") if x.strip()):
         reader = rr

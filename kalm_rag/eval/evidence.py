@@ -187,7 +187,7 @@ def model_scores(reranker: Any, *, ratio: int | None = None, training_free: bool
 
     def score(examples: Sequence[EvidenceExample]) -> list[list[float]]:
         backend = reranker.backend
-        head = getattr(backend, "evidence_readout", None)
+        head = backend.evidence_readout
         if training_free and head is not None:
             backend.evidence_readout = None
         try:

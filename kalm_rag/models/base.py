@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kalm_rag.errors import EvidenceUnsupportedError
-from kalm_rag.evidence import Offset
+from kalm_rag.evidence import Offset, SentenceReadout
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,30 @@ class FBNLBackend(ABC):
         positions the encoder reads are listed (the passage as cut at ``max_tokens``).
         """
         raise EvidenceUnsupportedError(f"the {self.family} backend cannot map its tokens back to the passage text")
+
+    #: A trained sentence readout (kalm-mini ships one); ``None``: sentences score their best window's weight.
+    evidence_readout: SentenceReadout | None = None
+
+    def passage_offsets_and_ids(
+        self, passages: Sequence[str], max_tokens: int
+    ) -> tuple[list[list[Offset]], list[list[int]] | None]:
+        """:meth:`passage_offsets` and, where the backend gives them from the same tokenizer call, the token ids
+        at those positions (default: none).
+        """
+        return self.passage_offsets(passages, max_tokens), None
+
+    def sentence_columns(
+        self,
+        prompt: Prompt,
+        sentences: Sequence[str],
+        sentence_vectors: torch.Tensor,
+        *,
+        pieces: Sequence[Sequence[int]] | None = None,
+    ) -> dict[str, list[float]]:
+        """The backend's own sentence features for its :attr:`evidence_readout` (feature name -> one value per
+        sentence), from each sentence's text, pooled vector ``(S, d)`` and token ids (default: none).
+        """
+        return {}
 
     def margins_and_window_weights(
         self, prompt: Prompt, passage_vectors: torch.Tensor, passage_mask: torch.Tensor

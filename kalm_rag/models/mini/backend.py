@@ -335,7 +335,7 @@ class MiniBackend(FBNLBackend):
 
     def passage_offsets_and_ids(
         self, passages: Sequence[str], max_tokens: int
-    ) -> tuple[list[list[Offset]], list[list[int]]]:
+    ) -> tuple[list[list[Offset]], list[list[int]] | None]:
         """:meth:`passage_offsets` and, from the same tokenizer call, the ids at those positions (the evidence
         readout reads each sentence's word pieces from them instead of tokenising the sentences again).
         """
