@@ -1114,6 +1114,9 @@ class Reranker:
         out: list[dict[str, list[float]]] = []
         texts_all: list[str] = []
         vectors_all: list[torch.Tensor] = []
+        windows_all: list[torch.Tensor] = []  # each passage's window vectors (W_i, d)
+        groups_all: list[list[int]] = []  # each sentence's windows, as rows of their concatenation
+        first_window = 0
         for i, text, layout in zip(indices, texts, layouts, strict=True):
             out.append(attention_columns(layout.groups, found.weights[i].tolist()) if layout.sentences else {})
             if not layout.sentences:
@@ -1121,13 +1124,16 @@ class Reranker:
             texts_all += [text[s:e] for s, e in layout.sentences]
             weights = layout.member * found.counts[i].to(torch.float32)[None, :]  # (S, W)
             vectors_all.append(weights @ found.vectors[i] / weights.sum(1, keepdim=True).clamp(min=1.0))  # (S, d)
+            windows_all.append(found.vectors[i])
+            groups_all += [[first_window + w for w in group] for group in layout.groups]
+            first_window += found.vectors[i].shape[0]
         if not texts_all:
             return out
         pieces = None
         if all(layout.pieces is not None for layout in layouts):
             pieces = [p for layout in layouts for p in layout.pieces or []]
         model_columns = self.backend.sentence_columns(
-            found.prompt, texts_all, torch.cat(vectors_all), pieces=pieces
+            found.prompt, texts_all, torch.cat(vectors_all), pieces=pieces, windows=(torch.cat(windows_all), groups_all)
         )  # name -> one value per sentence of every passage
         start = 0
         for layout, columns in zip(layouts, out):

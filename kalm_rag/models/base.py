@@ -140,9 +140,13 @@ class FBNLBackend(ABC):
         sentence_vectors: torch.Tensor,
         *,
         pieces: Sequence[Sequence[int]] | None = None,
+        windows: tuple[torch.Tensor, Sequence[Sequence[int]]] | None = None,
     ) -> dict[str, list[float]]:
         """The backend's own sentence features for its :attr:`evidence_readout` (feature name -> one value per
-        sentence), from each sentence's text, pooled vector ``(S, d)`` and token ids (default: none).
+        sentence), from each sentence's text, pooled vector ``(S, d)``, token ids and windows (default: none).
+
+        ``windows``, when given, is ``(vectors, groups)``: the pooled window vectors ``(N, d)`` of the sentences'
+        passages and, for each sentence, the rows of ``vectors`` that overlap it.
         """
         return {}
 

@@ -368,14 +368,17 @@ def evidence(
         Path | None,
         typer.Option(help="Folder holding the word-piece IDF statistics (default: kalm-mini's lexical.safetensors)."),
     ] = None,
-    questions: Annotated[int, typer.Option(min=10, help="SQuAD train questions to fit on.")] = 3000,
+    questions: Annotated[int, typer.Option(min=10, help="SQuAD train questions to fit on.")] = 12000,
     held_out: Annotated[int, typer.Option(min=1, help="Further questions (other paragraphs) to report on.")] = 500,
     ratios: Annotated[str, typer.Option(help="Comma-separated MEP ratios the features are read at.")] = "1,4",
+    epochs: Annotated[int, typer.Option(min=1, help="Passes of Adam over the training questions.")] = 2,
     threads: Threads = None,
 ) -> None:
-    """Fit kalm-mini's sentence readout on SQuAD train (the answer's sentence is the label); the model is frozen.
+    """Fit kalm-mini's sentence readout and its sentence match on SQuAD train (the answer's sentence is the label);
+    the model is frozen.
 
-    Copy OUT/evidence.json and OUT/lexical.safetensors next to kalm-mini's weights to ship it.
+    Copy OUT/evidence.json, OUT/evidence_match.safetensors and OUT/lexical.safetensors next to kalm-mini's weights
+    to ship them.
     """
     import torch
 
@@ -392,5 +395,7 @@ def evidence(
         from kalm_rag.models.mini.backend import EMBEDDED_DIR
 
         idf = EMBEDDED_DIR
-    report = train_readout(data_dir, out, idf=idf, questions=questions, held_out=held_out, ratios=ratio_list)
+    report = train_readout(
+        data_dir, out, idf=idf, questions=questions, held_out=held_out, ratios=ratio_list, epochs=epochs
+    )
     typer.echo(json.dumps(report, indent=2))

@@ -13,9 +13,21 @@ import torch.nn.functional as F
 from kalm_rag import InvalidInputError, ModelLoadError, Reranker
 from kalm_rag.evidence import READOUT_FILE, SentenceReadout, read_sentences
 from kalm_rag.models.mini.backend import EMBEDDED_DIR
+from kalm_rag.models.mini.readout import MATCH_FILE, SentenceMatch
 from kalm_rag.padding import right_pad_vectors
 from kalm_rag.pooling import repool
-from kalm_rag.train.evidence import FEATURES, SentenceExample, fit_readout, top1
+from kalm_rag.train.evidence import (
+    BASE_FEATURES,
+    FEATURES,
+    MatchInputs,
+    SentenceExample,
+    _padded,
+    batch_match,
+    fit_match,
+    fit_readout,
+    top1,
+    top1_with_match,
+)
 
 QUERY = "What is the capital of France?"
 PASSAGES = [
@@ -159,7 +171,7 @@ def test_fit_readout_recovers_which_feature_carries_the_label():
     gen = torch.Generator().manual_seed(0)
     examples = []
     for _ in range(300):  # the gold sentence is the one with the largest third feature, plus noise elsewhere
-        x = torch.randn(5, len(FEATURES), generator=gen, dtype=torch.float64)
+        x = torch.randn(5, len(BASE_FEATURES), generator=gen, dtype=torch.float64)
         examples.append(SentenceExample(x, [int(x[:, 2].argmax())], 4))
     w = fit_readout(examples)
     assert int(w.abs().argmax()) == 2 and w[2] > 0
@@ -229,9 +241,132 @@ def test_training_standardises_features_as_the_shipped_readout_does():
     from kalm_rag.train.evidence import _standardised
 
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(6, len(FEATURES), generator=gen, dtype=torch.float64)
+    x = torch.randn(6, len(BASE_FEATURES), generator=gen, dtype=torch.float64)
     x[:, 3] = 0.25  # a constant feature
     w = torch.tensor([0.5, -1.0, 2.0, 3.0], dtype=torch.float64)
-    readout = SentenceReadout(FEATURES, tuple(w.tolist()))
-    columns = {name: x[:, k].tolist() for k, name in enumerate(FEATURES)}
+    readout = SentenceReadout(BASE_FEATURES, tuple(w.tolist()))
+    columns = {name: x[:, k].tolist() for k, name in enumerate(BASE_FEATURES)}
     assert readout.logits(columns) == pytest.approx((_standardised(x) @ w).tolist(), abs=1e-9)
+
+
+# ----- the trained sentence match ---------------------------------------------------------------------
+
+
+def _match_by_hand(match, query_states, idf, real, windows, groups):
+    """The match's formula with plain loops: IDF-weighted mean over query tokens of the best cosine between the
+    mapped token state and a window of the sentence."""
+    P = match.proj.weight.detach().double()
+    a, b = float(match.idf_scale.detach()), float(match.idf_bias.detach())
+    weights = [math.log1p(math.exp(a * float(i) + b)) * float(r) for i, r in zip(idf, real)]
+    total = sum(weights)
+    out = []
+    for group in groups:
+        value = 0.0
+        for t, w in enumerate(weights):
+            q = P @ query_states[t].double()
+            best = max(float(F.cosine_similarity(q, windows[k].double(), dim=0)) for k in group)
+            value += w / total * best
+        out.append(value)
+    return out
+
+
+def test_sentence_match_is_the_idf_weighted_best_window_cosine():
+    gen = torch.Generator().manual_seed(3)
+    match = SentenceMatch(8)
+    with torch.no_grad():
+        match.proj.weight.add_(0.3 * torch.randn(8, 8, generator=gen))
+        match.idf_scale.fill_(0.7)
+        match.idf_bias.fill_(-0.2)
+    q, windows = torch.randn(5, 8, generator=gen), torch.randn(7, 8, generator=gen)
+    idf, real = torch.tensor([0.0, 2.0, 5.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0])
+    groups = [[0, 1], [1, 2, 3], [6], [4, 5, 6]]
+    got = match(q, idf, real, windows, groups)
+    assert got.tolist() == pytest.approx(_match_by_hand(match, q, idf, real, windows, groups), abs=1e-5)
+    # at the identity map a sentence holding a window equal to every real token's state matches perfectly
+    ident = SentenceMatch(8)
+    windows[6] = q[1]
+    windows[5] = q[2]
+    windows[4] = q[3]
+    assert float(ident(q, idf, real, windows, groups)[3]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_training_batches_compute_the_match_as_inference_does():
+    gen = torch.Generator().manual_seed(4)
+    match = SentenceMatch(8)
+    with torch.no_grad():
+        match.proj.weight.add_(0.3 * torch.randn(8, 8, generator=gen))
+    examples = []
+    for n_tokens, n_windows, groups in ((3, 5, [[0, 1], [2, 3, 4]]), (6, 2, [[0], [0, 1], [1]])):
+        inputs = MatchInputs(
+            torch.randn(n_tokens, 8, generator=gen), torch.rand(n_tokens, generator=gen) * 5,
+            torch.ones(n_tokens), torch.randn(n_windows, 8, generator=gen), groups,
+        )  # fmt: skip
+        examples.append(SentenceExample(torch.randn(len(groups), 4, dtype=torch.float64), [0], 4, inputs))
+    batched = batch_match(match, _padded(examples))  # (B, S) padded
+    for row, ex in zip(batched, examples):
+        m = ex.match
+        one = match(m.query_states, m.idf, m.real, m.windows, m.groups)
+        torch.testing.assert_close(row[: len(m.groups)], one.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_match_learns_a_map_that_finds_the_gold_sentence():
+    gen = torch.Generator().manual_seed(5)
+    d = 8
+
+    def window(q, gold):  # a gold window shares the query token's first half, any other window its second half
+        out = q.clone()
+        noise = torch.randn(q.shape, generator=gen)
+        part = slice(4, None) if gold else slice(0, 4)
+        out[..., part] = noise[..., part]
+        return out
+
+    examples = []
+    for _ in range(256):
+        q = torch.randn(3, d, generator=gen)
+        gold = int(torch.randint(0, 3, (1,), generator=gen))
+        windows = torch.cat([window(q[:2], s == gold) for s in range(3)])  # sentence s holds windows 2s, 2s + 1
+        inputs = MatchInputs(q, torch.ones(3), torch.tensor([1.0, 1.0, 0.0]), windows, [[0, 1], [2, 3], [4, 5]])
+        features = torch.zeros(3, 4, dtype=torch.float64)  # the base features say nothing
+        examples.append(SentenceExample(features, [gold], 4, inputs))
+    untrained = top1_with_match(examples, SentenceMatch(d), torch.tensor([0, 0, 0, 0, 1.0]))
+    match, weights = fit_match(examples, d, epochs=20, lr=3e-2, batch_size=64)
+    assert weights.shape == (5,)
+    assert top1_with_match(examples, match, weights) > 0.95 > untrained + 0.3  # the identity map sees no difference
+
+
+def test_the_shipped_match_feeds_the_readout(rr):
+    backend = rr.backend
+    assert backend.evidence_readout.features == FEATURES and isinstance(backend.evidence_match, SentenceMatch)
+    found = rr._decode_with_evidence(
+        QUERY, rr._pooled(PASSAGES[:2]), instruction=rr.instruction, system_instruction="", ratio=2
+    )
+    layouts = rr._passage_layouts(found, [0, 1], PASSAGES[:2])
+    columns = rr._sentence_columns(found, [0, 1], PASSAGES[:2], layouts)
+    _, query = backend.split_prompt(found.prompt)
+    h, _ = backend.encode_segments([query], prefix=[backend.cls_id])  # (1, Tq, d): afresh
+    idf_table = backend.evidence_idf.idf
+    special = set(backend.tokenizer.all_special_ids)
+    idf = torch.tensor([0.0 if t in special else float(idf_table[t]) for t in query])
+    real = torch.tensor([0.0 if t in special else 1.0 for t in query])
+    for i, (layout, column) in enumerate(zip(layouts, columns)):
+        expected = _match_by_hand(backend.evidence_match, h[0], idf, real, found.vectors[i], layout.groups)
+        assert column["match"] == pytest.approx(expected, abs=1e-4)
+    best = rr.rerank(QUERY, PASSAGES[:1], evidence=True)[0].evidence[0]
+    assert PASSAGES[0][best.start : best.end] == "Paris is the capital of France."
+
+
+def test_a_readout_weighing_match_without_its_file_is_refused(rr, tmp_path):
+    import shutil
+
+    for name in (READOUT_FILE, "lexical.safetensors"):
+        shutil.copyfile(EMBEDDED_DIR / name, tmp_path / name)
+    with pytest.raises(ModelLoadError, match="match"):
+        rr.backend.load_evidence(tmp_path)
+    torch.manual_seed(0)
+    SentenceMatch(4).save(tmp_path)  # the wrong width
+    with pytest.raises(ModelLoadError, match="sentence match"):
+        rr.backend.load_evidence(tmp_path)
+    shutil.copyfile(EMBEDDED_DIR / MATCH_FILE, tmp_path / MATCH_FILE)
+    rr.backend.load_evidence(tmp_path)
+    assert rr.backend.evidence_match is not None
+    rr.backend.load_evidence(EMBEDDED_DIR)

@@ -8,10 +8,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from kalm_rag import Reranker
 from kalm_rag.cli import app
 from kalm_rag.eval.evidence import builtin_examples
 from kalm_rag.evidence import SentenceReadout
 from kalm_rag.models.mini.backend import EMBEDDED_DIR
+from kalm_rag.models.mini.readout import SentenceMatch
 from kalm_rag.train.evidence import FEATURES, squad_questions
 
 
@@ -55,7 +57,7 @@ def test_train_evidence_writes_a_readout_the_backend_loads(squad_dir, tmp_path):
     result = CliRunner().invoke(
         app,
         ["train", "evidence", "--data-dir", str(squad_dir), "--out", str(out), "--questions", "10",
-         "--held-out", "3", "--ratios", "1,4", "--idf", str(EMBEDDED_DIR)],
+         "--held-out", "3", "--ratios", "1,4", "--idf", str(EMBEDDED_DIR), "--epochs", "1"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     readout = SentenceReadout.load(out)
@@ -63,7 +65,19 @@ def test_train_evidence_writes_a_readout_the_backend_loads(squad_dir, tmp_path):
     assert (out / "lexical.safetensors").read_bytes() == (EMBEDDED_DIR / "lexical.safetensors").read_bytes()
     report = json.loads((out / "evidence_training.json").read_text())
     assert report["ratios"] == [1, 4] and report["questions"] == 10 and report["examples"] > 0
+    assert report["epochs"] == 1
     assert list(report["weights"]) == list(readout.weights)
+    # the folder's readout and match load into kalm-mini and give evidence
+    rr = Reranker.from_pretrained("kalm-mini", device="cpu")
+    try:
+        rr.backend.load_evidence(out)
+        assert isinstance(rr.backend.evidence_match, SentenceMatch)
+        assert rr.backend.evidence_readout == readout
+        ex = builtin_examples()[0]
+        spans = rr.rerank(ex.query, [ex.text], evidence=True)[0].evidence
+        assert sum(s.score for s in spans) == pytest.approx(1.0)
+    finally:
+        rr.backend.load_evidence(EMBEDDED_DIR)
 
 
 def test_train_evidence_refuses_bad_ratios(squad_dir, tmp_path):

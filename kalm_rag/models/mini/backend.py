@@ -30,7 +30,7 @@ from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
 from kalm_rag.models.mini.lexical import LexicalStats, bm25_scores, continuation_mask, max_bm25, word_buckets
 from kalm_rag.models.mini.modeling import MiniDecoder
-from kalm_rag.models.mini.readout import relevance_readout
+from kalm_rag.models.mini.readout import SentenceMatch, relevance_readout
 from kalm_rag.padding import right_pad
 from kalm_rag.store.base import passage_key
 
@@ -182,8 +182,10 @@ class MiniBackend(FBNLBackend):
         #: The trained sentence readout shipped with the checkpoint (``evidence.json``), if any; with none the
         #: engine reads evidence from the relevance attention alone.
         self.evidence_readout: SentenceReadout | None = None
-        #: Word-piece IDF (``lexical.safetensors``) for the readout's ``coverage`` feature.
+        #: Word-piece IDF (``lexical.safetensors``) for the readout's ``coverage`` and ``match`` features.
         self.evidence_idf: LexicalStats | None = None
+        #: The trained token-level sentence match (``evidence_match.safetensors``) of the ``match`` feature.
+        self.evidence_match: SentenceMatch | None = None
         self._query_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._instruction_kv_cache: dict[tuple[int, ...], tuple[tuple, list]] = {}
         #: The most characters one token covers (WordPiece reads a longer word as one [UNK]): a huge query is
@@ -239,10 +241,25 @@ class MiniBackend(FBNLBackend):
             weights_id=f"kalm-mini-{digest[:16]}-{config_digest}+{spec.distribution}=={encoder_version(spec)}",
         )
         backend.lexical = lexical
-        backend.evidence_readout = SentenceReadout.load(folder)
-        if backend.evidence_readout is not None and "coverage" in backend.evidence_readout.features:
-            backend.evidence_idf = lexical if lexical is not None else LexicalStats.load(folder)
+        backend.load_evidence(folder, lexical=lexical)
         return backend
+
+    def load_evidence(self, folder: str | os.PathLike[str], *, lexical: LexicalStats | None = None) -> None:
+        """Load the sentence readout of ``folder`` (``evidence.json``) and what its features need: the word-piece
+        IDF (``lexical.safetensors``; ``lexical`` when the checkpoint's lexical term already loaded it) and the
+        trained sentence match (``evidence_match.safetensors``). A readout whose files are missing is refused.
+        """
+        folder = Path(folder)
+        self.evidence_readout = SentenceReadout.load(folder)
+        features = set() if self.evidence_readout is None else set(self.evidence_readout.features)
+        self.evidence_idf, self.evidence_match = None, None
+        if features & {"coverage", "match"}:
+            self.evidence_idf = lexical if lexical is not None else LexicalStats.load(folder)
+        if "match" in features:
+            self.evidence_match = SentenceMatch.load(folder, self.hidden_size)
+            if self.evidence_match is None:
+                raise ModelLoadError(f"{folder}: the sentence readout weighs 'match' but the folder has no match file")
+            self.evidence_match.to(self.device, torch.float32)
 
     @classmethod
     def continue_from(cls, folder: str | os.PathLike[str], *, device: torch.device | None = None) -> MiniBackend:
@@ -624,13 +641,16 @@ class MiniBackend(FBNLBackend):
         sentence_vectors: torch.Tensor,
         *,
         pieces: Sequence[Sequence[int]] | None = None,
+        windows: tuple[torch.Tensor, Sequence[Sequence[int]]] | None = None,
     ) -> dict[str, list[float]]:
         """The trained readout's model-side sentence features (the engine adds the attention ones).
 
         - ``cosine``: the frozen encoder's cosine between the query (mean of its states, as the score's skip)
           and each sentence's vector ``(S, d)`` (the count-weighted mean of its pooled windows: no encoder pass);
         - ``coverage``: the share of the query's word-piece IDF (``lexical.safetensors``) that occurs in the
-          sentence's word pieces, in [0, 1].
+          sentence's word pieces, in [0, 1];
+        - ``match`` (when the checkpoint ships a :class:`~kalm_rag.models.mini.readout.SentenceMatch` and
+          ``windows`` are given): how well each query token is matched by some window of the sentence.
         """
         _, query = self.split_prompt(prompt)
         h_query, query_mask = self.query_states(query)  # (1, Tq, d), (1, Tq)
@@ -641,6 +661,8 @@ class MiniBackend(FBNLBackend):
         if self.evidence_idf is not None:
             idf = self.evidence_idf.idf
             special = set(self.tokenizer.all_special_ids)
+            if self.evidence_match is not None and windows is not None:
+                columns["match"] = self._sentence_match(query, h_query[0], windows).tolist()
             terms = {int(t) for t in query if int(t) not in special and 0 <= int(t) < idf.shape[0]}
             total = float(idf[sorted(terms)].sum()) if terms else 0.0
             if pieces is None:  # the engine gives them from the passage's own tokenisation
@@ -652,6 +674,26 @@ class MiniBackend(FBNLBackend):
                 for ids in pieces
             ]
         return columns
+
+    def query_token_idf(self, query: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query token's word-piece IDF and 0/1 realness ``(Tq,)`` (special tokens: 0 and 0)."""
+        assert self.evidence_idf is not None
+        idf = self.evidence_idf.idf
+        special = set(self.tokenizer.all_special_ids)
+        real = [int(t) not in special and 0 <= int(t) < idf.shape[0] for t in query]
+        weights = torch.tensor([float(idf[int(t)]) if r else 0.0 for t, r in zip(query, real)], dtype=torch.float32)
+        return weights, torch.tensor(real, dtype=torch.float32)
+
+    def _sentence_match(
+        self, query: Sequence[int], h_query: torch.Tensor, windows: tuple[torch.Tensor, Sequence[Sequence[int]]]
+    ) -> torch.Tensor:
+        """The ``match`` feature ``(S,)`` of the query (ids, states ``(Tq, d)``) with each sentence's windows."""
+        assert self.evidence_match is not None
+        vectors, groups = windows
+        idf, real = self.query_token_idf(query)
+        return self.evidence_match(
+            h_query.float(), idf.to(self.device), real.to(self.device), vectors.float().to(self.device), groups
+        ).cpu()
 
     @torch.inference_mode()
     def prepare_prompts(self, prompts: Sequence[Prompt]) -> None:
