@@ -28,7 +28,6 @@ from kalm_rag._logs import RateLimitedWarning
 from kalm_rag.errors import InvalidInputError, NotStoredError, NumericalError, ReadOnlyOptionError, StoreError
 from kalm_rag.evidence import (
     EvidenceSpan,
-    attention_columns,
     check_keep,
     check_mass,
     evidence_spans,
@@ -1111,37 +1110,50 @@ class Reranker:
         the window weights, the backend's own (``sentence_columns``, one call for every sentence) from each
         sentence's vector (its windows' count-weighted mean, as the encoder's own mean pooling) and text.
         """
-        out: list[dict[str, list[float]]] = []
-        texts_all: list[str] = []
-        vectors_all: list[torch.Tensor] = []
-        windows_all: list[torch.Tensor] = []  # each passage's window vectors (W_i, d)
-        groups_all: list[list[int]] = []  # each sentence's windows, as rows of their concatenation
-        first_window = 0
-        for i, text, layout in zip(indices, texts, layouts, strict=True):
-            out.append(attention_columns(layout.groups, found.weights[i].tolist()) if layout.sentences else {})
-            if not layout.sentences:
-                continue
-            texts_all += [text[s:e] for s, e in layout.sentences]
-            weights = layout.member * found.counts[i].to(torch.float32)[None, :]  # (S, W)
-            vectors_all.append(weights @ found.vectors[i] / weights.sum(1, keepdim=True).clamp(min=1.0))  # (S, d)
-            windows_all.append(found.vectors[i])
-            groups_all += [[first_window + w for w in group] for group in layout.groups]
-            first_window += found.vectors[i].shape[0]
-        if not texts_all:
-            return out
+        read = [(i, text, layout) for i, text, layout in zip(indices, texts, layouts, strict=True) if layout.sentences]
+        if not read:
+            return [{} for _ in layouts]
+        # every read sentence of the call and every window of its passage, numbered across the passages
+        vectors = torch.cat([found.vectors[i] for i, _, _ in read]).to(torch.float32)  # (N, d)
+        counts = torch.cat([found.counts[i] for i, _, _ in read]).to(torch.float32)  # (N,)
+        weights = torch.cat([found.weights[i] for i, _, _ in read]).to(torch.float64)  # (N,)
+        groups: list[list[int]] = []  # each sentence's windows, as rows of vectors
+        first = 0
+        for i, _, layout in read:
+            groups += [[first + w for w in group] for group in layout.groups]
+            first += found.vectors[i].shape[0]
+        sentence = torch.tensor([s for s, group in enumerate(groups) for _ in group], dtype=torch.long)  # (P,)
+        window = torch.tensor([w for group in groups for w in group], dtype=torch.long)  # (P,) pairs
+        S = len(groups)
+        # attention features: the log of the best and of the mean weight of the sentence's windows
+        best = torch.full((S,), -torch.inf, dtype=torch.float64).scatter_reduce(0, sentence, weights[window], "amax")
+        size = torch.zeros(S, dtype=torch.float64).index_add_(0, sentence, torch.ones_like(weights[window]))
+        mean = torch.zeros(S, dtype=torch.float64).index_add_(0, sentence, weights[window]) / size
+        # each sentence's vector: its windows' count-weighted mean (as the encoder's own mean pooling)
+        weighted = counts[window, None] * vectors[window]  # (P, d)
+        total = torch.zeros(S, dtype=torch.float32).index_add_(0, sentence, counts[window]).clamp(min=1.0)
+        sentence_vectors = torch.zeros(S, vectors.shape[1]).index_add_(0, sentence, weighted) / total[:, None]
         pieces = None
-        if all(layout.pieces is not None for layout in layouts):
-            pieces = [p for layout in layouts for p in layout.pieces or []]
-        model_columns = self.backend.sentence_columns(
-            found.prompt, texts_all, torch.cat(vectors_all), pieces=pieces, windows=(torch.cat(windows_all), groups_all)
-        )  # name -> one value per sentence of every passage
+        if all(layout.pieces is not None for _, _, layout in read):
+            pieces = [p for _, _, layout in read for p in layout.pieces or []]
+        columns_all = {
+            "attention_max": best.clamp(min=1e-9).log().tolist(),
+            "attention_mean": mean.clamp(min=1e-9).log().tolist(),
+            **self.backend.sentence_columns(
+                found.prompt,
+                [text[s:e] for _, text, layout in read for s, e in layout.sentences],
+                sentence_vectors,
+                pieces=pieces,
+                windows=(vectors, groups),
+            ),
+        }  # name -> one value per sentence of every passage
+        by_passage: dict[int, dict[str, list[float]]] = {}
         start = 0
-        for layout, columns in zip(layouts, out):
+        for i, _, layout in read:
             n = len(layout.sentences)
-            for name, values in model_columns.items():
-                columns[name] = list(values[start : start + n])
+            by_passage[i] = {name: list(values[start : start + n]) for name, values in columns_all.items()}
             start += n
-        return out
+        return [by_passage.get(i, {}) for i in indices]
 
     def _decode_with_evidence(
         self, query: str, entries: list[PooledPassage], *, instruction: str, system_instruction: str, ratio: int

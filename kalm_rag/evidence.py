@@ -183,18 +183,6 @@ def sentence_windows(
     return out
 
 
-def attention_columns(groups: Sequence[Sequence[int]], weights: Sequence[float]) -> dict[str, list[float]]:
-    """The readout's attention features per sentence: the log of the best and of the mean window weight among
-    the windows of each group (:func:`sentence_windows`).
-    """
-    best, mean = [], []
-    for group in groups:
-        ws = [float(weights[i]) for i in group]
-        best.append(math.log(max(max(ws), 1e-9)))
-        mean.append(math.log(max(sum(ws) / len(ws), 1e-9)))
-    return {"attention_max": best, "attention_mean": mean}
-
-
 # ----- a trained readout ---------------------------------------------------------------------------
 
 
@@ -208,7 +196,7 @@ class SentenceReadout:
     each feature's scale, ratio and passage length (few parameters: trained on SQuAD, it cannot memorise it).
 
     Attributes:
-        features: the feature names, in the order of ``weights`` (the backend and :func:`attention_columns`
+        features: the feature names, in the order of ``weights`` (the backend and the engine
             compute them).
         weights: one weight per feature.
         meta: how it was trained (data, ratios, counts), for the model card.

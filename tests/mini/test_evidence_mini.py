@@ -370,3 +370,27 @@ def test_a_readout_weighing_match_without_its_file_is_refused(rr, tmp_path):
     rr.backend.load_evidence(tmp_path)
     assert rr.backend.evidence_match is not None
     rr.backend.load_evidence(EMBEDDED_DIR)
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 4])
+def test_engine_sentence_features_match_a_hand_computation(rr, ratio):
+    texts = [PASSAGES[0], PASSAGES[2], PASSAGES[1]]
+    found = rr._decode_with_evidence(
+        QUERY, rr._pooled(texts), instruction=rr.instruction, system_instruction="", ratio=ratio
+    )
+    layouts = rr._passage_layouts(found, [0, 1, 2], texts)
+    columns = rr._sentence_columns(found, [0, 1, 2], texts, layouts)
+    _, query = rr.backend.split_prompt(found.prompt)
+    h, m = rr.backend.encode_segments([query], prefix=[rr.backend.cls_id])
+    q = (h[0] * m[0, :, None]).sum(0) / m.sum()
+    for i, (layout, column) in enumerate(zip(layouts, columns)):
+        weights = found.weights[i].tolist()
+        counts = found.counts[i].tolist()
+        assert column["attention_max"] == pytest.approx([math.log(max(weights[w] for w in g)) for g in layout.groups])
+        assert column["attention_mean"] == pytest.approx(
+            [math.log(sum(weights[w] for w in g) / len(g)) for g in layout.groups]
+        )
+        for g, cosine in zip(layout.groups, column["cosine"]):
+            vector = sum(counts[w] * found.vectors[i][w] for w in g) / sum(counts[w] for w in g)
+            assert cosine == pytest.approx(float(F.cosine_similarity(vector, q, dim=0)), abs=1e-5)
+        assert len(column["match"]) == len(column["coverage"]) == len(layout.sentences)

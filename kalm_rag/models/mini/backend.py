@@ -664,14 +664,14 @@ class MiniBackend(FBNLBackend):
             if self.evidence_match is not None and windows is not None:
                 columns["match"] = self._sentence_match(query, h_query[0], windows).tolist()
             terms = {int(t) for t in query if int(t) not in special and 0 <= int(t) < idf.shape[0]}
-            total = float(idf[sorted(terms)].sum()) if terms else 0.0
+            weight = {t: float(idf[t]) for t in terms}  # plain floats: this runs once per sentence of the call
+            total = sum(weight.values())
             if pieces is None:  # the engine gives them from the passage's own tokenisation
                 pieces = self.tokenizer(list(sentences), add_special_tokens=False, split_special_tokens=True)[
                     "input_ids"
                 ]
             columns["coverage"] = [
-                float(idf[sorted(terms & set(ids))].sum()) / total if total > 0 and terms & set(ids) else 0.0
-                for ids in pieces
+                sum(weight[t] for t in terms.intersection(ids)) / total if total > 0 else 0.0 for ids in pieces
             ]
         return columns
 
