@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kalm_rag.errors import NumericalError
 from kalm_rag.evidence import SentenceReadout, sentence_spans
 from kalm_rag.models.mini.readout import SentenceMatch
 
@@ -258,6 +259,8 @@ def fit_match(
             batch = _padded(rows)
             log_p = torch.log_softmax(batch_logits(match, weights, batch), dim=-1)  # (B, S)
             loss = -torch.logsumexp(log_p.masked_fill(~batch["gold"], -1e4), dim=-1).mean()  # any gold counts
+            if not torch.isfinite(loss):  # never write a diverged match: say so, and where
+                raise NumericalError(f"the sentence match's loss is {loss.item()} at epoch {epoch + 1}; lower the lr")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -394,3 +394,13 @@ def test_engine_sentence_features_match_a_hand_computation(rr, ratio):
             vector = sum(counts[w] * found.vectors[i][w] for w in g) / sum(counts[w] for w in g)
             assert cosine == pytest.approx(float(F.cosine_similarity(vector, q, dim=0)), abs=1e-5)
         assert len(column["match"]) == len(column["coverage"]) == len(layout.sentences)
+
+
+def test_fit_match_refuses_to_go_on_from_a_diverged_loss():
+    from kalm_rag import NumericalError
+
+    nan_states = torch.full((2, 8), float("nan"))
+    inputs = MatchInputs(nan_states, torch.ones(2), torch.ones(2), torch.randn(3, 8), [[0], [1, 2]])
+    example = SentenceExample(torch.zeros(2, 4, dtype=torch.float64), [0], 4, inputs)
+    with pytest.raises(NumericalError, match="lower the lr"):
+        fit_match([example], 8, epochs=1)
