@@ -368,7 +368,7 @@ def evidence(
         Path | None,
         typer.Option(help="Folder holding the word-piece IDF statistics (default: kalm-mini's lexical.safetensors)."),
     ] = None,
-    questions: Annotated[int, typer.Option(min=10, help="SQuAD train questions to fit on.")] = 12000,
+    questions: Annotated[int, typer.Option(min=10, help="SQuAD train questions to fit on.")] = 20000,
     held_out: Annotated[int, typer.Option(min=1, help="Further questions (other paragraphs) to report on.")] = 500,
     ratios: Annotated[str, typer.Option(help="Comma-separated MEP ratios the features are read at.")] = "1,4",
     epochs: Annotated[int, typer.Option(min=1, help="Passes of Adam over the training questions.")] = 2,
