@@ -28,6 +28,7 @@ from kalm_rag._logs import RateLimitedWarning
 from kalm_rag.errors import InvalidInputError, NotStoredError, NumericalError, ReadOnlyOptionError, StoreError
 from kalm_rag.evidence import (
     EvidenceSpan,
+    SentenceWindows,
     check_keep,
     check_mass,
     evidence_spans,
@@ -1122,9 +1123,8 @@ class Reranker:
         for i, _, layout in read:
             groups += [[first + w for w in group] for group in layout.groups]
             first += found.vectors[i].shape[0]
-        sentence = torch.tensor([s for s, group in enumerate(groups) for _ in group], dtype=torch.long)  # (P,)
-        window = torch.tensor([w for group in groups for w in group], dtype=torch.long)  # (P,) pairs
-        S = len(groups)
+        pairs = SentenceWindows.from_groups(vectors, groups)  # (P,) sentence-window pairs, built once per call
+        sentence, window, S = pairs.sentence, pairs.window, pairs.num_sentences
         # attention features: the log of the best and of the mean weight of the sentence's windows
         best = torch.full((S,), -torch.inf, dtype=torch.float64).scatter_reduce(0, sentence, weights[window], "amax")
         size = torch.zeros(S, dtype=torch.float64).index_add_(0, sentence, torch.ones_like(weights[window]))
@@ -1144,7 +1144,7 @@ class Reranker:
                 [text[s:e] for _, text, layout in read for s, e in layout.sentences],
                 sentence_vectors,
                 pieces=pieces,
-                windows=(vectors, groups),
+                windows=pairs,
             ),
         }  # name -> one value per sentence of every passage
         by_passage: dict[int, dict[str, list[float]]] = {}

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from kalm_rag.errors import InvalidInputError, ModelLoadError
 
 #: A token's character span in the passage text, or ``None`` for a position that holds no passage text
@@ -181,6 +183,33 @@ def sentence_windows(
             hit = [min(real, key=lambda item: min(abs(item[1][0] - e), abs(item[1][1] - s)))[0]]
         out.append(hit)
     return out
+
+
+@dataclass(frozen=True)
+class SentenceWindows:
+    """The windows a call's sentences read, as (sentence, window) pairs over one matrix of window vectors.
+
+    Built once per call by the engine; its attention features, sentence vectors and a backend's window-level
+    features all index with the same pairs.
+
+    Attributes:
+        vectors: the pooled window vectors ``(N, d)`` of the sentences' passages.
+        sentence: for each pair, the sentence ``(P,)`` (numbered across the call).
+        window: for each pair, the row of ``vectors`` ``(P,)`` that overlaps that sentence.
+        num_sentences: the number of sentences (each has at least one pair).
+    """
+
+    vectors: torch.Tensor
+    sentence: torch.Tensor
+    window: torch.Tensor
+    num_sentences: int
+
+    @classmethod
+    def from_groups(cls, vectors: torch.Tensor, groups: Sequence[Sequence[int]]) -> SentenceWindows:
+        """The pairs of ``groups`` (for each sentence, its rows of ``vectors``)."""
+        sentence = torch.tensor([s for s, group in enumerate(groups) for _ in group], dtype=torch.long)
+        window = torch.tensor([w for group in groups for w in group], dtype=torch.long)
+        return cls(vectors, sentence, window, len(groups))
 
 
 # ----- a trained readout ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kalm_rag.errors import EvidenceUnsupportedError
-from kalm_rag.evidence import Offset, SentenceReadout
+from kalm_rag.evidence import Offset, SentenceReadout, SentenceWindows
 
 
 @dataclass(frozen=True)
@@ -140,13 +140,13 @@ class FBNLBackend(ABC):
         sentence_vectors: torch.Tensor,
         *,
         pieces: Sequence[Sequence[int]] | None = None,
-        windows: tuple[torch.Tensor, Sequence[Sequence[int]]] | None = None,
+        windows: SentenceWindows | None = None,
     ) -> dict[str, list[float]]:
         """The backend's own sentence features for its :attr:`evidence_readout` (feature name -> one value per
         sentence), from each sentence's text, pooled vector ``(S, d)``, token ids and windows (default: none).
 
-        ``windows``, when given, is ``(vectors, groups)``: the pooled window vectors ``(N, d)`` of the sentences'
-        passages and, for each sentence, the rows of ``vectors`` that overlap it.
+        ``windows``, when given, holds the pooled window vectors ``(N, d)`` of the sentences' passages and the
+        (sentence, window) pairs of the windows overlapping each sentence.
         """
         return {}
 

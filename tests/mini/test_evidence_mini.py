@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kalm_rag import InvalidInputError, ModelLoadError, Reranker
-from kalm_rag.evidence import READOUT_FILE, SentenceReadout, read_sentences
+from kalm_rag.evidence import READOUT_FILE, SentenceReadout, SentenceWindows, read_sentences
 from kalm_rag.models.mini.backend import EMBEDDED_DIR
 from kalm_rag.models.mini.readout import MATCH_FILE, SentenceMatch
 from kalm_rag.padding import right_pad_vectors
@@ -280,14 +280,16 @@ def test_sentence_match_is_the_idf_weighted_best_window_cosine():
     q, windows = torch.randn(5, 8, generator=gen), torch.randn(7, 8, generator=gen)
     idf, real = torch.tensor([0.0, 2.0, 5.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0])
     groups = [[0, 1], [1, 2, 3], [6], [4, 5, 6]]
-    got = match(q, idf, real, windows, groups)
+    got = match(q, idf, real, SentenceWindows.from_groups(windows, groups))
     assert got.tolist() == pytest.approx(_match_by_hand(match, q, idf, real, windows, groups), abs=1e-5)
     # at the identity map a sentence holding a window equal to every real token's state matches perfectly
     ident = SentenceMatch(8)
     windows[6] = q[1]
     windows[5] = q[2]
     windows[4] = q[3]
-    assert float(ident(q, idf, real, windows, groups)[3].detach()) == pytest.approx(1.0, abs=1e-5)
+    assert float(ident(q, idf, real, SentenceWindows.from_groups(windows, groups))[3].detach()) == pytest.approx(
+        1.0, abs=1e-5
+    )
 
 
 def test_training_batches_compute_the_match_as_inference_does():
@@ -305,7 +307,7 @@ def test_training_batches_compute_the_match_as_inference_does():
     batched = batch_match(match, _padded(examples))  # (B, S) padded
     for row, ex in zip(batched, examples):
         m = ex.match
-        one = match(m.query_states, m.idf, m.real, m.windows, m.groups)
+        one = match(m.query_states, m.idf, m.real, SentenceWindows.from_groups(m.windows, m.groups))
         torch.testing.assert_close(row[: len(m.groups)], one.detach(), rtol=1e-5, atol=1e-6)
 
 

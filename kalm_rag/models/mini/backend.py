@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kalm_rag.errors import ModelLoadError
-from kalm_rag.evidence import Offset, SentenceReadout
+from kalm_rag.evidence import Offset, SentenceReadout, SentenceWindows
 from kalm_rag.models.base import FBNLBackend, Prompt, cut_for_tokenizer
 from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.mini.config import MODEL_TYPE, EncoderSpec, MiniConfig
@@ -641,7 +641,7 @@ class MiniBackend(FBNLBackend):
         sentence_vectors: torch.Tensor,
         *,
         pieces: Sequence[Sequence[int]] | None = None,
-        windows: tuple[torch.Tensor, Sequence[Sequence[int]]] | None = None,
+        windows: SentenceWindows | None = None,
     ) -> dict[str, list[float]]:
         """The trained readout's model-side sentence features (the engine adds the attention ones).
 
@@ -684,16 +684,11 @@ class MiniBackend(FBNLBackend):
         weights = torch.tensor([float(idf[int(t)]) if r else 0.0 for t, r in zip(query, real)], dtype=torch.float32)
         return weights, torch.tensor(real, dtype=torch.float32)
 
-    def _sentence_match(
-        self, query: Sequence[int], h_query: torch.Tensor, windows: tuple[torch.Tensor, Sequence[Sequence[int]]]
-    ) -> torch.Tensor:
+    def _sentence_match(self, query: Sequence[int], h_query: torch.Tensor, windows: SentenceWindows) -> torch.Tensor:
         """The ``match`` feature ``(S,)`` of the query (ids, states ``(Tq, d)``) with each sentence's windows."""
         assert self.evidence_match is not None
-        vectors, groups = windows
         idf, real = self.query_token_idf(query)
-        return self.evidence_match(
-            h_query.float(), idf.to(self.device), real.to(self.device), vectors.float().to(self.device), groups
-        ).cpu()
+        return self.evidence_match(h_query.float(), idf.to(self.device), real.to(self.device), windows).cpu()
 
     @torch.inference_mode()
     def prepare_prompts(self, prompts: Sequence[Prompt]) -> None:

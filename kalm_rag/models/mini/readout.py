@@ -11,7 +11,6 @@ vectors and the sentences' word pieces into sentence features, and the trained
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from kalm_rag.errors import ModelLoadError
+from kalm_rag.evidence import SentenceWindows
 
 #: The trained sentence match shipped next to ``evidence.json``.
 MATCH_FILE = "evidence_match.safetensors"
@@ -64,21 +64,16 @@ class SentenceMatch(nn.Module):
         return q @ F.normalize(windows, dim=-1).transpose(-1, -2)
 
     def forward(
-        self,
-        query_states: torch.Tensor,
-        idf: torch.Tensor,
-        real: torch.Tensor,
-        windows: torch.Tensor,
-        groups: Sequence[Sequence[int]],
+        self, query_states: torch.Tensor, idf: torch.Tensor, real: torch.Tensor, windows: SentenceWindows
     ) -> torch.Tensor:
-        """Match ``(S,)`` of one query (states ``(Tq, d)``, token IDF and 0/1 realness ``(Tq,)``) with each sentence,
-        given all the sentences' windows ``(N, d)`` and, per sentence, its rows of ``windows`` (never empty).
+        """Match ``(S,)`` of one query (states ``(Tq, d)``, token IDF and 0/1 realness ``(Tq,)``) with each sentence
+        of ``windows`` (the call's window vectors and sentence-window pairs).
         """
-        cos = self.token_window_cosines(query_states, windows)  # (Tq, N)
-        sentence = torch.tensor([s for s, g in enumerate(groups) for _ in g], dtype=torch.long)  # (P,) pairs
-        window = torch.tensor([w for g in groups for w in g], dtype=torch.long)  # (P,)
-        best = torch.full((cos.shape[0], len(groups)), -1.0, dtype=cos.dtype)  # (Tq, S): cosines are >= -1
-        best = best.scatter_reduce(1, sentence.expand(cos.shape[0], -1), cos[:, window], "amax")  # (Tq, S)
+        vectors = windows.vectors.to(query_states.device, query_states.dtype)  # (N, d)
+        cos = self.token_window_cosines(query_states, vectors)  # (Tq, N)
+        pairs = windows.sentence.to(cos.device).expand(cos.shape[0], -1)  # (Tq, P)
+        best = torch.full((cos.shape[0], windows.num_sentences), -1.0, dtype=cos.dtype, device=cos.device)
+        best = best.scatter_reduce(1, pairs, cos[:, windows.window.to(cos.device)], "amax")  # (Tq, S): cos >= -1
         return self.token_weights(idf, real) @ best  # (S,)
 
     def save(self, folder: str | Path) -> Path:
