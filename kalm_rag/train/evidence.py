@@ -224,7 +224,9 @@ def batch_logits(match: SentenceMatch, weights: torch.Tensor, batch: dict[str, t
     real = batch["sentences"][..., None].to(x.dtype)  # (B, S, 1)
     n = real.sum(dim=1, keepdim=True).clamp(min=1.0)
     mean = (x * real).sum(dim=1, keepdim=True) / n
-    std = (((x - mean) * real) ** 2).sum(dim=1, keepdim=True).div(n).sqrt().clamp(min=1e-3)
+    # clamp the variance, not the std: sqrt's gradient at 0 is inf, and a clamped inf is NaN (two sentences that
+    # share their only window have the same match, and one such passage turned a whole run into NaN)
+    std = (((x - mean) * real) ** 2).sum(dim=1, keepdim=True).div(n).clamp(min=1e-6).sqrt()
     return (((x - mean) / std * real) @ weights).masked_fill(~batch["sentences"], -1e4)
 
 

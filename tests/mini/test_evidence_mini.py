@@ -406,3 +406,13 @@ def test_fit_match_refuses_to_go_on_from_a_diverged_loss():
     example = SentenceExample(torch.zeros(2, 4, dtype=torch.float64), [0], 4, inputs)
     with pytest.raises(NumericalError, match="lower the lr"):
         fit_match([example], 8, epochs=1)
+
+
+def test_a_passage_whose_sentences_share_their_only_window_trains_without_nan():
+    # at r=4 two short sentences can lie in one window: their match is equal, its variance 0
+    gen = torch.Generator().manual_seed(6)
+    inputs = MatchInputs(torch.randn(3, 8, generator=gen), torch.ones(3), torch.ones(3), torch.randn(1, 8), [[0], [0]])
+    example = SentenceExample(torch.randn(2, 4, generator=gen, dtype=torch.float64), [1], 4, inputs)
+    match, weights = fit_match([example] * 4, 8, epochs=3, batch_size=2)
+    assert all(torch.isfinite(p).all() for p in match.parameters())
+    assert torch.isfinite(weights).all()
