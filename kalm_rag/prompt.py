@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kalm_rag.threads import tokenizer_lock
+
 PASSAGE_PREFIX = "<Document>: "
 DEFAULT_SYSTEM_INSTRUCTION = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
@@ -43,7 +45,8 @@ def cut_query(tokenizer: Any, query: str, max_tokens: int, *, chars_per_token: i
     text = query if chars_per_token is None else cut_for_tokenizer(query, max_tokens, chars_per_token)
     # verbose=False: a query longer than the model's maximum is cut right here, so transformers' warning
     # about "indexing errors" would be wrong (and it would be printed on every long query)
-    ids = tokenizer.encode(text, add_special_tokens=False, verbose=False, split_special_tokens=True)
+    with tokenizer_lock(tokenizer):
+        ids = tokenizer.encode(text, add_special_tokens=False, verbose=False, split_special_tokens=True)
     return tokenizer.decode(ids[:max_tokens], clean_up_tokenization_spaces=False), len(ids) > max_tokens
 
 
@@ -81,18 +84,20 @@ def prompt_token_ids(
     split = 0
     while split < min(len(user), len(shared)) and user[split] == shared[split]:
         split += 1
-    tail = [
-        _control_id(tokenizer, t)
-        if t.startswith("<")
-        else tokenizer(t, add_special_tokens=False)["input_ids"]  # template text, as the official recipe
-        for t in _CLOSING_PARTS
-    ]
+    with tokenizer_lock(tokenizer):
+        tail = [
+            _control_id(tokenizer, t)
+            if t.startswith("<")
+            else tokenizer(t, add_special_tokens=False)["input_ids"]  # template text, as the official recipe
+            for t in _CLOSING_PARTS
+        ]
     closing = [i for part in tail for i in (part if isinstance(part, list) else [part])]
     return head + user[:split], user[split:] + closing
 
 
 def _user_ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    with tokenizer_lock(tokenizer):
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def _control_id(tokenizer: Any, token: str) -> int:

@@ -1,4 +1,5 @@
-"""The number of intra-op threads torch uses on CPU: chosen deliberately, not left to torch's default.
+"""Threads: the number of intra-op threads torch uses on CPU (chosen deliberately, not left to torch's default),
+and the lock that makes a tokenizer safe to call from several threads.
 
 Small operations (a decoder call over a few cached passages) split across threads wait for every sibling
 thread; on a busy host a descheduled sibling stalls the whole call (on a shared 2-core machine one cached
@@ -14,6 +15,9 @@ passage took 965 ms with 2 threads and 44 ms with 1). The rule:
 from __future__ import annotations
 
 import os
+import threading
+import weakref
+from typing import Any
 
 import torch
 
@@ -47,3 +51,22 @@ def apply_thread_setting() -> int:
     if threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+_TOKENIZER_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_TOKENIZER_LOCKS_GUARD = threading.Lock()
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.RLock:
+    """The lock to hold around every call of ``tokenizer`` (one per tokenizer object).
+
+    A fast tokenizer keeps its truncation setting as state that each call first sets: two threads calling it
+    with different limits (a passage cut at ``max_passage_tokens``, a query not cut) can each encode with the
+    other's, so a passage comes back longer than its limit, silently. Calls are short; holding the lock costs
+    only their overlap.
+    """
+    with _TOKENIZER_LOCKS_GUARD:
+        lock = _TOKENIZER_LOCKS.get(tokenizer)
+        if lock is None:
+            lock = _TOKENIZER_LOCKS[tokenizer] = threading.RLock()
+        return lock

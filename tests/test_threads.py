@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kalm_rag import InvalidInputError, Reranker
-from kalm_rag.threads import THREADS_ENV, configured_threads
+from kalm_rag.threads import THREADS_ENV, configured_threads, tokenizer_lock
 
 
 @pytest.fixture()
@@ -35,3 +35,89 @@ def test_a_bad_value_is_refused_naming_the_variable(monkeypatch, value) -> None:
     monkeypatch.setenv(THREADS_ENV, value)
     with pytest.raises(InvalidInputError, match=THREADS_ENV):
         configured_threads()
+
+
+# ----- one tokenizer, several threads ------------------------------------------------------------------
+
+
+def _race(first, second, rounds: int = 300) -> None:
+    """Run ``first`` and ``second`` ``rounds`` times each, in two threads at once; re-raise the first failure."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def loop(fn) -> None:
+        try:
+            for _ in range(rounds):
+                fn()
+        except BaseException as exc:  # noqa: BLE001 (handed to the test's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(fn,)) for fn in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+class _CheckedTokenizer:
+    """Forwards to a tokenizer; each encoding call records whether its caller held the tokenizer's lock."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, bool]] = []
+
+    def _note(self, name: str) -> None:
+        self.calls.append((name, tokenizer_lock(self)._is_owned()))
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self._note("__call__")
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> object:
+        value = getattr(self.inner, name)
+        if name not in ("encode", "encode_plus", "batch_encode_plus", "tokenize"):
+            return value
+
+        def checked(*args: object, **kwargs: object) -> object:
+            self._note(name)
+            return value(*args, **kwargs)
+
+        return checked
+
+
+@pytest.mark.parametrize("family", ["t5gemma2", "kalm-mini"])
+def test_every_tokenizer_call_of_a_rerank_holds_the_tokenizer_lock(family, tiny_checkpoint) -> None:
+    rr = Reranker.from_pretrained(tiny_checkpoint if family == "t5gemma2" else "kalm-mini", max_passage_tokens=48)
+    checked = _CheckedTokenizer(rr.backend.tokenizer)
+    rr.backend.tokenizer = checked
+    passages = ["Paris is the capital of France. It lies on the Seine.", "Bananas are yellow. " * 30]
+    rr.rerank("What is the capital of France?", passages, evidence=True, prune_mass=0.9)  # encodes, then reads
+    rr.score("Which fruit is yellow?", passages)
+    assert checked.calls, "the engine never tokenised through the backend's tokenizer"
+    assert [name for name, held in checked.calls if not held] == []
+
+
+@pytest.mark.parametrize("family", ["t5gemma2", "kalm-mini"])
+def test_passages_stay_cut_while_another_thread_tokenises_a_query(family, tiny_checkpoint) -> None:
+    # a fast tokenizer's truncation is state each call sets: unguarded, a query tokenised (uncut) in one thread
+    # while passages are tokenised (cut) in another gives the passages the query's setting now and then
+    from kalm_rag.prompt import cut_query
+
+    rr = Reranker.from_pretrained(tiny_checkpoint if family == "t5gemma2" else "kalm-mini")
+    backend, limit = rr.backend, 24
+    passages = [f"word{i} " * 300 for i in range(8)]
+    query = "a query " * 40
+
+    def tokenise_passages() -> None:
+        if family == "t5gemma2":
+            lengths = [len(ids) for ids in backend.tokenize_passages(passages, limit)]
+            lengths += [len(offsets) for offsets in backend.passage_offsets(passages, limit)]
+        else:  # kalm-mini frames its passages itself; its lexical units read the tokenizer's cut directly
+            backend._lexical_cache.clear()
+            lengths = [len(units) for units in backend.passage_lexical_units(passages, limit)]
+        assert max(lengths) <= limit
+
+    _race(tokenise_passages, lambda: cut_query(backend.tokenizer, query, 1000))

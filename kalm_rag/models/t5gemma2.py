@@ -27,6 +27,7 @@ from kalm_rag.models.fingerprint import checkpoint_identity
 from kalm_rag.models.sources import refuse_custom_code, resolve_checkpoint
 from kalm_rag.padding import right_pad
 from kalm_rag.prompt import PASSAGE_PREFIX, check_control_tokens, cut_query, format_passage, prompt_token_ids
+from kalm_rag.threads import tokenizer_lock
 
 MODEL_TYPE = "t5gemma2"
 
@@ -120,9 +121,10 @@ class T5Gemma2Backend(FBNLBackend):
 
     def tokenize_passages(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
         texts = [format_passage(p) for p in passages]
-        batch = self.tokenizer(
-            texts, add_special_tokens=False, truncation=True, max_length=max_tokens, split_special_tokens=True
-        )
+        with tokenizer_lock(self.tokenizer):
+            batch = self.tokenizer(
+                texts, add_special_tokens=False, truncation=True, max_length=max_tokens, split_special_tokens=True
+            )
         return [list(ids) for ids in batch["input_ids"]]
 
     def passage_offsets(self, passages: Sequence[str], max_tokens: int) -> list[list[Offset]]:
@@ -130,14 +132,15 @@ class T5Gemma2Backend(FBNLBackend):
         same tokens as :meth:`tokenize_passages` (cut at ``max_tokens``).
         """
         texts = [format_passage(p) for p in passages]
-        batch = self.tokenizer(
-            texts,
-            add_special_tokens=False,
-            truncation=True,
-            max_length=max_tokens,
-            return_offsets_mapping=True,
-            split_special_tokens=True,  # as tokenize_passages: user text never becomes control tokens
-        )
+        with tokenizer_lock(self.tokenizer):
+            batch = self.tokenizer(
+                texts,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=max_tokens,
+                return_offsets_mapping=True,
+                split_special_tokens=True,  # as tokenize_passages: user text never becomes control tokens
+            )
         prefix = len(PASSAGE_PREFIX)
         return [
             passage_offsets_from_prefixed(offsets, prefix, len(p))
@@ -257,7 +260,8 @@ class T5Gemma2Backend(FBNLBackend):
 
 def single_token_id(tokenizer: Any, word: str) -> int:
     """The id of ``word`` if the tokenizer encodes it as exactly one token, else ``ModelLoadError``."""
-    ids = tokenizer.encode(word, add_special_tokens=False)
+    with tokenizer_lock(tokenizer):
+        ids = tokenizer.encode(word, add_special_tokens=False)
     if len(ids) != 1:
         raise ModelLoadError(
             f"the tokenizer encodes {word!r} as {len(ids)} tokens {ids}; an FBNL reranker needs "

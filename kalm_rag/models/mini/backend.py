@@ -33,6 +33,7 @@ from kalm_rag.models.mini.modeling import MiniDecoder
 from kalm_rag.models.mini.readout import SentenceMatch, relevance_readout
 from kalm_rag.padding import right_pad
 from kalm_rag.store.base import passage_key
+from kalm_rag.threads import tokenizer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -314,9 +315,14 @@ class MiniBackend(FBNLBackend):
         body = self.config.encoder_window - 2
         # no passage needs more content tokens than its position budget: cut before framing (one token more,
         # to tell a passage that fills the budget from one that is cut)
-        enc = self.tokenizer(
-            list(passages), add_special_tokens=False, truncation=True, max_length=limit + 1, split_special_tokens=True
-        )
+        with tokenizer_lock(self.tokenizer):
+            enc = self.tokenizer(
+                list(passages),
+                add_special_tokens=False,
+                truncation=True,
+                max_length=limit + 1,
+                split_special_tokens=True,
+            )
         out = []
         cut = 0
         for tokens in enc["input_ids"]:
@@ -358,14 +364,15 @@ class MiniBackend(FBNLBackend):
         """
         limit = int(max_tokens)
         body = self.config.encoder_window - 2
-        enc = self.tokenizer(
-            list(passages),
-            add_special_tokens=False,
-            truncation=True,
-            max_length=limit + 1,
-            return_offsets_mapping=True,
-            split_special_tokens=True,  # as tokenize_passages
-        )
+        with tokenizer_lock(self.tokenizer):
+            enc = self.tokenizer(
+                list(passages),
+                add_special_tokens=False,
+                truncation=True,
+                max_length=limit + 1,
+                return_offsets_mapping=True,
+                split_special_tokens=True,  # as tokenize_passages
+            )
         offsets, ids = [], []
         for spans, tokens in zip(enc["offset_mapping"], enc["input_ids"]):
             framed: list[Offset] = []
@@ -426,9 +433,10 @@ class MiniBackend(FBNLBackend):
     def _user_ids(self, text: str, limit: int) -> tuple[list[int], bool]:
         """Ids of user text cut to ``limit`` tokens (cut to a character bound first), and whether it was cut."""
         text = cut_for_tokenizer(text, limit, self.chars_per_token)
-        ids = self.tokenizer(
-            text, add_special_tokens=False, truncation=True, max_length=limit + 1, split_special_tokens=True
-        )["input_ids"]
+        with tokenizer_lock(self.tokenizer):
+            ids = self.tokenizer(
+                text, add_special_tokens=False, truncation=True, max_length=limit + 1, split_special_tokens=True
+            )["input_ids"]
         return list(ids[:limit]), len(ids) > limit
 
     def split_prompt(self, prompt: Prompt) -> tuple[list[int], list[int]]:
@@ -577,13 +585,14 @@ class MiniBackend(FBNLBackend):
         missing = list(dict.fromkeys(k for k in keys if k not in self._lexical_cache))
         if missing:
             texts = {k: t for k, t in zip(keys, passages)}
-            enc = self.tokenizer(
-                [texts[k] for k in missing],
-                add_special_tokens=False,
-                truncation=True,
-                max_length=int(max_tokens),
-                split_special_tokens=True,  # as tokenize_passages: user text stays text
-            )
+            with tokenizer_lock(self.tokenizer):
+                enc = self.tokenizer(
+                    [texts[k] for k in missing],
+                    add_special_tokens=False,
+                    truncation=True,
+                    max_length=int(max_tokens),
+                    split_special_tokens=True,  # as tokenize_passages: user text stays text
+                )
             for k, row in zip(missing, enc["input_ids"]):
                 self._lexical_cache[k] = self.lexical_units(row)
         out = []
@@ -667,9 +676,10 @@ class MiniBackend(FBNLBackend):
             weight = {t: float(idf[t]) for t in terms}  # plain floats: this runs once per sentence of the call
             total = sum(weight.values())
             if pieces is None:  # the engine gives them from the passage's own tokenisation
-                pieces = self.tokenizer(list(sentences), add_special_tokens=False, split_special_tokens=True)[
-                    "input_ids"
-                ]
+                with tokenizer_lock(self.tokenizer):
+                    pieces = self.tokenizer(list(sentences), add_special_tokens=False, split_special_tokens=True)[
+                        "input_ids"
+                    ]
             columns["coverage"] = [
                 sum(weight[t] for t in terms.intersection(ids)) / total if total > 0 else 0.0 for ids in pieces
             ]

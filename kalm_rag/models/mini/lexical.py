@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from kalm_rag.errors import ModelLoadError
+from kalm_rag.threads import tokenizer_lock
 
 #: File of the statistics inside a checkpoint folder.
 LEXICAL_FILE = "lexical.safetensors"
@@ -218,7 +219,8 @@ class LexicalScorer:
 
     def ids(self, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
         """Word-piece ids of each text (no special tokens), cut to ``max_tokens``."""
-        enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)
+        with tokenizer_lock(self.tokenizer):
+            enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)
         ids = [[i for i in row if i not in self.ignore] for row in enc["input_ids"]]
         if self.continuation is not None:
             ids = [word_buckets(row, self.continuation, self.stats.idf.shape[0]) for row in ids]
