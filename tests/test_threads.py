@@ -121,3 +121,52 @@ def test_passages_stay_cut_while_another_thread_tokenises_a_query(family, tiny_c
         assert max(lengths) <= limit
 
     _race(tokenise_passages, lambda: cut_query(backend.tokenizer, query, 1000))
+
+
+def test_query_and_instruction_caches_stay_whole_under_many_threads(monkeypatch) -> None:
+    # with a full cache every new query evicts the oldest: two threads evicting at once used to pop the same
+    # key or iterate the dict while another thread changed it (RuntimeError / KeyError)
+    import sys
+    import time
+
+    import kalm_rag.models.mini.backend as mini_backend
+
+    backend = Reranker.from_pretrained("kalm-mini").backend
+    monkeypatch.setattr(mini_backend, "QUERY_CACHE_SIZE", 2)
+
+    def encode_segments(segments, prefix=()):  # the frozen encoder's states, faked: only the caches are tested
+        return torch.zeros((len(segments), 1, backend.hidden_size)), torch.ones((len(segments), 1), dtype=torch.long)
+
+    monkeypatch.setattr(backend, "encode_segments", encode_segments)
+
+    class YieldingDict(dict):  # hands the GIL to another thread inside every pop: the races happen at once
+        def pop(self, *args):
+            time.sleep(0)
+            return super().pop(*args)
+
+    backend._query_cache, backend._instruction_cache = YieldingDict(), YieldingDict()
+    errors: list[str] = []
+
+    def work(thread: int) -> None:
+        for i in range(1000):
+            try:
+                backend.query_states((thread, i))
+                backend.stacked_query_states([(thread, i), (thread, i + 1)])
+                backend.instruction_states((thread, i % 40))
+            except Exception as exc:  # noqa: BLE001 (collected for the assertion)
+                errors.append(type(exc).__name__)
+
+    import threading
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: make the interleavings happen
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert errors == []
+    assert len(backend._query_cache) <= 2 and len(backend._instruction_cache) <= 16

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -180,6 +181,9 @@ class MiniBackend(FBNLBackend):
         #: Passages cut to the token limit so far (text past ``max_tokens`` is not read).
         self.passages_cut = 0
         self._instruction_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        # guards the caches below (instruction, query, lexical units): one reranker may serve several threads,
+        # and two evictions at once would pop the same key or iterate a dict another thread is changing
+        self._cache_lock = threading.RLock()
         #: The trained sentence readout shipped with the checkpoint (``evidence.json``), if any; with none the
         #: engine reads evidence from the relevance attention alone.
         self.evidence_readout: SentenceReadout | None = None
@@ -469,12 +473,14 @@ class MiniBackend(FBNLBackend):
         (the encoder is frozen, so they never change; most calls use the default instruction).
         """
         key = tuple(int(i) for i in instruction_ids)
-        states = self._instruction_cache.pop(key, None)
+        with self._cache_lock:
+            states = self._instruction_cache.pop(key, None)
         if states is None:
             states, _ = self.encode_segments([key])
-        self._instruction_cache[key] = states  # most recent last
-        while len(self._instruction_cache) > 16:
-            self._instruction_cache.pop(next(iter(self._instruction_cache)))
+        with self._cache_lock:
+            self._instruction_cache[key] = states  # most recent last
+            while len(self._instruction_cache) > 16:
+                self._instruction_cache.pop(next(iter(self._instruction_cache)))
         return states
 
     def instruction_context(self, instruction_ids: Sequence[int]) -> tuple[torch.Tensor, list]:
@@ -484,12 +490,14 @@ class MiniBackend(FBNLBackend):
         """
         h_instr = self.instruction_states(instruction_ids)
         key, version = tuple(int(i) for i in instruction_ids), self.decoder.weights_version()
-        cached = self._instruction_kv_cache.get(key)
+        with self._cache_lock:
+            cached = self._instruction_kv_cache.get(key)
         if cached is None or cached[0] != version:
             cached = (version, self.decoder.instruction_kvs(h_instr))
-            self._instruction_kv_cache[key] = cached
-            while len(self._instruction_kv_cache) > 16:
-                self._instruction_kv_cache.pop(next(iter(self._instruction_kv_cache)))
+            with self._cache_lock:
+                self._instruction_kv_cache[key] = cached
+                while len(self._instruction_kv_cache) > 16:
+                    self._instruction_kv_cache.pop(next(iter(self._instruction_kv_cache)))
         return h_instr, cached[1]
 
     def query_states(self, query_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -499,17 +507,19 @@ class MiniBackend(FBNLBackend):
         retries, or several requests with one query skip the encoder (a fixed cost of every scoring call).
         """
         key = tuple(int(i) for i in query_ids)
-        states = self._query_cache.get(key)
+        with self._cache_lock:
+            states = self._query_cache.get(key)
         if states is None:
             states = self.encode_segments([key], prefix=[self.cls_id])
         self._remember_query(key, states)
         return states
 
     def _remember_query(self, key: tuple[int, ...], states: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self._query_cache.pop(key, None)
-        self._query_cache[key] = states  # most recent last
-        while len(self._query_cache) > QUERY_CACHE_SIZE:
-            self._query_cache.pop(next(iter(self._query_cache)))
+        with self._cache_lock:
+            self._query_cache.pop(key, None)
+            self._query_cache[key] = states  # most recent last
+            while len(self._query_cache) > QUERY_CACHE_SIZE:
+                self._query_cache.pop(next(iter(self._query_cache)))
 
     def stacked_query_states(self, queries: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`query_states` of several queries, right-padded into ``(Q, Tq, d)`` with their mask ``(Q, Tq)``.
@@ -519,12 +529,16 @@ class MiniBackend(FBNLBackend):
         rounding): a batch of small requests pays one encoder call for all its new queries, not one each.
         """
         keys = [tuple(int(i) for i in q) for q in queries]
-        missing = [k for k in dict.fromkeys(keys) if k not in self._query_cache]
+        with self._cache_lock:
+            known = {k: self._query_cache[k] for k in dict.fromkeys(keys) if k in self._query_cache}
+        missing = [k for k in dict.fromkeys(keys) if k not in known]
         if missing:
             h, mask = self.encode_segments(missing, prefix=[self.cls_id])  # (M, T, d), (M, T)
             for i, key in enumerate(missing):
-                self._remember_query(key, (h[i : i + 1, : len(key)].clone(), mask[i : i + 1, : len(key)].clone()))
-        states = [self.query_states(k) for k in keys]  # [(1, Tq_i, d), (1, Tq_i)]
+                known[key] = (h[i : i + 1, : len(key)].clone(), mask[i : i + 1, : len(key)].clone())
+        for key in dict.fromkeys(keys):  # most recent last (another thread may have evicted one meanwhile)
+            self._remember_query(key, known[key])
+        states = [known[k] for k in keys]  # [(1, Tq_i, d), (1, Tq_i)]
         Tq = max(h.shape[1] for h, _ in states)
         h_query = torch.zeros((len(states), Tq, self.hidden_size), dtype=self.dtype, device=self.device)
         query_mask = torch.zeros((len(states), Tq), dtype=torch.long, device=self.device)
@@ -581,6 +595,10 @@ class MiniBackend(FBNLBackend):
 
     def passage_lexical_units(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
         """:meth:`lexical_units` of each passage, from the cache or tokenised together (then cached)."""
+        with self._cache_lock:  # short (a tokenizer call at most); keeps the LRU whole under several threads
+            return self._passage_lexical_units(passages, max_tokens)
+
+    def _passage_lexical_units(self, passages: Sequence[str], max_tokens: int) -> list[list[int]]:
         keys = [(passage_key(t), int(max_tokens)) for t in passages]
         missing = list(dict.fromkeys(k for k in keys if k not in self._lexical_cache))
         if missing:
