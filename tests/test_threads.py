@@ -170,3 +170,12 @@ def test_query_and_instruction_caches_stay_whole_under_many_threads(monkeypatch)
         sys.setswitchinterval(switch)
     assert errors == []
     assert len(backend._query_cache) <= 2 and len(backend._instruction_cache) <= 16
+
+
+def test_a_copied_backend_has_its_own_cache_lock() -> None:
+    import copy
+
+    backend = Reranker.from_pretrained("kalm-mini").backend
+    twin = copy.deepcopy(backend)
+    assert twin._cache_lock is not backend._cache_lock
+    assert twin._query_cache == backend._query_cache and twin._query_cache is not backend._query_cache

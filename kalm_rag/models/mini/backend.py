@@ -204,6 +204,16 @@ class MiniBackend(FBNLBackend):
         self._continuation: list[bool] | None = None
         self._lexical_cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()  # LRU of passage units
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy``, pickling) takes everything but the lock, which it makes anew."""
+        state = self.__dict__.copy()
+        del state["_cache_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache_lock = threading.RLock()
+
     @property
     def passage_encoder_id(self) -> str:
         """The frozen encoder's bytes and the window it reads: all the stored vectors depend on.
