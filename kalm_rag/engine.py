@@ -17,7 +17,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar, overload
 
@@ -1013,13 +1013,22 @@ class Reranker:
         instr = self.instruction if instruction is None else check_text(instruction, "instruction")
         if not texts:
             return []
-        found = self._decode_with_evidence(
-            query, self._pooled(texts), instruction=instr, system_instruction=self.system_instruction, ratio=ratio
-        )
+        ahead = None
+        if top_k is None or top_k >= len(texts):  # every passage gets evidence: lay them out while the model reads
+            ahead = _layout_pool().submit(self._layouts_for, texts, ratio)
+        try:
+            found = self._decode_with_evidence(
+                query, self._pooled(texts), instruction=instr, system_instruction=self.system_instruction, ratio=ratio
+            )
+        finally:
+            if ahead is not None:
+                wait([ahead])
+        laid = None if ahead is None else ahead.result()
         margins = self._with_lexical(query, texts, found.margins)
         scores = probabilities(margins.tolist())
         ranked = rank_order(margins.tolist())[:top_k]
-        evidence = self._passages_evidence(found, ranked, [texts[i] for i in ranked])
+        layouts = None if laid is None else [laid[i] for i in ranked]
+        evidence = self._passages_evidence(found, ranked, [texts[i] for i in ranked], layouts=layouts)
         out = []
         for i, spans in zip(ranked, evidence):
             pruned = None
@@ -1039,13 +1048,14 @@ class Reranker:
         texts: Sequence[str],
         *,
         sentences: Sequence[Sequence[tuple[int, int]]] | None = None,
+        layouts: Sequence[_Layout] | None = None,
     ) -> list[list[EvidenceSpan]]:
         """The sentences of passages ``indices`` of ``found`` (their ``texts``; default sentences: their
         :func:`~kalm_rag.evidence.sentence_spans`), best first: the backend's trained sentence readout when it has
         one (scores are shares of the passage's evidence), else the window weights' training-free readout (a
-        sentence scores its best window).
+        sentence scores its best window). ``layouts``: the passages' layouts when already made (:meth:`_layouts_for`).
         """
-        layouts = self._passage_layouts(found, indices, texts, sentences=sentences)
+        layouts = self._passage_layouts(found, indices, texts, sentences=sentences, layouts=layouts)
         readout = self.backend.evidence_readout
         if readout is None:
             return [
@@ -1065,13 +1075,30 @@ class Reranker:
         texts: Sequence[str],
         *,
         sentences: Sequence[Sequence[tuple[int, int]]] | None = None,
+        layouts: Sequence[_Layout] | None = None,
     ) -> list[_Layout]:
-        """Each passage's windows at the pass's ratio, read sentences and which windows each overlaps, checked
-        against the windows it was scored with. Kept for the most recent passages and ratios (a RAG corpus's
-        passages come back, as their stored vectors do, and the tokenizer and the sentence splitter are most of
-        what evidence costs); layouts over given ``sentences`` are not kept.
+        """Each passage's layout at the pass's ratio (:meth:`_layouts_for`, unless given), checked against the
+        windows it was scored with.
         """
-        keys = [(passage_key(t), found.ratio) for t in texts]
+        if layouts is None:
+            layouts = self._layouts_for(texts, found.ratio, sentences=sentences)
+        for i, layout in zip(indices, layouts, strict=True):
+            if len(layout.windows) != found.weights[i].shape[0]:
+                raise NumericalError(
+                    f"passage {i}: {found.weights[i].shape[0]} stored windows but its text tokenises into "
+                    f"{len(layout.windows)} at ratio {found.ratio}; the store holds vectors of another tokenisation"
+                )
+        return list(layouts)
+
+    def _layouts_for(
+        self, texts: Sequence[str], ratio: int, *, sentences: Sequence[Sequence[tuple[int, int]]] | None = None
+    ) -> list[_Layout]:
+        """Each passage's windows at ``ratio``, read sentences and which windows each overlaps. Kept for the most
+        recent passages and ratios (a RAG corpus's passages come back, as their stored vectors do, and the
+        tokenizer and the sentence splitter are most of what evidence costs); layouts over given ``sentences``
+        are not kept. Needs only the texts, so a call can make them while the decoder reads the passages.
+        """
+        keys = [(passage_key(t), ratio) for t in texts]
         known: dict[tuple[str, int], _Layout] = {}
         if sentences is None:
             with self._layouts_lock:
@@ -1080,7 +1107,7 @@ class Reranker:
         if missing:
             offsets, ids = self.backend.passage_offsets_and_ids([texts[j] for j in missing], self.max_passage_tokens)
             for n, (j, row) in enumerate(zip(missing, offsets)):
-                windows = window_spans(row, found.ratio)
+                windows = window_spans(row, ratio)
                 read = read_sentences(texts[j], windows, None if sentences is None else sentences[j])
                 groups = sentence_windows(read, windows)
                 member = torch.zeros((len(read), len(windows)), dtype=torch.float32)  # (S, W)
@@ -1095,14 +1122,7 @@ class Reranker:
                     self._layouts.move_to_end(k)
                 while len(self._layouts) > LAYOUT_CACHE_SIZE:
                     self._layouts.popitem(last=False)
-        layouts = [known[k] for k in keys]
-        for i, layout in zip(indices, layouts):
-            if len(layout.windows) != found.weights[i].shape[0]:
-                raise NumericalError(
-                    f"passage {i}: {found.weights[i].shape[0]} stored windows but its text tokenises into "
-                    f"{len(layout.windows)} at ratio {found.ratio}; the store holds vectors of another tokenisation"
-                )
-        return layouts
+        return [known[k] for k in keys]
 
     def _sentence_columns(
         self, found: _EvidencePass, indices: Sequence[int], texts: Sequence[str], layouts: Sequence[_Layout]
@@ -1244,6 +1264,21 @@ class Reranker:
             self._executor = None
         if self._owns_store:
             self.store.close()
+
+
+_LAYOUT_POOL: ThreadPoolExecutor | None = None
+_LAYOUT_POOL_LOCK = threading.Lock()
+
+
+def _layout_pool() -> ThreadPoolExecutor:
+    """Threads that lay out a call's passages (tokenizer offsets, sentences) while its decoder pass runs; shared
+    by every reranker of the process (the work is short and mostly waits for the GIL the decoder releases).
+    """
+    global _LAYOUT_POOL
+    with _LAYOUT_POOL_LOCK:
+        if _LAYOUT_POOL is None:
+            _LAYOUT_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kalm-rag-layouts")
+        return _LAYOUT_POOL
 
 
 def _resolve_storage_option(storage: object, storage_dtype: object) -> str | None:

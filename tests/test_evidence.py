@@ -319,3 +319,23 @@ def test_sentence_windows_equal_the_brute_force_overlap(text, cuts, ratio):
         hit = [i for i, (ws, we) in real if min(e, we) - max(s, ws) > 0]
         expected.append(hit or [min(real, key=lambda item: min(abs(item[1][0] - e), abs(item[1][1] - s)))[0]])
     assert sentence_windows(sentences, windows) == expected
+
+
+def test_layouts_made_while_the_decoder_reads_equal_those_made_after(rr, monkeypatch):
+    import kalm_rag.engine as engine
+
+    pool, submitted = engine._layout_pool(), []
+
+    class Recording:
+        def submit(self, fn, *args):
+            submitted.append(len(args[0]))
+            return pool.submit(fn, *args)
+
+    monkeypatch.setattr(engine, "_layout_pool", lambda: Recording())
+    for ratio in (1, 4):
+        rr._layouts.clear()
+        during = rr.rerank(QUERY, PASSAGES, ratio=ratio, evidence=True, prune_mass=0.9)  # every passage: ahead
+        rr._layouts.clear()
+        after = rr.rerank(QUERY, PASSAGES, ratio=ratio, evidence=True, prune_mass=0.9, top_k=2)  # the best two only
+        assert during[:2] == after and all(p.evidence for p in during)
+    assert submitted == [len(PASSAGES), len(PASSAGES)]  # the top_k=2 calls laid out their two passages after
