@@ -1270,6 +1270,15 @@ _LAYOUT_POOL: ThreadPoolExecutor | None = None
 _LAYOUT_POOL_LOCK = threading.Lock()
 
 
+def _forget_layout_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there (a task given to it would never run)."""
+    global _LAYOUT_POOL, _LAYOUT_POOL_LOCK
+    _LAYOUT_POOL, _LAYOUT_POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_layout_pool)
+
+
 def _layout_pool() -> ThreadPoolExecutor:
     """Threads that lay out a call's passages (tokenizer offsets, sentences) while its decoder pass runs; shared
     by every reranker of the process (the work is short and mostly waits for the GIL the decoder releases).

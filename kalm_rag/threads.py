@@ -57,6 +57,15 @@ _TOKENIZER_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.Weak
 _TOKENIZER_LOCKS_GUARD = threading.Lock()
 
 
+def _new_tokenizer_locks() -> None:
+    """In a forked child: a lock another thread of the parent held at the fork would stay held for ever."""
+    global _TOKENIZER_LOCKS, _TOKENIZER_LOCKS_GUARD
+    _TOKENIZER_LOCKS, _TOKENIZER_LOCKS_GUARD = weakref.WeakKeyDictionary(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_tokenizer_locks)
+
+
 def tokenizer_lock(tokenizer: Any) -> threading.RLock:
     """The lock to hold around every call of ``tokenizer`` (one per tokenizer object).
 

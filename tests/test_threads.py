@@ -179,3 +179,43 @@ def test_a_copied_backend_has_its_own_cache_lock() -> None:
     twin = copy.deepcopy(backend)
     assert twin._cache_lock is not backend._cache_lock
     assert twin._query_cache == backend._query_cache and twin._query_cache is not backend._query_cache
+
+
+def test_a_child_forked_while_another_thread_held_the_locks_gets_its_own() -> None:
+    # a fork copies only the forking thread: locks other threads held stay held in the child, and a thread pool
+    # made before the fork has no threads there (torch itself is not fork-safe once it ran on several threads,
+    # so the child only takes the locks and runs a task on the layout pool)
+    import os
+    import threading
+
+    import kalm_rag.engine as engine
+
+    rr = Reranker.from_pretrained("kalm-mini")
+    assert engine._layout_pool().submit(int, "7").result(timeout=30) == 7  # the parent's pool has its thread
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_locks() -> None:
+        with tokenizer_lock(rr.backend.tokenizer), rr.backend._cache_lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_the_locks)
+    holder.start()
+    held.wait(30)
+    pid = os.fork()
+    if pid == 0:  # the child: every step within a few seconds, or a non-zero exit says which failed
+        code = 0
+        if not tokenizer_lock(rr.backend.tokenizer).acquire(timeout=5):
+            code = 1
+        elif not rr.backend._cache_lock.acquire(timeout=5):
+            code = 2
+        else:
+            try:
+                code = 0 if engine._layout_pool().submit(int, "7").result(timeout=5) == 7 else 3
+            except BaseException:
+                code = 4
+        os._exit(code)
+    release.set()
+    holder.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, os.WEXITSTATUS(status)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,6 +148,19 @@ LEXICAL_CACHE_SIZE = 8192
 ADDED_PARAMETERS = frozenset({"cosine_weight"})
 
 
+# every backend of the process, so that a forked child gets new cache locks (one another thread of the parent
+# held at the fork would stay held in the child for ever)
+_LIVE_BACKENDS: weakref.WeakSet[MiniBackend] = weakref.WeakSet()
+
+
+def _new_cache_locks() -> None:
+    for backend in list(_LIVE_BACKENDS):
+        backend._cache_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_cache_locks)
+
+
 class MiniBackend(FBNLBackend):
     """kalm-mini as an engine backend.
 
@@ -184,6 +198,7 @@ class MiniBackend(FBNLBackend):
         # guards the caches below (instruction, query, lexical units): one reranker may serve several threads,
         # and two evictions at once would pop the same key or iterate a dict another thread is changing
         self._cache_lock = threading.RLock()
+        _LIVE_BACKENDS.add(self)
         #: The trained sentence readout shipped with the checkpoint (``evidence.json``), if any; with none the
         #: engine reads evidence from the relevance attention alone.
         self.evidence_readout: SentenceReadout | None = None
@@ -213,6 +228,7 @@ class MiniBackend(FBNLBackend):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._cache_lock = threading.RLock()
+        _LIVE_BACKENDS.add(self)
 
     @property
     def passage_encoder_id(self) -> str:
