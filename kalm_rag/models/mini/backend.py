@@ -343,16 +343,7 @@ class MiniBackend(FBNLBackend):
         if limit < 3:
             raise ValueError(f"max_tokens must be >= 3 for kalm-mini ([CLS], a token, [SEP]), got {max_tokens}")
         body = self.config.encoder_window - 2
-        # no passage needs more content tokens than its position budget: cut before framing (one token more,
-        # to tell a passage that fills the budget from one that is cut)
-        with tokenizer_lock(self.tokenizer):
-            enc = self.tokenizer(
-                list(passages),
-                add_special_tokens=False,
-                truncation=True,
-                max_length=limit + 1,
-                split_special_tokens=True,
-            )
+        enc = self._cut_passages(passages, limit)  # cut before framing
         out = []
         cut = 0
         for tokens in enc["input_ids"]:
@@ -380,6 +371,20 @@ class MiniBackend(FBNLBackend):
             self.passages_cut += cut
         return out
 
+    def _cut_passages(self, passages: Sequence[str], limit: int, *, offsets: bool = False) -> Any:
+        """The tokenizer's encoding of ``passages`` (user text stays text), cut one token past ``limit``: no
+        passage needs more, and the one more tells a passage that fills the budget from one that is cut.
+        """
+        with tokenizer_lock(self.tokenizer):
+            return self.tokenizer(
+                list(passages),
+                add_special_tokens=False,
+                truncation=True,
+                max_length=limit + 1,
+                return_offsets_mapping=offsets,
+                split_special_tokens=True,
+            )
+
     def passage_offsets(self, passages: Sequence[str], max_tokens: int) -> list[list[Offset]]:
         """Character spans of the positions :meth:`tokenize_passages` gives (``None`` for ``[CLS]``/``[SEP]``),
         framed and cut the same way.
@@ -394,15 +399,7 @@ class MiniBackend(FBNLBackend):
         """
         limit = int(max_tokens)
         body = self.config.encoder_window - 2
-        with tokenizer_lock(self.tokenizer):
-            enc = self.tokenizer(
-                list(passages),
-                add_special_tokens=False,
-                truncation=True,
-                max_length=limit + 1,
-                return_offsets_mapping=True,
-                split_special_tokens=True,  # as tokenize_passages
-            )
+        enc = self._cut_passages(passages, limit, offsets=True)
         offsets, ids = [], []
         for spans, tokens in zip(enc["offset_mapping"], enc["input_ids"]):
             framed: list[Offset] = []
