@@ -63,7 +63,8 @@ def test_a_writer_killed_mid_write_leaves_only_complete_entries(db):
     ctx = mp_context()
     batch, done = 4, 0
     for round_, wait in enumerate((0.0013, 0.0071, 0.0029)):  # kill at different points of a transaction
-        progress = ctx.Value("q", done)
+        # no lock: one the writer held when it was killed would stay held, and reading the count would hang
+        progress = ctx.Value("q", done, lock=False)
         writer = ctx.Process(target=endless_writer, args=(url, batch, done, progress))
         writer.start()
         deadline = time.monotonic() + 60
